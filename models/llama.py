@@ -59,7 +59,7 @@ PRESETS: dict[str, dict] = {
     "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
                          hidden_dim=1536, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
     # For tests: a few thousand parameters, GQA ratio 2.
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=128,
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=128,
                  rope_theta=10000.0, max_seq_len=256, tie_embeddings=True),
 }
 
@@ -152,7 +152,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(H * hd, D, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: int, start: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: int, ctx: AttnContext) -> Tensor:
         B, T, _ = x.shape
         H, H_kv, hd = self.args.n_heads, self.args.n_kv_heads, self.args.head_dim
         q = self.wq(x).view(B, T, H, hd).transpose(1, 2)        # (B, H, T, hd)
@@ -161,41 +161,63 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)                 # (B, H_kv, L=pos+T, hd)
-        y = attend(q, k, v, pos, start, self.args.attn_impl)    # (B, H, T, hd)
+        y = attend(q, k, v, ctx)                                # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, H * hd)             # (B, T, H*hd)
         return self.wo(y)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, pos: int, start: Tensor | None, impl: str) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, ctx: "AttnContext") -> Tensor:
     """Causal attention of T queries at columns [pos, pos+T) over L = pos+T keys. Returns (B, H, T, hd).
 
     Padded query rows come out as zeros on every path, so the three implementations agree exactly in
     what they return, not only on the real positions.
     """
     B, H, T, hd = q.shape
-    H_kv, L = k.shape[1], k.shape[2]
-    if impl == "triton" and pos == 0:
-        # Prefill and training: the fused kernel takes the left-padding offsets directly and
-        # never builds a mask or repeats K/V. Decoding (pos > 0, T small) goes to SDPA below.
+    H_kv = k.shape[1]
+    if ctx.use_kernel:
+        # Prefill and training: the fused kernel takes the left-padding offsets directly and never
+        # builds a mask or repeats K/V. Decoding (pos > 0) goes to SDPA below.
         from kernels.attention import attention
-        return attention(q, k, v, start)
-    q_cols = torch.arange(pos, pos + T, device=q.device)
-    mask = attention_mask(start, q_cols, L)                      # (B or 1, 1, T, L)
-    if impl == "naive":
+        return attention(q, k, v, ctx.start)
+    if ctx.impl == "naive":
         k = k.repeat_interleave(H // H_kv, dim=1)                # (B, H, L, hd)
         v = v.repeat_interleave(H // H_kv, dim=1)
         att = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(hd)   # (B, H, T, L)
+        mask = ctx.mask if ctx.mask is not None else torch.ones(
+            T, T, dtype=torch.bool, device=q.device).tril()
         att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         y = (att @ v.float()).to(q.dtype)                       # (B, H, T, hd)
+    elif ctx.mask is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != H_kv)
     else:
-        if start is None and T == L:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != H_kv)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != H_kv)
-    if start is not None:
-        real_q = (q_cols[None, :] >= start[:, None])            # (B, T)
-        y = y * real_q[:, None, :, None].to(y.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=H != H_kv)
+    if ctx.q_real is not None:
+        y = y * ctx.q_real                                       # zero the padded query rows
     return y
+
+
+@dataclass
+class AttnContext:
+    """What every layer's attention needs about this call, computed once per forward."""
+    impl: str
+    start: Tensor | None          # (B,) first real column of each row, or None
+    mask: Tensor | None           # (B or 1, 1, T, L) bool, None for plain causal (T == L, no padding)
+    q_real: Tensor | None         # (B, 1, T, 1) 1 on real query rows, 0 on padding; None if all real
+    use_kernel: bool              # the fused Triton kernel handles this call
+
+    @classmethod
+    def build(cls, impl: str, T: int, pos: int, start: Tensor | None, device) -> "AttnContext":
+        if impl == "triton" and pos == 0:
+            return cls(impl, start, None, None, True)
+        if start is None:
+            # Without padding only decoding needs a mask: T queries after `pos` cached columns.
+            mask = None if pos == 0 else attention_mask(None, torch.arange(pos, pos + T, device=device), pos + T)
+            return cls(impl, None, mask, None, False)
+        q_cols = torch.arange(pos, pos + T, device=device)
+        mask = attention_mask(start, q_cols, pos + T)
+        # Queries at columns >= every start are real; only a prefill (pos == 0) can hold padded ones.
+        q_real = (q_cols[None, :] >= start[:, None])[:, None, :, None] if pos == 0 else None
+        return cls(impl, start, mask, q_real, False)
 
 
 class FeedForward(nn.Module):
@@ -217,8 +239,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: int, start: Tensor | None) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, pos, start)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: int, ctx: AttnContext) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, pos, ctx)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -284,12 +306,13 @@ class Transformer(nn.Module):
         if pos + T > self.args.max_seq_len:
             raise ValueError(f"{pos + T} tokens exceed the model's context of {self.args.max_seq_len}")
         cos, sin = self.rope(T, pos, start)
+        ctx = AttnContext.build(self.args.attn_impl, T, pos, start, tokens.device)
         x = self.tok_embeddings(tokens)                                   # (B, T, D)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, pos, start, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, pos, ctx, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, pos, start)
+                x = layer(x, cos, sin, pos, ctx)
         h = self.norm(x)                                                  # (B, T, D)
         if return_hidden:
             return h

@@ -1,0 +1,1 @@
+"""RLCD: contrastive preference data, preference model, PPO."""
