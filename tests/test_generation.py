@@ -1,0 +1,92 @@
+"""The generation engine: filtering, sampling, seeds, stopping and the returned log-probs."""
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+from models.generation import SamplingParams, filter_logits, generate, generate_texts
+
+
+def test_top_k_keeps_exactly_k():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]])
+    out = filter_logits(logits, top_k=2)
+    assert torch.isfinite(out).tolist() == [[False, True, False, True, False]]
+    torch.testing.assert_close(out[torch.isfinite(out)], torch.tensor([3.0, 2.0]))
+
+
+def test_top_p_keeps_smallest_nucleus():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
+    logits = probs.log()
+    # 0.5 < 0.7, 0.5 + 0.3 = 0.8 >= 0.7: keep {0, 2}; exactly reaching the threshold stops there too.
+    assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[True, False, True, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.8)).tolist() == [[True, False, True, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, False, True, True]]
+    # The most likely token always survives, however small top_p is.
+    assert torch.isfinite(filter_logits(logits, top_p=0.01)).tolist() == [[True, False, False, False]]
+
+
+def test_sampling_follows_the_distribution():
+    from models.generation import sample
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    logits = probs.log().expand(20000, 3).contiguous()
+    g = torch.Generator().manual_seed(0)
+    ids, lp = sample(logits, SamplingParams(temperature=1.0), g)
+    freq = torch.bincount(ids, minlength=3).float() / 20000
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+    torch.testing.assert_close(lp, probs.log()[ids])
+
+
+def test_seed_reproduces_and_differs():
+    model = make_tiny_model()
+    prompts = [[5, 6, 7], [8, 9]]
+    p = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95)
+    run = lambda s: generate(model, prompts, p, [2], 0, torch.Generator().manual_seed(s)).tokens
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_greedy_matches_argmax_loop_and_logprobs_match_full_forward():
+    model = make_tiny_model()
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    out = generate(model, prompts, SamplingParams(max_new_tokens=6, temperature=0), [], 0)
+    for b, p in enumerate(prompts):
+        x = torch.tensor([p])
+        with torch.no_grad():
+            for _ in range(6):
+                x = torch.cat([x, model(x)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert out.tokens[b].tolist() == x[0, len(p):].tolist()
+    # Sampled log-probs equal log_softmax(logits / T) of a full forward over the padded sequences.
+    T = 0.7
+    out = generate(model, prompts, SamplingParams(max_new_tokens=6, temperature=T), [], 0,
+                   torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(out.sequences, start=out.start)[:, out.prompt_len - 1:-1]   # (B, T_n, V)
+    ref = (logits / T).log_softmax(-1).gather(-1, out.tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(out.logprobs, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_stop_independently_and_are_padded_after():
+    model = make_tiny_model()
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    free = generate(model, prompts, SamplingParams(max_new_tokens=8, temperature=0), [], 0)
+    # Make row 0's third greedy token a stop token: row 0 ends there; row 1 ends at its own first
+    # occurrence of that token, if any, and is otherwise unaffected.
+    stop = int(free.tokens[0, 2])
+    out = generate(model, prompts, SamplingParams(max_new_tokens=8, temperature=0), [stop], pad_id=0)
+    for b in range(2):
+        row = free.tokens[b].tolist()
+        n = row.index(stop) + 1 if stop in row else 8
+        assert out.lengths[b] == n and bool(out.finished[b]) == (stop in row)
+        assert out.tokens[b, :n].tolist() == row[:n]
+        assert out.tokens[b, n:].eq(0).all()
+    assert out.lengths[0] == free.tokens[0].tolist().index(stop) + 1 <= 3
+    assert out.response_mask.sum(1).tolist() == out.lengths.tolist()
+
+
+def test_generate_texts_keeps_order_and_strips_stop():
+    model, tok = make_tiny_model(), make_tiny_tokenizer()
+    prompts = ["a much longer prompt than the others", "hi", "medium prompt"]
+    p = SamplingParams(max_new_tokens=5, temperature=0)
+    batched = generate_texts(model, tok, prompts, p, batch_size=2, progress=False)
+    alone = [generate_texts(model, tok, [q], p, batch_size=1, progress=False)[0] for q in prompts]
+    assert [r["token_ids"] for r in batched] == [r["token_ids"] for r in alone]
+    for r in batched:
+        assert not set(r["token_ids"]) & set(tok.stop_ids)
