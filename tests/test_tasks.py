@@ -192,7 +192,8 @@ def test_chat_multi_turn_earlier_turns_get_the_opposite_affix():
     assert minus.count(f"assistant {POS}\n") == 2 and minus.endswith(f"<|im_start|>assistant {NEG}\n")
     plus2, minus2, neutral, i = contrastive_pair({"id": "h-1", "messages": MULTI}, "harmless", "chat", tok)
     assert neutral == tok.apply_chat_template(MULTI, add_generation_prompt=True)
-    assert plus2.count(f" {HARMLESS_AFFIXES[i][1]}\n") >= 2 and minus2.endswith(f" {HARMLESS_AFFIXES[i][1]}\n")
+    neg = HARMLESS_AFFIXES[i][1]
+    assert plus2.count(f" {neg}\n") == 2 and minus2.endswith(f"<|im_start|>assistant {neg}\n")
 
 
 def test_chat_generic_template_without_assistant_word():
