@@ -1,0 +1,110 @@
+"""Decode throughput of the generation engine.
+
+    python bench/bench_generate.py                       # default model, fp32, CPU, batch 1 8 32
+    python bench/bench_generate.py --device cuda --dtype bfloat16 --batches 1 64 --random
+    python bench/bench_generate.py --hf                  # also time transformers' generate (scratch env)
+
+Each row generates exactly --new-tokens tokens (stop tokens disabled) after a ~40-token chat prompt,
+greedy, and reports decode tokens/s = batch * new tokens / wall time of the whole generate call
+(prefill included, as a user sees it). One warm-up call per batch size is excluded. --random uses
+random weights of the default model's shape (for a GPU machine, where the real weights cannot travel).
+--hf runs Hugging Face transformers' `generate` on the same checkpoint directory with the same
+settings; transformers is not a dependency of this project: install it in a scratch environment.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import load_model  # noqa: E402
+from models.generation import SamplingParams, generate  # noqa: E402
+from models.llama import ModelArgs, Transformer  # noqa: E402
+from rlcd.cli import parse_args  # noqa: E402
+
+PROMPT = ("Write a short, friendly note to a neighbour asking them to water the plants on the balcony "
+          "while I am away for the weekend.")
+
+
+@dataclass
+class Args:
+    model: str = "smollm2-135m-instruct"   # checkpoint name or directory
+    device: str = "cpu"                    # cpu or cuda
+    dtype: str = "float32"                 # float32 or bfloat16
+    batches: list[int] = field(default_factory=lambda: [1, 8, 32])  # batch sizes to time
+    new_tokens: int = 64                   # tokens generated per row
+    repeats: int = 2                       # timed calls per batch size (best is reported)
+    random: bool = False                   # random weights of the default model's shape
+    hf: bool = False                       # also time transformers' generate
+    attn_impl: str = "sdpa"                # naive, sdpa or triton
+    threads: int = 0                       # torch threads on CPU (0 = leave as is)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    fn()                                    # warm-up (allocator, kernels, caches)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    args = parse_args(Args, prog="bench_generate.py")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.random:
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = Transformer(ModelArgs.preset("smollm2-135m", attn_impl=args.attn_impl)).to(dtype).eval()
+        prompt_ids = [1] + list(range(100, 139))            # 40 tokens of a fixed id pattern
+        tok = None
+    else:
+        model, tok = load_model(args.model, device=args.device, dtype=dtype, attn_impl=args.attn_impl)
+        prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(f"# {datetime.date.today()}  device={name}  threads={torch.get_num_threads()}  dtype={args.dtype}"
+          f"  prompt={len(prompt_ids)} tokens  new={args.new_tokens}  attn={args.attn_impl}"
+          f"  weights={'random' if args.random else args.model}")
+    hf = None
+    if args.hf:
+        import transformers
+        from models.checkpoint import resolve
+        hf = transformers.LlamaForCausalLM.from_pretrained(resolve(args.model), torch_dtype=dtype).to(args.device).eval()
+    print(f"{'batch':>5} {'ours tok/s':>11} {'ms/token':>9}" + (f" {'HF tok/s':>9} {'speed-up':>8}" if hf else ""))
+    for B in args.batches:
+        prompts = [prompt_ids] * B
+        t = timed(lambda: generate(model, prompts, params, stop_ids=[], pad_id=0), args.device, args.repeats)
+        ours = B * args.new_tokens / t
+        line = f"{B:>5} {ours:>11.1f} {1000 * t / args.new_tokens:>9.2f}"
+        if hf is not None:
+            ids = torch.tensor(prompts, device=args.device)
+            kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                      attention_mask=torch.ones_like(ids), pad_token_id=0)
+            with torch.no_grad():
+                th = timed(lambda: hf.generate(ids, **kw), args.device, args.repeats)
+            theirs = B * args.new_tokens / th
+            line += f" {theirs:>9.1f} {ours / theirs:>7.2f}x"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Every training stage of RLCD, one sub-command each.
+
+    python train.py simulate --task harmless --method rlcd --n-prompts 256 --out runs/harmless/pairs-rlcd.jsonl
+    python train.py stats runs/harmless/pairs-rlcd.jsonl
+    python train.py pm  --pairs runs/harmless/pairs-rlcd.jsonl --out runs/harmless/pm-rlcd
+    python train.py sft --pairs runs/harmless/pairs-rlcd.jsonl --out runs/harmless/sft
+    python train.py ppo --pm runs/harmless/pm-rlcd --prompts harmless --out runs/harmless/ppo
+
+`python train.py STAGE --help` lists a stage's settings. Each stage lives in its own module under
+rlcd/ with a flat `Args` dataclass and a `main(argv)`; this file only dispatches.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+STAGES = {
+    "simulate": ("rlcd.simulate", "simulate preference pairs (rlcd, rlaif, rlcd-rescore)"),
+    "stats": ("rlcd.simulate", "summarise a pairs file"),
+    "pm": ("rlcd.pm", "train a Bradley-Terry preference model on pairs"),
+    "sft": ("rlcd.sft", "supervised fine-tuning (the context-distillation baseline)"),
+    "ppo": ("rlcd.ppo", "align a policy against a preference model with PPO"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in STAGES:
+        print(__doc__.strip() + "\n\nstages:\n" +
+              "\n".join(f"  {k:<9} {v[1]}" for k, v in STAGES.items()), file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    stage, rest = argv[0], argv[1:]
+    module = importlib.import_module(STAGES[stage][0])
+    entry = getattr(module, "stats_main" if stage == "stats" else "main")
+    return entry(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
