@@ -8,6 +8,7 @@ registers, stack (a non-zero stack here means register spills) and shared memory
 
     python -m kernels.aot_check          # every kernel x dtype x head dim; prints a table, exits 1 on failure
     python -m kernels.aot_check --quick  # a representative subset (what the tests run)
+    python -m kernels.aot_check --only attention   # or logprob
 
 TRITON_INTERPRET must be unset when the kernels are decorated, so run this in its own process. Checked with
 the local triton (3.9); the GPU machines run 3.6, so this catches most, not all, version differences.
@@ -63,18 +64,18 @@ def _resources(kernel) -> str:
     return f"regs {fields.get('REG', '?'):>3}  stack {fields.get('STACK', '?'):>4}"
 
 
-def _jobs(quick: bool):
+def _jobs(quick: bool, only: str | None):
     """(label, kernel, pointer types, constexprs, launch options) at the host code's GPU configs."""
     dtypes = ["bf16", "fp32"] if quick else ["bf16", "fp16", "fp32"]
     hds = [64, 128] if quick else [32, 64, 128]
     torch_dt = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
     import torch
 
-    for dt in dtypes:
+    for dt in dtypes if only in (None, "attention") else []:
         compute, precision = attn._compute_types(getattr(torch, torch_dt[dt]), on_gpu=True)
         ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")}
         ptrs.update(LSE="*fp32", DELTA="*fp32", START="*i64")
-        for hd in hds:
+        for hd in hds if not (quick and dt == "fp32") else hds[:1]:
             cfgs = attn._configs(hd, getattr(torch, torch_dt[dt]), on_gpu=True)
             for name, fn in (("fwd", attn._attn_fwd), ("dkdv", attn._attn_bwd_dkdv), ("dq", attn._attn_bwd_dq)):
                 cfg = dict(cfgs[name])
@@ -85,14 +86,14 @@ def _jobs(quick: bool):
             yield (f"attention preprocess {dt} hd={hd}", attn._attn_bwd_preprocess, ptrs,
                    dict(HEAD_DIM=hd, BLOCK_M=cfg["BLOCK_M"]), dict(num_warps=cfg["num_warps"], num_stages=1))
 
-    for dt in dtypes:
+    for dt in dtypes if only in (None, "logprob") else []:
         compute, precision = lp._compute_types(getattr(torch, torch_dt[dt]), on_gpu=True)
         cfgs = lp._configs(getattr(torch, torch_dt[dt]), on_gpu=True)
         ptrs = {n: f"*{dt}" for n in ("H", "W", "DZ", "A", "B")}
         ptrs.update(TGT="*i64", MASK="*u8", C="*fp32")
         ptrs.update({n: "*fp32" for n in ("M_PART", "S_PART", "T_PART", "ZY_PART", "LSE", "ENT", "G_LOGP", "G_ENT")})
         for name, fn, extra in (
-            ("fwd", lp._logprob_fwd, dict(HAS_MASK=True, EVEN_D=True)),
+            ("fwd", lp._logprob_fwd, dict(HAS_MASK=True, WITH_ENTROPY=True, EVEN_D=True)),
             ("dz", lp._logprob_bwd_dz, dict(HAS_MASK=True, HAS_G_ENT=True, EVEN_D=True)),
             ("mm", lp._mm_tn, dict(ACCUMULATE=True)),
         ):
@@ -104,11 +105,12 @@ def _jobs(quick: bool):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="representative subset only")
+    ap.add_argument("--only", choices=["attention", "logprob"], help="one module's kernels")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
     args = ap.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    for label, fn, ptrs, constexprs, opts in _jobs(args.quick):
+    for label, fn, ptrs, constexprs, opts in _jobs(args.quick, args.only):
         t0 = time.time()
         try:
             src = ASTSource(fn=fn, signature=_signature(fn, ptrs, constexprs), constexprs=constexprs)

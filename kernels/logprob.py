@@ -110,14 +110,15 @@ def _logprob_torch_chunked(
 def _logprob_fwd(
     H, W, TGT, MASK, M_PART, S_PART, T_PART, ZY_PART,
     N, V, D, V_PER_SPLIT, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp,
-    HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """grid = (cdiv(N, BLOCK_N), splits). Program (i, s) covers rows [i*BLOCK_N, +BLOCK_N) and vocabulary
     columns [s*V_PER_SPLIT, +V_PER_SPLIT), and writes, per row, into the (splits, N) partial buffers:
       M_PART  m = max_j z_j                   S_PART  s = sum_j exp(z_j - m)
-      T_PART  t = sum_j exp(z_j - m) (z_j - m)        ZY_PART z_y if y is in this slice, else 0."""
+      T_PART  t = sum_j exp(z_j - m) (z_j - m)   (only WITH_ENTROPY)
+      ZY_PART z_y = h . w_y / tau               (slice 0 only; 0 from the others)"""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,15 +132,27 @@ def _logprob_fwd(
     # needs no row mask; their results are never stored
     h_rows = H + (offs_n % N).to(tl.int64)[:, None] * stride_hn
 
-    v_lo = pid_s * V_PER_SPLIT
-    # all rows masked out: empty loop, nothing computed (the host ignores masked rows' partials)
-    v_hi = tl.where(tl.max(row_ok.to(tl.int32), 0) > 0, tl.minimum(v_lo + V_PER_SPLIT, V), v_lo)
+    # all rows masked out: empty loops below, nothing computed (the host ignores masked rows' partials)
+    d_hi = tl.where(tl.max(row_ok.to(tl.int32), 0) > 0, D, 0)
 
+    # the target logit z_y = h . w_y / tau, one dot product per row over D (fp32), by slice 0's program.
+    # Cheaper than picking column y out of every logit tile; masked rows (targets may be -100) read row 0.
+    zy = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if pid_s == 0:
+        w_rows = W + tl.where(row_ok, tgt, 0).to(tl.int64)[:, None] * stride_wv
+        for d0 in range(0, d_hi, BLOCK_D):
+            dmask = offs_d[None, :] < D - d0
+            h = tl.load(h_rows + (d0 + offs_d)[None, :] * stride_hd, mask=dmask, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + (d0 + offs_d)[None, :] * stride_wd, mask=dmask, other=0.0).to(tl.float32)
+            zy += tl.sum(h * w, 1)
+        zy = zy * inv_temp
+
+    v_lo = pid_s * V_PER_SPLIT
+    v_hi = tl.where(d_hi > 0, tl.minimum(v_lo + V_PER_SPLIT, V), v_lo)
     # m starts finite so that m - m_new and exp(m - m_new) never meet inf - inf
     m_i = tl.zeros([BLOCK_N], dtype=tl.float32) - 1.0e30
     s_i = tl.zeros([BLOCK_N], dtype=tl.float32)
     t_i = tl.zeros([BLOCK_N], dtype=tl.float32)
-    zy = tl.zeros([BLOCK_N], dtype=tl.float32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         col_ok = offs_v[None, :] < V  # (1, BLOCK_V)
@@ -158,8 +171,6 @@ def _logprob_fwd(
             h_ptrs += BLOCK_D * stride_hd
             w_ptrs += BLOCK_D * stride_wd
         z = tl.where(col_ok, acc * inv_temp, float("-inf"))  # z = logits / temperature; no column past V
-        # the target logit, if the target falls in this tile (at most one column matches)
-        zy += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), 1)
         # 1. new running max
         m_new = tl.maximum(m_i, tl.max(z, 1))
         # 2. this tile's exp(z - m_new): 0 on missing columns
@@ -171,7 +182,8 @@ def _logprob_fwd(
         #    (uses the old s_i, so it comes before step 5). Keeping z - m rather than z avoids cancelling
         #    large numbers when the entropy lse - E[z] is formed at the end. (z - m is -inf on missing
         #    columns, where e = 0: zero it first so 0 * -inf does not make a NaN.)
-        t_i = alpha * (t_i + s_i * (m_i - m_new)) + tl.sum(e * tl.where(col_ok, zm, 0.0), 1)
+        if WITH_ENTROPY:
+            t_i = alpha * (t_i + s_i * (m_i - m_new)) + tl.sum(e * tl.where(col_ok, zm, 0.0), 1)
         # 5. s = sum e, rescaled then extended
         s_i = alpha * s_i + tl.sum(e, 1)
         m_i = m_new
@@ -179,7 +191,8 @@ def _logprob_fwd(
     part = pid_s.to(tl.int64) * N + offs_n  # (splits, N) row-major
     tl.store(M_PART + part, m_i, mask=row_in)
     tl.store(S_PART + part, s_i, mask=row_in)
-    tl.store(T_PART + part, t_i, mask=row_in)
+    if WITH_ENTROPY:
+        tl.store(T_PART + part, t_i, mask=row_in)
     tl.store(ZY_PART + part, zy, mask=row_in)
 
 
@@ -340,10 +353,15 @@ def _common_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def _logprob_forward(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None,
+    temperature: float,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """h (N, D), weight (V, D) in a common dtype, targets (N,) int64, mask (N,) uint8 or None.
-    Returns logp, entropy, lse, each (N,) fp32 (logp and entropy 0 on masked rows)."""
+    Returns logp, entropy (None unless with_entropy), lse, each (N,) fp32, 0 on masked rows."""
     KERNEL_CALLS["logprob_fwd"] += 1
     N, D = h.shape
     V = weight.shape[0]
@@ -359,7 +377,7 @@ def _logprob_forward(
     _logprob_fwd[(n_row_blocks, splits)](
         h, weight, targets, mask if mask is not None else targets, m, s, t, zy,
         N, V, D, v_per_split, *h.stride(), *weight.stride(), 1.0 / temperature,
-        HAS_MASK=mask is not None, EVEN_D=D % cfg["BLOCK_D"] == 0,
+        HAS_MASK=mask is not None, WITH_ENTROPY=with_entropy, EVEN_D=D % cfg["BLOCK_D"] == 0,
         COMPUTE_DTYPE=compute_dtype, PRECISION=precision, **cfg,
     )
     # merge the slices (log-sum-exp of log-sum-exps): move every slice onto the common reference M
@@ -367,14 +385,16 @@ def _logprob_forward(
     r = torch.exp(m - M)  # (splits, N) rescale factors
     S = (s * r).sum(0)  # sum_j exp(z_j - M)
     lse = M + torch.log(S)
-    tz = (r * (t + s * (m - M))).sum(0)  # sum_j exp(z_j - M) (z_j - M)
-    entropy = torch.log(S) - tz / S  # H = lse - E_p[z] = log S - E_p[z - M]
-    logp = zy.sum(0) - lse
+    logp = zy.sum(0) - lse  # only slice 0 wrote a non-zero z_y
+    entropy = None
+    if with_entropy:
+        tz = (r * (t + s * (m - M))).sum(0)  # sum_j exp(z_j - M) (z_j - M)
+        entropy = torch.log(S) - tz / S  # H = lse - E_p[z] = log S - E_p[z - M]
     if mask is not None:  # masked rows hold no valid partials (their S may be 0)
         keep = mask.bool()
         logp = torch.where(keep, logp, 0.0)
-        entropy = torch.where(keep, entropy, 0.0)
         lse = torch.where(keep, lse, 0.0)
+        entropy = None if entropy is None else torch.where(keep, entropy, 0.0)
     return logp, entropy, lse
 
 
@@ -386,7 +406,7 @@ def _logprob_backward(
     targets: torch.Tensor,
     mask: torch.Tensor | None,
     lse: torch.Tensor,
-    entropy: torch.Tensor,
+    entropy: torch.Tensor | None,
     temperature: float,
     need_dh: bool,
     need_dw: bool,
@@ -415,7 +435,8 @@ def _logprob_backward(
         dz_c = dz[:n]  # (n, V)
         _logprob_bwd_dz[(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))](
             h_c, weight, targets[c0:], mask[c0:] if mask is not None else targets, lse[c0:],
-            entropy[c0:], g_logp[c0:], g_ent[c0:] if g_ent is not None else g_logp, dz_c,
+            entropy[c0:] if g_ent is not None else lse, g_logp[c0:], g_ent[c0:] if g_ent is not None else lse,
+            dz_c,
             n, V, D, *h_c.stride(), *weight.stride(), dz_c.stride(0), 1.0 / temperature,
             HAS_MASK=mask is not None, HAS_G_ENT=g_ent is not None, EVEN_D=D % cfg["BLOCK_D"] == 0,
             COMPUTE_DTYPE=compute_dtype, PRECISION=precision, **cfg,
@@ -432,23 +453,25 @@ def _logprob_backward(
 
 
 class _TokenLogprobs(torch.autograd.Function):
+    """Outputs logp, or (logp, entropy) when with_entropy."""
+
     @staticmethod
-    def forward(ctx, h, weight, targets, mask, temperature):
-        logp, entropy, lse = _logprob_forward(h, weight, targets, mask, temperature)
+    def forward(ctx, h, weight, targets, mask, temperature, with_entropy):
+        logp, entropy, lse = _logprob_forward(h, weight, targets, mask, temperature, with_entropy)
         ctx.save_for_backward(h, weight, targets, mask, lse, entropy)
         ctx.temperature = temperature
         ctx.set_materialize_grads(False)  # an unused output (often the entropy) arrives as None: skip its term
-        return logp, entropy
+        return (logp, entropy) if with_entropy else logp
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
+    def backward(ctx, g_logp, g_ent=None):
         h, weight, targets, mask, lse, entropy = ctx.saved_tensors
         dh, dw = _logprob_backward(
             g_logp, g_ent, h, weight, targets, mask, lse, entropy, ctx.temperature,
             ctx.needs_input_grad[0], ctx.needs_input_grad[1],
         )
         dw = None if dw is None else dw.to(weight.dtype)  # fp32 accumulator -> parameter dtype, rounded once
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def token_logprobs(
@@ -482,6 +505,7 @@ def token_logprobs(
     m1 = None if mask is None else mask.reshape(-1).contiguous().view(torch.uint8)  # (N,) 0/1 bytes
     # the casts above are autograd ops: dh and dW come back in ct and autograd casts them to h's and
     # weight's dtypes
-    logp, ent = _TokenLogprobs.apply(h2, w, t1, m1, float(temperature))
-    logp, ent = logp.view(lead), ent.view(lead)
-    return (logp, ent) if return_entropy else logp
+    if not return_entropy:
+        return _TokenLogprobs.apply(h2, w, t1, m1, float(temperature), False).view(lead)
+    logp, ent = _TokenLogprobs.apply(h2, w, t1, m1, float(temperature), True)
+    return logp.view(lead), ent.view(lead)

@@ -1,0 +1,276 @@
+"""Fused log-prob (+ entropy) against the float64 reference: values, gradients of h and W, masks,
+temperature, tied weights, chunked backward, and memory (no (N, V) tensor on the fused paths).
+
+On a CPU machine the Triton kernels run in the interpreter (TRITON_INTERPRET=1 before `kernels` is imported;
+tests/conftest.py does it, and so does the line below when this file runs alone); on a GPU, compiled.
+Every Triton check asserts the kernels really ran (KERNEL_CALLS).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+
+from kernels import HAS_TRITON, logprob_ref, token_logprobs  # noqa: E402
+
+lp_mod = importlib.import_module("kernels.logprob")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parents[1]
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+
+# (dtype, atol, rtol) against float64, applied to logp, entropy, dh and dW. logp/entropy are computed in
+# fp32 from exactly upcast inputs; the gradients are rounded to the input dtype (on GPU dL/dz too).
+TOL = {
+    torch.float32: (torch.float32, 2e-5, 2e-5),
+    torch.float16: (torch.float16, 3e-3, 3e-3),
+    torch.bfloat16: (torch.bfloat16, 3e-2, 3e-2),
+}
+
+
+def _inputs(shape, V, D, dtype, seed=0, masked=False):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    W = (torch.randn(V, D, generator=g) * D**-0.5 * 3).to(DEVICE, dtype).requires_grad_()  # logits ~ N(0, 9)
+    y = torch.randint(0, V, shape, generator=g).to(DEVICE)
+    mask = None
+    if masked:
+        mask = (torch.rand(shape, generator=g) > 0.3).to(DEVICE)
+        y = y.masked_fill(~mask, -100)  # masked slots may hold an ignore index
+    return h, W, y, mask
+
+
+def _run(fn, h, W, y, temperature, mask, with_entropy, g_lp, g_ent):
+    """loss = <g_lp, logp> (+ <g_ent, entropy>); returns [logp, (entropy,) dh, dW]."""
+    out = fn(h, W, y, temperature, mask, return_entropy=with_entropy)
+    lp, ent = out if with_entropy else (out, None)
+    loss = (lp * g_lp.to(lp.dtype)).sum() + ((ent * g_ent.to(ent.dtype)).sum() if with_entropy else 0)
+    dh, dW = torch.autograd.grad(loss, (h, W))
+    return [lp] + ([ent] if with_entropy else []) + [dh, dW]
+
+
+def _check(monkeypatch, shape, V, D, dtype=torch.float32, temperature=1.0, masked=False, with_entropy=True, seed=0):
+    monkeypatch.setenv("RLCD_KERNELS", "triton")
+    h, W, y, mask = _inputs(shape, V, D, dtype, seed, masked)
+    g = torch.Generator().manual_seed(seed + 1)
+    g_lp, g_ent = torch.randn(shape, generator=g).to(DEVICE), torch.randn(shape, generator=g).to(DEVICE)
+    calls = dict(lp_mod.KERNEL_CALLS)
+    got = _run(token_logprobs, h, W, y, temperature, mask, with_entropy, g_lp, g_ent)
+    assert lp_mod.KERNEL_CALLS["logprob_fwd"] == calls.get("logprob_fwd", 0) + 1, "Triton fwd did not run"
+    assert lp_mod.KERNEL_CALLS["logprob_bwd"] == calls.get("logprob_bwd", 0) + 1, "Triton bwd did not run"
+
+    h64, W64 = (x.detach().double().requires_grad_() for x in (h, W))
+    want = _run(logprob_ref, h64, W64, y, temperature, mask, with_entropy, g_lp.double(), g_ent.double())
+    names = ["logp"] + (["entropy"] if with_entropy else []) + ["dh", "dW"]
+    out_dtypes = [torch.float32] * (len(names) - 2) + [dtype, dtype]
+    _, atol, rtol = TOL[dtype]
+    for name, a, b, dt in zip(names, got, want, out_dtypes):
+        assert a.dtype == dt and a.shape == b.shape, f"{name}: {a.dtype} {tuple(a.shape)}"
+        torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol, msg=lambda m: f"{name} ({dtype}): {m}")
+    return got, mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# correctness
+# ---------------------------------------------------------------------------------------------------------
+@needs_triton
+def test_realistic_shape(monkeypatch):
+    """(B, T) = (2, 45) rows, D = 64, V = 1000, sampling temperature 0.7, mask, entropy."""
+    _check(monkeypatch, (2, 45), V=1000, D=64, temperature=0.7, masked=True)
+
+
+@needs_triton
+def test_large_vocab_odd_rows(monkeypatch):
+    """V = 32003 (no block divides it), 15 rows (not a multiple of the row block), small D."""
+    _check(monkeypatch, (3, 5), V=32003, D=16, temperature=1.3, masked=True, seed=1)
+
+
+@needs_triton
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_odd_hidden_size(monkeypatch, with_entropy):
+    """D = 40 (not a multiple of the D step), 37 rows, with and without the entropy output."""
+    _check(monkeypatch, (37,), V=1000, D=40, with_entropy=with_entropy, seed=2)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(monkeypatch, dtype):
+    _check(monkeypatch, (37,), V=1000, D=24, dtype=dtype, temperature=0.7, masked=True, seed=3)
+
+
+@needs_triton
+def test_chunked_backward(monkeypatch):
+    """A small dL/dz budget forces several N chunks: dh pieces and the fp32 dW accumulation across chunks."""
+    monkeypatch.setattr(lp_mod, "_DZ_CHUNK_BYTES", 16 * 1000 * 4)  # 16 rows per chunk: 3 chunks for 37 rows
+    _check(monkeypatch, (37,), V=1000, D=24, masked=True, seed=4)
+
+
+@needs_triton
+def test_masked_rows_are_inert(monkeypatch):
+    """Masked positions: logp = entropy = 0, dh = 0; a whole block of masked rows (the skip path) included."""
+    monkeypatch.setenv("RLCD_KERNELS", "triton")
+    h, W, y, _ = _inputs((2, 24), V=300, D=32, dtype=torch.float32, seed=5)
+    mask = torch.ones(2, 24, dtype=torch.bool, device=DEVICE)
+    mask[0, :20] = False  # with 16-row blocks in the interpreter, rows 0..15 form an all-masked block
+    mask[1, 3] = False
+    lp, ent = token_logprobs(h, W, y.masked_fill(~mask, -100), 0.9, mask, return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    assert torch.count_nonzero(lp[~mask]) == 0 and torch.count_nonzero(ent[~mask]) == 0
+    assert torch.count_nonzero(h.grad[~mask]) == 0
+    assert torch.all(h.grad[mask].abs().sum(-1) > 0)
+    assert torch.all(lp[mask] < 0) and torch.all(ent[mask] > 0)
+    # and the kept rows equal an unmasked run on those rows alone
+    lp_kept = token_logprobs(h.detach()[mask], W.detach(), y[mask], 0.9)
+    torch.testing.assert_close(lp[mask].detach(), lp_kept, atol=1e-6, rtol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("which", ["logp", "entropy"])
+def test_single_output_gradient(monkeypatch, which):
+    """Only one output used: the other's gradient arrives as None and must be treated as 0."""
+    monkeypatch.setenv("RLCD_KERNELS", "triton")
+    h, W, y, _ = _inputs((20,), V=500, D=16, dtype=torch.float32, seed=6)
+    lp, ent = token_logprobs(h, W, y, 1.0, None, return_entropy=True)
+    (lp if which == "logp" else ent).sum().backward()
+    h64, W64 = (x.detach().double().requires_grad_() for x in (h, W))
+    lp64, ent64 = logprob_ref(h64, W64, y, 1.0, None, return_entropy=True)
+    (lp64 if which == "logp" else ent64).sum().backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(W.grad.double(), W64.grad, atol=2e-5, rtol=2e-5)
+
+
+@needs_triton
+def test_tied_weight_accumulates(monkeypatch):
+    """The output head is the input embedding (as in the default model): W's gradient is the sum of the
+    embedding path and the head path; the frozen-h case (no dh wanted) also works."""
+    monkeypatch.setenv("RLCD_KERNELS", "triton")
+    g = torch.Generator().manual_seed(7)
+    V, D = 400, 32
+    W0 = torch.randn(V, D, generator=g) * 0.3
+    mix = torch.randn(D, D, generator=g) * D**-0.5
+    ids = torch.randint(0, V, (2, 11), generator=g)
+    y = torch.randint(0, V, (2, 11), generator=g)
+
+    def loss(fn, W):
+        h = torch.tanh(F.embedding(ids.to(W.device), W) @ mix.to(W))  # (2, 11, D): embedding uses W
+        return (fn(h, W, y.to(W.device), 0.8) * torch.arange(22.0).view(2, 11).to(W)).sum()
+
+    W = W0.clone().to(DEVICE).requires_grad_()
+    loss(token_logprobs, W).backward()
+    W64 = W0.clone().double().requires_grad_()
+    loss(logprob_ref, W64).backward()
+    torch.testing.assert_close(W.grad.double().cpu(), W64.grad, atol=5e-5, rtol=5e-5)
+
+    # head frozen from the loss' point of view: only dh is requested
+    h = torch.randn(9, D, generator=g).to(DEVICE).requires_grad_()
+    (dh,) = torch.autograd.grad(token_logprobs(h, W.detach(), y.view(-1)[:9].to(DEVICE)).sum(), (h,))
+    h64 = h.detach().double().requires_grad_()
+    (dh64,) = torch.autograd.grad(logprob_ref(h64, W.detach().double(), y.view(-1)[:9].to(DEVICE)).sum(), (h64,))
+    torch.testing.assert_close(dh.double(), dh64, atol=2e-5, rtol=2e-5)
+
+
+def test_torch_path_chunked(monkeypatch):
+    """RLCD_KERNELS=torch: logprob_ref in checkpointed chunks must equal the unchunked reference exactly
+    enough, gradients included, and must not touch the Triton kernels."""
+    monkeypatch.setenv("RLCD_KERNELS", "torch")
+    monkeypatch.setattr(lp_mod, "_TORCH_CHUNK_ROWS", 16)
+    h, W, y, mask = _inputs((3, 13), V=700, D=24, dtype=torch.float32, seed=8, masked=True)
+    g = torch.Generator().manual_seed(9)
+    g_lp, g_ent = torch.randn(3, 13, generator=g).to(DEVICE), torch.randn(3, 13, generator=g).to(DEVICE)
+    calls = dict(lp_mod.KERNEL_CALLS)
+    got = _run(token_logprobs, h, W, y, 1.5, mask, True, g_lp, g_ent)
+    assert dict(lp_mod.KERNEL_CALLS) == calls, "RLCD_KERNELS=torch ran a Triton kernel"
+    want = _run(logprob_ref, h, W, y, 1.5, mask, True, g_lp, g_ent)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # no graph: plain chunks, same values
+        torch.testing.assert_close(token_logprobs(h, W, y, 1.5, mask), want[0], atol=1e-6, rtol=1e-6)
+
+
+def test_reference_against_naive():
+    """logprob_ref itself, against F.cross_entropy (logp = -CE) and an explicit entropy."""
+    g = torch.Generator().manual_seed(10)
+    h, W = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randn(50, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 50, (6,), generator=g)
+    lp, ent = logprob_ref(h, W, y, 2.0, return_entropy=True)
+    logits = h @ W.T / 2.0
+    torch.testing.assert_close(lp, -F.cross_entropy(logits, y, reduction="none"))
+    p = torch.softmax(logits, -1)
+    torch.testing.assert_close(ent, -(p * p.log()).sum(-1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# memory: the fused paths never hold an (N, V) tensor
+# ---------------------------------------------------------------------------------------------------------
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest storage any aten op returns (allocations included: empty, mm, log_softmax ...).
+    A robust CPU stand-in for peak memory: the reference's largest tensor is the (N, V) logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.untyped_storage().nbytes())
+        return out
+
+
+def _largest_tensor(fn, h, W, y):
+    h, W = h.detach().requires_grad_(), W.detach().requires_grad_()
+    with _LargestTensor() as probe:
+        out, ent = fn(h, W, y, 1.0, None, return_entropy=True)
+        (out.sum() + ent.sum()).backward()
+    return probe.bytes
+
+
+@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_fused_path_uses_far_less_memory(monkeypatch, path):
+    N, V, D = 256, 4096, 16  # reference logits: 256 x 4096 fp32 = 4 MiB; W and a 16-row slab: 0.25 MiB
+    monkeypatch.setenv("RLCD_KERNELS", path)
+    monkeypatch.setattr(lp_mod, "_DZ_CHUNK_BYTES", 16 * V * 4)  # 16-row dL/dz slabs
+    monkeypatch.setattr(lp_mod, "_TORCH_CHUNK_ROWS", 16)  # 16-row checkpointed chunks
+    g = torch.Generator().manual_seed(11)
+    h, W = torch.randn(N, D, generator=g).to(DEVICE), torch.randn(V, D, generator=g).to(DEVICE)
+    y = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    calls = lp_mod.KERNEL_CALLS["logprob_fwd"]
+    fused = _largest_tensor(token_logprobs, h, W, y)
+    assert (lp_mod.KERNEL_CALLS["logprob_fwd"] > calls) == (path == "triton")
+    ref = _largest_tensor(logprob_ref, h, W, y)
+    assert ref >= N * V * 4, ref  # the probe does see the reference's logits
+    assert fused * 8 <= ref, f"{path}: largest tensor {fused} B vs reference {ref} B"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU code path without a GPU
+# ---------------------------------------------------------------------------------------------------------
+def _ptxas_available() -> bool:
+    if not HAS_TRITON:
+        return False
+    import triton
+
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="triton without its NVIDIA backend (ptxas)")
+def test_logprob_kernels_compile_for_sm90():
+    """The interpreter never builds GPU code: compile the log-prob kernels for sm_90 at the launch configs."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-m", "kernels.aot_check", "--quick", "--only", "logprob"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 failure(s)" in out.stdout and "logprob fwd" in out.stdout, out.stdout
