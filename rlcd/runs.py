@@ -1,0 +1,428 @@
+"""What the training stages (pm, sft, ppo) share: the run directory, the optimiser and schedule, the
+deterministic data order, one training loop, and atomic checkpoints that --resume restores exactly.
+
+Run directory (OUT = --out):
+    OUT/config.json           the resolved Args of the first invocation (rlcd.cli.save_config)
+    OUT/metrics.jsonl         one JSON object per optimiser step, per dev evaluation, and a summary
+    OUT/<ckpt>/               the latest checkpoint, replaced atomically as a whole:
+        config.json, model.safetensors, tokenizer*.json    a Hugging Face-format model (models.save_model)
+        <name>.safetensors    a stage's extra tensors (the preference model's head.safetensors)
+        run.json              {"stage", "step", "total_steps", "config", ...}: small, human-readable; a
+                              stage may add to it (the PM's reward normalisation statistics)
+        trainer_state.pt      optimiser, scheduler, RNG states and the data-order fingerprint: --resume
+    <ckpt> is CKPT_DIRS[stage]: "policy" for sft and ppo, so that `generate.py --model OUT` loads the
+    policy (models.checkpoint.resolve looks for OUT/policy), and "reward" for pm, so that a preference
+    model run is never silently loaded as a policy.
+
+Resume equivalence. The batch of optimiser step s is a pure function of (seed, s, number of training
+examples) -- see batch_indices -- so it needs no saved cursor; the model, optimiser, scheduler and RNG
+states are restored bit for bit. Training 2N steps straight and N, then --resume, then N give the same
+weights on the same machine.
+
+Shapes: B examples per optimiser step, b per micro-batch (gradient accumulation over B / b).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from models import CheckpointError, Tokenizer, Transformer, save_model
+from models.checkpoint import replace_dir
+from rlcd.cli import save_config
+
+CKPT_DIRS = {"pm": "reward", "sft": "policy", "ppo": "policy"}
+RUN_JSON = "run.json"
+STATE_FILE = "trainer_state.pt"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(kw_only=True)
+class TrainArgs:
+    """Settings every training stage shares; a stage's Args subclasses this and adds its own."""
+    out: str                        # run directory (created; --resume continues the one there)
+    model: str = "smollm2-135m-instruct"  # initial weights: model name, checkpoint or run directory
+    resume: bool = False            # continue from OUT's last checkpoint (same settings required)
+    epochs: float = 1.0             # passes over the training split (ignored when --max-steps > 0)
+    max_steps: int = 0              # optimiser steps of the schedule; 0 = from --epochs
+    stop_after: int = 0             # stop (with a checkpoint) after this step; 0 = run the whole schedule
+    batch_size: int = 16            # examples per optimiser step
+    micro_batch: int = 4            # examples per forward/backward (gradient accumulation)
+    lr: float = 1e-5                # peak learning rate
+    min_lr_ratio: float = 0.0       # cosine decays to lr * this
+    warmup: float = 0.03            # warm-up: a fraction of the steps if < 1, else a step count
+    weight_decay: float = 0.0       # AdamW decoupled weight decay on matrices (not norms, not biases)
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    grad_clip: float = 1.0          # clip the global gradient norm (0 = off)
+    max_length: int = 512           # tokens per sequence (prompt + response + end marker)
+    train_layers: int = 0           # 0 = full fine-tune; N = only the top N blocks, the final norm and head
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    dev: float = 0.1                # held-out split: a fraction if < 1, else a count of examples
+    eval_every: int = 50            # dev evaluation every N steps (and always at the end; 0 = end only)
+    save_every: int = 100           # checkpoint every N steps (and always at the end)
+    seed: int = 0                   # data order, dev split and sampling
+    device: str = "cpu"             # cpu or cuda
+    autocast: bool = True           # bf16 autocast on CUDA (weights and optimiser stay fp32)
+    attn_impl: str = "sdpa"         # naive, sdpa or triton
+    threads: int = 0                # torch CPU threads (0 = leave as is)
+    progress: bool = True           # progress bar
+
+
+# Settings that may differ when resuming: they do not change what is computed.
+RESUMABLE_CHANGES = {"resume", "stop_after", "eval_every", "save_every", "progress", "threads", "device"}
+
+
+# --- run directory ----------------------------------------------------------------------------------------
+def prepare_run(args: TrainArgs, stage: str) -> Path | None:
+    """Create OUT and save the config; return the checkpoint to resume from (None for a fresh run).
+
+    Refuses to overwrite a run that has a checkpoint unless --resume, to resume another stage's run, and
+    to resume with settings that would change the result."""
+    out = Path(args.out)
+    ckpt = out / CKPT_DIRS[stage]
+    _recover(ckpt)
+    other = [d for s, d in CKPT_DIRS.items() if d != CKPT_DIRS[stage] and (out / d / RUN_JSON).is_file()]
+    if other:
+        raise CheckpointError(f"{out}: holds a {read_run_meta(out / other[0])['stage']!r} run "
+                              f"({other[0]}/), not a {stage!r} run; choose another --out")
+    has_ckpt = (ckpt / RUN_JSON).is_file()
+    if not args.resume:
+        if has_ckpt:
+            raise CheckpointError(f"{out}: already holds a checkpoint ({ckpt.name}/); pass --resume to "
+                                  f"continue it or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(args, out / "config.json")
+        return None
+    if not has_ckpt:
+        raise CheckpointError(f"{out}: --resume, but there is no checkpoint {ckpt.name}/{RUN_JSON} to resume")
+    meta = read_run_meta(ckpt)
+    if meta.get("stage") != stage:
+        raise CheckpointError(f"{ckpt}: written by stage {meta.get('stage')!r}, cannot resume it as {stage!r}")
+    saved, now = meta["config"], json.loads(json.dumps(dataclasses.asdict(args), default=str))
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise CheckpointError(f"{out}: --resume with different settings ({diffs}); they would change the result")
+    return ckpt
+
+
+def read_run_meta(ckpt: Path) -> dict:
+    f = Path(ckpt) / RUN_JSON
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt}: no {RUN_JSON} (not a checkpoint written by train.py)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+
+
+def find_checkpoint(path: str | os.PathLike, stage: str) -> tuple[Path, dict]:
+    """The checkpoint directory of `stage` for a run directory (OUT) or the checkpoint itself, and its
+    run.json. A run of another stage, or a plain model directory, is a clear error, never a silent load."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no such run directory")
+    want = CKPT_DIRS[stage]
+    for d in (p, p / want):
+        _recover(d)
+        if (d / RUN_JSON).is_file():
+            meta = read_run_meta(d)
+            if meta.get("stage") != stage:
+                raise CheckpointError(f"{d}: a {meta.get('stage')!r} checkpoint, not a {stage!r} one")
+            return d, meta
+    for d in set(CKPT_DIRS.values()) - {want}:
+        if (p / d / RUN_JSON).is_file():
+            got = read_run_meta(p / d).get("stage")
+            raise CheckpointError(f"{p}: a {got!r} run directory ({d}/), not a {stage!r} run "
+                                  f"(expected {want}/{RUN_JSON})")
+    if (p / "config.json").is_file() and "architectures" in json.loads((p / "config.json").read_text()):
+        raise CheckpointError(f"{p}: a plain model directory without {RUN_JSON}, not a {stage!r} checkpoint")
+    raise CheckpointError(f"{p}: no {stage!r} checkpoint ({want}/{RUN_JSON} not found)")
+
+
+def log_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one metrics record (one line) to the run's JSONL log."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run_meta(stage: str, args: TrainArgs, total_steps: int, **extra) -> dict:
+    """run.json's content (the step is added at save time)."""
+    return {"stage": stage, "total_steps": total_steps,
+            "config": json.loads(json.dumps(dataclasses.asdict(args), default=str)), **extra}
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# --- data --------------------------------------------------------------------------------------------------
+def split_dev(keys: list[str], dev: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, dev) example indices. Examples are grouped by key (the prompt id) so that no prompt is on
+    both sides, and a key's side depends only on (seed, key): two pairs files over the same prompts
+    (RLCD and RLAIF) get the same dev prompts. `dev` < 1 is a fraction of the keys, else a count."""
+    if dev < 0:
+        raise ValueError(f"dev must be >= 0, got {dev}")
+    uniq = sorted(set(keys), key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
+    n_dev = round(dev * len(uniq)) if dev < 1 else int(dev)
+    if n_dev >= len(uniq):
+        raise ValueError(f"dev split of {n_dev} leaves nothing to train on ({len(uniq)} distinct prompts)")
+    dev_keys = set(uniq[:n_dev])
+    train = [i for i, k in enumerate(keys) if k not in dev_keys]
+    held = [i for i, k in enumerate(keys) if k in dev_keys]
+    return train, held
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_perm(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(n, generator=g).tolist())
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Examples of optimiser step `step` (0-based): positions [step*B, (step+1)*B) of an endless stream
+    of epochs, each a fresh seeded permutation of range(n). A pure function of its arguments, so a
+    resumed run sees exactly the batches the uninterrupted run would have seen."""
+    out = []
+    for g in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(g, n)
+        out.append(_epoch_perm(n, seed, epoch)[i])
+    return out
+
+
+def data_fingerprint(train_keys: list[str], args: TrainArgs) -> str:
+    """A hash of what fixes the data order, checked on resume (a changed pairs file is an error)."""
+    h = hashlib.sha256(json.dumps([train_keys, args.batch_size, args.seed]).encode())
+    return h.hexdigest()[:16]
+
+
+def right_pad(seqs: list[list[int]], pad_id: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """Token lists -> (b, T) right-padded ids and (b,) lengths. Right padding needs no mask: attention
+    is causal, so real positions never see the pad that follows them."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids.to(device), torch.tensor([len(s) for s in seqs], device=device)
+
+
+# --- model and optimiser -----------------------------------------------------------------------------------
+def freeze_lower_layers(trunk: Transformer, train_layers: int) -> None:
+    """Keep only the top `train_layers` blocks and the final norm trainable (0 = everything trains).
+
+    For a CPU budget: frozen blocks build no autograd graph (their input does not require grad), so
+    backward stops at the lowest trained block. With tied embeddings the output head is the embedding,
+    frozen too; a reward or value head on top is the caller's and stays trainable."""
+    if train_layers <= 0:
+        return
+    n = len(trunk.layers)
+    if train_layers > n:
+        raise ValueError(f"--train-layers {train_layers} exceeds the model's {n} blocks")
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    for block in trunk.layers[n - train_layers:]:
+        block.requires_grad_(True)
+    trunk.norm.requires_grad_(True)
+
+
+def make_optimizer(named_params: list[tuple[str, nn.Parameter]], args: TrainArgs,
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on matrices only (norm gains and biases are
+    not decayed, as in GPT-2/nanoGPT)."""
+    decay = [p for _, p in named_params if p.requires_grad and p.dim() >= 2]
+    other = [p for _, p in named_params if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=device.type == "cuda")
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                    min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_steps`, then cosine decay to min_lr_ratio at the last step (the
+    AlpacaFarm/RLCD recipe: cosine, 3% warm-up). Step s (0-based) uses lr * f(s); f(0) > 0, so the
+    first step is not wasted at lr 0."""
+    def f(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        progress = (s - warmup_steps) / max(1, total_steps - warmup_steps)   # in [0, 1)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def schedule_length(args: TrainArgs, n_train: int) -> tuple[int, int]:
+    """(total optimiser steps, warm-up steps)."""
+    if args.batch_size % args.micro_batch:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch}")
+    total = args.max_steps or max(1, math.ceil(args.epochs * n_train / args.batch_size))
+    warm = round(args.warmup * total) if args.warmup < 1 else int(args.warmup)
+    return total, warm
+
+
+def autocast(args: TrainArgs, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA: matmuls in bf16, weights, optimiser state and reductions in fp32."""
+    if device.type == "cuda" and args.autocast:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_finite(step: int, **values: float) -> None:
+    """NaN/inf guard: raise before the optimiser step so the last checkpoint stays good."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; "
+                                 f"the last checkpoint is intact (try a lower --lr, or --grad-clip)")
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ckpt: Path, trunk: Transformer, tok: Tokenizer, meta: dict,
+                    optimizer: torch.optim.Optimizer, scheduler, step: int, data: str,
+                    tensors: dict[str, dict[str, Tensor]] | None = None) -> Path:
+    """Write the full training state to `ckpt` atomically.
+
+    Everything is assembled in a hidden sibling (.NAME.partial) and swapped in with one rename
+    (models.checkpoint.replace_dir), so a crash at any point leaves the previous checkpoint complete:
+    either at `ckpt`, or, during the swap itself, at .NAME.old, which _recover puts back."""
+    from safetensors.torch import save_file
+
+    partial = ckpt.with_name(f".{ckpt.name}.partial")
+    try:
+        save_model(trunk, tok, partial)            # itself atomic; replaces a leftover .partial
+        for name, tdict in (tensors or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tdict.items()},
+                      str(partial / f"{name}.safetensors"))
+        (partial / RUN_JSON).write_text(json.dumps({**meta, "step": step}, indent=2, default=str))
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(), "data": data}, partial / STATE_FILE)
+        replace_dir(partial, ckpt)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return ckpt
+
+
+def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler, data: str) -> int:
+    """Restore optimiser, scheduler and RNG states from a checkpoint; return the step to continue at."""
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    if state["data"] != data:
+        raise CheckpointError(f"{ckpt}: the training data or its order changed since this checkpoint "
+                              f"(fingerprint {state['data']} != {data}); resume with the same pairs files")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _recover(ckpt: Path) -> None:
+    # A crash between replace_dir's two renames leaves only .NAME.old: it is the last complete checkpoint.
+    old = ckpt.with_name(f".{ckpt.name}.old")
+    if not ckpt.exists() and old.is_dir():
+        os.replace(old, ckpt)
+
+
+# --- the training loop -------------------------------------------------------------------------------------
+LossFn = Callable[[list[int], list[int]], tuple[Tensor, dict[str, Tensor], int]]
+
+
+def train_loop(args: TrainArgs, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler,
+               n_train: int, lengths: list[int], start_step: int, total_steps: int, device: torch.device,
+               loss_fn: LossFn, evaluate: Callable[[], dict[str, float]], save: Callable[[int], None],
+               log_path: Path, desc: str) -> dict:
+    """Run optimiser steps start_step .. min(total_steps, stop_after), checkpointing every --save-every
+    steps and at the stop, evaluating every --eval-every steps and at the stop. Returns the summary
+    record (steps, training time and tokens/s without evaluation or checkpointing, final dev metrics).
+
+    loss_fn(micro, batch) -> (loss, metrics, n_tokens) for the micro-batch `micro` of the step's batch
+    `batch` (lists of training-example indices). The loss and metrics must already be normalised to the
+    whole batch (e.g. multiplied by len(micro) / len(batch)), so that summing over micro-batches gives
+    the batch's value whatever --micro-batch is. Each step's examples are sorted by length before
+    being cut into micro-batches, so each micro-batch wastes little padding.
+    """
+    from tqdm import tqdm
+
+    stop = min(total_steps, args.stop_after) if args.stop_after else total_steps
+    bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", disable=not args.progress,
+               dynamic_ncols=True)
+    train_s, tokens_seen = 0.0, 0          # optimiser steps only: no evaluation, no checkpoint writes
+    step = start_step
+    while step < stop:
+        t0 = time.perf_counter()
+        batch = sorted(batch_indices(n_train, args.batch_size, step, args.seed), key=lambda i: lengths[i])
+        sums: dict[str, Tensor] = {}
+        n_tok = 0
+        for lo in range(0, len(batch), args.micro_batch):
+            micro = batch[lo:lo + args.micro_batch]
+            with autocast(args, device):
+                loss, metrics, n = loss_fn(micro, batch)
+            loss.backward()
+            n_tok += n
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+        # clip_grad_norm_ with max_norm=inf only measures: the norm is logged either way.
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
+        record = {k: v.item() for k, v in sums.items()}                 # the step's one host sync
+        check_finite(step + 1, loss=record["loss"], grad_norm=grad_norm.item())
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        train_s, tokens_seen = train_s + dt, tokens_seen + n_tok
+        record = {"step": step, "lr": lr, **record, "grad_norm": grad_norm.item(), "tokens": n_tok,
+                  "tokens_per_s": n_tok / dt, "step_s": dt}
+        log_jsonl(log_path, record)
+        bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "accuracy") if k in record}
+                        | {"tok/s": f"{n_tok / dt:.0f}"})
+        bar.update(1)
+        if args.eval_every and step % args.eval_every == 0 and step < stop:
+            dev_metrics = _eval_and_log(evaluate, step, log_path, bar)
+        if step % args.save_every == 0 or step == stop:
+            save(step)
+    bar.close()
+    dev_metrics = _eval_and_log(evaluate, step, log_path, None)
+    summary = {"summary": True, "step": step, "steps_run": step - start_step, "train_s": train_s,
+               "train_tokens": tokens_seen, "tokens_per_s": tokens_seen / max(train_s, 1e-9),
+               **{f"dev_{k}": v for k, v in dev_metrics.items()}}
+    log_jsonl(log_path, summary)
+    return summary
+
+
+def _eval_and_log(evaluate: Callable[[], dict[str, float]], step: int, log_path: Path, bar) -> dict[str, float]:
+    t0 = time.perf_counter()
+    m = evaluate()
+    log_jsonl(log_path, {"step": step, "eval": "dev", **m, "eval_s": time.perf_counter() - t0})
+    line = f"step {step} dev: " + "  ".join(f"{k} {v:.4g}" for k, v in m.items())
+    (bar.write if bar is not None else print)(line)
+    return m
