@@ -1,0 +1,476 @@
+"""Simulate preference pairs for RLCD and its baselines (arXiv 2307.12950, Sec. 3 and 4), and summarise
+a pairs file.
+
+    python train.py simulate --task harmless --method rlcd --n-prompts 256 --out runs/harmless/pairs-rlcd.jsonl
+    python train.py simulate --task harmless --method rlaif --n-prompts 256 --out runs/harmless/pairs-rlaif.jsonl
+    python train.py stats runs/harmless/pairs-rlcd.jsonl runs/harmless/pairs-rlaif.jsonl
+
+Methods (the official code: facebookresearch/RLCD scripts/simulate_preference_data.py)
+    rlcd          o+ sampled from p+, o- from p- (rlcd.tasks.contrastive_pair); chosen = o+,
+                  rejected = o-, label 1.0 by construction. No scorer.
+    rlaif         two i.i.d. samples from the neutral prompt p, judged by the same model
+                  (rlcd.scorer) with the principle `affix_index` of the task. The first sample is
+                  option A and is stored as "chosen", the second is B and stored as "rejected";
+                  label = P(A better) = 1 - P("B"). The label is soft and either side may be better.
+    rlcd-rescore  pairs from p+ / p- as in rlcd, labels from the rlaif scorer with the principle
+                  aligned with the affix. As in the official code, o+ and o- are shown as A/B in a random
+                  order (a coin from a hash of the seed and id); chosen = o+, rejected = o- and
+                  label = P(o+ better) whichever order they were shown in.
+    Context distillation (the SFT baseline) reads an rlcd file differently: "prompt" -> "chosen".
+
+Post-processing (rlcd.tasks.postprocess): a leading role marker is stripped, the response is cut at the
+next turn or end-of-turn token, and an empty result is re-sampled, at most `max_tries` samples per
+response (the official max_retries=5), after which the prompt is dropped. `--require-end` also
+re-samples responses that ran out of tokens (the paper's keep-filter). Prompts whose p, p+ or p-
+exceeds `max_prompt_tokens` are dropped before sampling.
+
+Record (one JSON line per pair; rlcd/pm.py and rlcd/sft.py read these fields):
+    id, task, method, format, messages, prompt (neutral prompt text exactly as a policy sees it),
+    chosen, rejected (cleaned response texts, no stop tokens), label, affix_index, p_plus, p_minus
+    (null for rlaif, which samples from p only), settings, model, seed; plus tries {chosen, rejected}
+    (samples drawn), ended {chosen, rejected} (ended with a stop token or next-turn marker rather than
+    at max_new_tokens) and scorer {instruction_index, p_b, a, both_orders} (null for rlcd), where
+    p_b is the scorer's P("B") and a names the stored response that was shown as option A.
+
+Resuming: records are appended and flushed after every chunk of `batch_size` prompts. Re-running the
+same command skips the ids already in the file. A last line without its newline is a write cut short
+by a killed run: the file is truncated back to the last complete line and that pair is redone. Any
+other unreadable line is an error naming the file and line, and so is a record made with a different
+task, method, format, model or seed. A resumed run is a valid sample but not bit-identical to an
+uninterrupted one (the sampling seed of a chunk depends on the prompts in it).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models import CheckpointError, load_model
+from models.checkpoint import resolve
+from models.generation import SamplingParams, generate_texts
+from models.tokenizer import Tokenizer
+from rlcd.cli import parse_args, save_config
+from rlcd.prompts import DataError, load_prompts
+from rlcd.scorer import score_pairs
+from rlcd.tasks import FORMATS, TASKS, ContrastivePair, contrastive_pair, format_prompt, postprocess
+
+METHODS = ("rlcd", "rlaif", "rlcd-rescore")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Fields every pairs record carries; the trainers downstream rely on them.
+REQUIRED = ("id", "task", "method", "format", "messages", "prompt", "chosen", "rejected", "label",
+            "affix_index", "p_plus", "p_minus", "settings", "model", "seed")
+# A record made with different values of these cannot share a file with this run's records.
+RUN_KEYS = ("task", "method", "format", "model", "seed")
+
+
+class PairsError(ValueError):
+    """A pairs file that cannot be read or resumed; the message is one line naming the file and line."""
+
+
+@dataclass
+class Args:
+    out: str                              # pairs file to write (JSONL); an existing one is resumed
+    task: str = "harmless"                # harmless, helpful or outlines: the affixes and scorer principles
+    method: str = "rlcd"                  # rlcd, rlaif or rlcd-rescore
+    prompts: str | None = None            # a prompts file (JSONL or text) instead of the task's built-in set
+    split: str = "train"                  # train, dev or test
+    n_prompts: int | None = None          # use the first N prompts that fit max_prompt_tokens (None: all)
+    model: str = "smollm2-135m-instruct"  # model name, checkpoint directory or run directory
+    format: str = "chat"                  # chat (the checkpoint's template) or plain (Human:/Assistant:)
+    carrier: str = "header"               # chat only: affix on the assistant header, or in a system message
+    temperature: float = 1.0              # sampling temperature (the paper: 1)
+    top_p: float = 1.0                    # nucleus threshold (1 disables)
+    top_k: int = 0                        # keep the k most likely tokens (0 disables)
+    max_new_tokens: int = 128             # tokens per response (the paper: 300)
+    max_prompt_tokens: int = 192          # drop prompts whose p, p+ or p- is longer (as the paper's PPO)
+    max_tries: int = 5                    # samples per response before the prompt is dropped
+    require_end: bool = False             # re-sample responses cut off at max_new_tokens
+    both_orders: bool = False             # score A/B and B/A and average (rlaif, rlcd-rescore)
+    batch_size: int = 16                  # sequences per generation / scoring batch
+    seed: int = 0                         # affix choice, A/B order and sampling seed
+    device: str = "cpu"                   # cpu or cuda
+    dtype: str = "float32"                # float32, bfloat16 or float16
+    progress: bool = True                 # show a progress bar
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a pairs file
+
+def read_pairs(path: str | Path) -> tuple[list[dict], int]:
+    """The records of a pairs file and the byte offset just past its last complete line.
+
+    A last line without a newline is left out (records are written as one `json + "\\n"` each, so a
+    missing newline means the write was cut short); any other line that is not a JSON object with the
+    REQUIRED fields raises PairsError naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PairsError(f"{path}: no such file")
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1                      # 0 if there is no complete line at all
+    records = []
+    for lineno, raw in enumerate(data[:end].split(b"\n")[:-1], 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise PairsError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise PairsError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise PairsError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in REQUIRED if k not in rec]
+        if missing:
+            raise PairsError(f"{where}: not a pairs record, missing {', '.join(missing)}")
+        records.append(rec)
+    return records, end
+
+
+def _resume(path: Path, args: Args) -> set[str]:
+    """Ids already in `path` (after cutting off a partial last line); checks they came from this run."""
+    if not path.exists():
+        return set()
+    records, end = read_pairs(path)
+    size = path.stat().st_size
+    if end < size:
+        print(f"simulate: {path}: dropping a partial last line ({size - end} bytes, from an interrupted "
+              f"run); that pair will be redone", file=sys.stderr)
+        os.truncate(path, end)
+    want = {k: getattr(args, k) for k in RUN_KEYS}
+    for lineno, rec in enumerate(records, 1):
+        diff = [f"{k}={rec[k]!r}" for k in RUN_KEYS if rec[k] != want[k]]
+        if diff:
+            raise PairsError(f"{path}: record {lineno} ({rec['id']}) has {', '.join(diff)}, but this run "
+                             f"has {', '.join(f'{k}={want[k]!r}' for k in RUN_KEYS if rec[k] != want[k])}; "
+                             f"write to another --out")
+    return {r["id"] for r in records}
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+def _hash_int(*parts) -> int:
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+def clean(result: dict, fmt: str, tokenizer: Tokenizer, require_end: bool) -> tuple[str | None, bool]:
+    """(cleaned text or None, ended properly) for one generate_texts result.
+
+    postprocess() looks for end-of-turn strings in the decoded text, but generate_texts drops the stop
+    token and decodes without special tokens; so decode again keeping specials (a stray <|endoftext|>
+    that is not a stop id then cuts the response too) and put back an end marker when it stopped.
+    """
+    text = tokenizer.decode(result["token_ids"], skip_special_tokens=False)
+    if result["finished"]:
+        text += "<|endoftext|>"
+    ended = postprocess(text, fmt, require_end=True) is not None
+    return postprocess(text, fmt, require_end=require_end), ended
+
+
+def sample_responses(model, tokenizer: Tokenizer, prompts: list[str], args: Args, salt: str,
+                     ) -> tuple[list[str | None], list[int], list[bool], int]:
+    """One cleaned response per prompt text, re-sampling failures up to args.max_tries samples.
+
+    Returns (texts, with None where every try failed), tries, ended, tokens generated. Each try is one
+    generate_texts call over the prompts still failing, seeded from (seed, salt, try).
+    """
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p)
+    n = len(prompts)
+    texts: list[str | None] = [None] * n
+    tries, ended = [0] * n, [False] * n
+    n_tokens = 0
+    todo = list(range(n))
+    for attempt in range(args.max_tries):
+        if not todo:
+            break
+        results = generate_texts(model, tokenizer, [prompts[i] for i in todo], params,
+                                 batch_size=args.batch_size, seed=_hash_int(args.seed, salt, attempt),
+                                 progress=False)
+        failed = []
+        for i, r in zip(todo, results):
+            tries[i] += 1
+            n_tokens += len(r["token_ids"]) + int(r["finished"])
+            texts[i], ended[i] = clean(r, args.format, tokenizer, args.require_end)
+            if texts[i] is None:
+                failed.append(i)
+        todo = failed
+    return texts, tries, ended, n_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# one chunk of prompts -> records
+
+def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastivePair]], args: Args,
+               ) -> tuple[list[dict], int]:
+    """Records for a chunk of (prompt record, contrastive prompts); prompts whose sampling failed are
+    left out. Returns (records, tokens generated)."""
+    ids = [rec["id"] for rec, _ in items]
+    salt = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+    n = len(items)
+    # 1. sample: p+ and p- (or p twice) of the whole chunk in the same batches, sorted by length
+    if args.method == "rlaif":
+        prompts = [cp.neutral for _, cp in items] * 2
+    else:
+        prompts = [cp.plus for _, cp in items] + [cp.minus for _, cp in items]
+    texts, tries, ended, n_tokens = sample_responses(model, tokenizer, prompts, args, salt)
+    keep = [j for j in range(n) if texts[j] is not None and texts[n + j] is not None]
+    first = [texts[j] for j in keep]           # o+ (rlcd, rescore) or sample 1 (rlaif)
+    second = [texts[n + j] for j in keep]      # o- or sample 2
+
+    # 2. label: 1.0 by construction, or the scorer's soft judgement
+    task = TASKS[args.task]
+    labels = [1.0] * len(keep)
+    scorer: list[dict | None] = [None] * len(keep)
+    if args.method != "rlcd" and keep:
+        # The scorer quotes the neutral dialogue in the paper's plain "Human: ... Assistant:" form
+        # whatever the generation format, so the judge is the same for both formats.
+        conv = [format_prompt(items[j][0]["messages"], "plain") for j in keep]
+        instr = [task.instructions[items[j][1].index] for j in keep]
+        if args.method == "rlaif":
+            # Sample 1 is option A = chosen; the two samples are i.i.d., so no order to randomise.
+            plus_first = [True] * len(keep)
+        else:
+            plus_first = [_hash_int("order", args.seed, ids[j]) % 2 == 0 for j in keep]
+        a = [f if pf else s for f, s, pf in zip(first, second, plus_first)]
+        b = [s if pf else f for f, s, pf in zip(first, second, plus_first)]
+        p_b = score_pairs(model, tokenizer, conv, instr, a, b, both_orders=args.both_orders,
+                          batch_size=args.batch_size).tolist()
+        # label = P(chosen better); chosen is `first`, which is option A when plus_first.
+        labels = [1.0 - p if pf else p for p, pf in zip(p_b, plus_first)]
+        scorer = [{"instruction_index": items[j][1].index, "p_b": p, "a": "chosen" if pf else "rejected",
+                   "both_orders": args.both_orders} for j, p, pf in zip(keep, p_b, plus_first)]
+
+    # 3. records
+    settings = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": args.max_prompt_tokens,
+                "max_tries": args.max_tries, "require_end": args.require_end, "carrier": args.carrier,
+                "both_orders": args.both_orders, "dtype": args.dtype}
+    out = []
+    for k, j in enumerate(keep):
+        rec, cp = items[j]
+        contrastive = args.method != "rlaif"
+        out.append({
+            "id": rec["id"], "task": args.task, "method": args.method, "format": args.format,
+            "messages": rec["messages"], "prompt": cp.neutral,
+            "chosen": first[k], "rejected": second[k], "label": labels[k],
+            "affix_index": cp.index,
+            "p_plus": cp.plus if contrastive else None, "p_minus": cp.minus if contrastive else None,
+            "settings": settings, "model": args.model, "seed": args.seed,
+            "tries": {"chosen": tries[j], "rejected": tries[n + j]},
+            "ended": {"chosen": ended[j], "rejected": ended[n + j]},
+            "scorer": scorer[k],
+        })
+    return out, n_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# the simulate command
+
+def _check(args: Args) -> None:
+    if args.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    if args.task not in TASKS:
+        raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r} "
+                         f"(a prompts file goes in --prompts)")
+    if args.format not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    for name in ("batch_size", "max_tries", "max_new_tokens", "max_prompt_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def simulate(args: Args) -> dict:
+    """Run the simulation described by `args`, appending to args.out; returns a summary."""
+    _check(args)
+    out = Path(args.out)
+    done = _resume(out, args)
+    records = load_prompts(args.prompts or args.task, split=args.split)
+    model, tok = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+
+    # p+, p-, p for every prompt; drop the too long ones, then take the first n_prompts.
+    items, n_long = [], 0
+    for rec in records:
+        cp = contrastive_pair(rec, args.task, args.format, tok, seed=args.seed, carrier=args.carrier)
+        length = max(len(tok.encode(t)) for t in (cp.plus, cp.minus, cp.neutral))
+        if length > args.max_prompt_tokens:
+            n_long += 1
+            continue
+        items.append((rec, cp))
+        if args.n_prompts is not None and len(items) == args.n_prompts:
+            break
+    todo = [it for it in items if it[0]["id"] not in done]
+    # Similar lengths in a chunk waste less padding in its generation batches.
+    todo.sort(key=lambda it: len(tok.encode(it[1].plus)))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_config(args, out.with_name(out.name + ".config.json"))
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"simulate {args.method}", unit="pair", disable=not args.progress,
+               dynamic_ncols=True)
+    written, n_tokens, t0 = 0, 0, time.perf_counter()
+    with open(out, "a", encoding="utf-8") as f:
+        for lo in range(0, len(todo), args.batch_size):
+            chunk = todo[lo:lo + args.batch_size]
+            recs, toks = make_pairs(model, tok, chunk, args)
+            for r in recs:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            # Flush and fsync per chunk: after a crash at most the chunk in flight is lost.
+            f.flush()
+            os.fsync(f.fileno())
+            written += len(recs)
+            n_tokens += toks
+            bar.update(len(chunk))
+            bar.set_postfix(kept=written, dropped=lo + len(chunk) - written)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return {"out": str(out), "method": args.method, "format": args.format, "prompts": len(items),
+            "already_done": len(items) - len(todo), "dropped_too_long": n_long,
+            "dropped_failed": len(todo) - written, "written": written, "seconds": round(seconds, 1),
+            "pairs_per_min": round(60 * written / seconds, 2) if seconds > 0 else None,
+            "gen_tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(Args, argv, prog="train.py simulate", description=__doc__.split("\n")[0])
+    try:
+        summary = simulate(args)
+    except (PairsError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"simulate: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the stats command
+
+@dataclass
+class StatsArgs:
+    files: list[str]                      # pairs files written by `train.py simulate`
+    score: bool = True                    # score every pair with the RLAIF scorer (loads the model)
+    model: str | None = None              # scorer model (default: the one named in the file)
+    both_orders: bool = True              # score both A/B orders and average, cancelling position bias
+    batch_size: int = 16                  # scorer prompts per forward
+    limit: int | None = None              # only the first N pairs of each file
+    examples: int = 0                     # also print this many example pairs per file
+    json_out: str | None = None           # write the stats as JSON here too
+    device: str = "cpu"                   # cpu or cuda
+
+
+def _words(s: str) -> set[str]:
+    return set(s.lower().split())
+
+
+def pair_stats(records: list[dict], tokenizer: Tokenizer) -> dict:
+    """Model-free summary: counts, mean token lengths, identical / empty pairs, lexical overlap."""
+    n = len(records)
+    if n == 0:
+        return {"pairs": 0}
+    lc = [len(tokenizer.encode(r["chosen"])) for r in records]
+    lr = [len(tokenizer.encode(r["rejected"])) for r in records]
+
+    def jaccard(r):
+        a, b = _words(r["chosen"]), _words(r["rejected"])
+        return len(a & b) / len(a | b) if a | b else 1.0
+
+    ended = [r for r in records if isinstance(r.get("ended"), dict)]
+    return {
+        "pairs": n,
+        "method": ",".join(sorted({r["method"] for r in records})),
+        "format": ",".join(sorted({r["format"] for r in records})),
+        "mean_tokens_chosen": sum(lc) / n,
+        "mean_tokens_rejected": sum(lr) / n,
+        "frac_identical": sum(r["chosen"].strip() == r["rejected"].strip() for r in records) / n,
+        "frac_empty": sum(not r["chosen"].strip() or not r["rejected"].strip() for r in records) / n,
+        # Word-set Jaccard overlap of chosen and rejected: a model-free "how alike are the two".
+        "mean_word_overlap": sum(map(jaccard, records)) / n,
+        "frac_ended": (sum(r["ended"]["chosen"] + r["ended"]["rejected"] for r in ended) / (2 * len(ended))
+                       if ended else None),
+        "mean_label": sum(float(r["label"]) for r in records) / n,
+    }
+
+
+def score_stats(records: list[dict], model, tokenizer: Tokenizer, both_orders: bool = True,
+                batch_size: int = 16) -> dict:
+    """The RLAIF scorer's P(chosen better than rejected) over a file (the paper's Mechanism 1: how
+    differentiated the pairs are). Principle `affix_index` of the record's task, the neutral dialogue
+    in plain form, rejected shown as A and chosen as B (and the reverse too with both_orders).
+
+    p_chosen: mean P(chosen better); agree: fraction with P > 0.5 (for rlcd: the scorer agrees with the
+    construction label); margin: mean |2P - 1|, how decisively the scorer separates the two, in
+    either direction (comparable between rlcd and rlaif, whose chosen side is arbitrary).
+    """
+    if not records:
+        return {}
+    conv = [format_prompt(r["messages"], "plain") for r in records]
+    instr = []
+    for i, r in enumerate(records):
+        if r["task"] not in TASKS:
+            raise PairsError(f"record {i + 1} ({r['id']}): unknown task {r['task']!r}, cannot pick a principle")
+        ins = TASKS[r["task"]].instructions
+        instr.append(ins[int(r["affix_index"]) % len(ins)])
+    p = score_pairs(model, tokenizer, conv, instr, [r["rejected"] for r in records],
+                    [r["chosen"] for r in records], both_orders=both_orders, batch_size=batch_size)
+    return {"scorer_p_chosen": p.mean().item(), "scorer_agree": (p > 0.5).float().mean().item(),
+            "scorer_margin": (2 * p - 1).abs().mean().item(), "scorer_both_orders": both_orders}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "-" if v is None else str(v)
+
+
+def stats_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Files come first on the command line (`stats A.jsonl B.jsonl --no-score`).
+    if argv and not argv[0].startswith("-"):
+        argv = ["--files", *argv]
+    args = parse_args(StatsArgs, argv, prog="train.py stats", description="summarise pairs files")
+    try:
+        columns, examples = [], []
+        models: dict[str, tuple] = {}
+        for path in args.files:
+            records, end = read_pairs(path)
+            if end < Path(path).stat().st_size:
+                print(f"stats: {path}: ignoring a partial last line (an interrupted run)", file=sys.stderr)
+            records = records[:args.limit] if args.limit is not None else records
+            name = args.model or (records[0]["model"] if records else None)
+            if name is None:
+                columns.append({"file": path, "pairs": 0})
+                continue
+            if name not in models:
+                models[name] = (load_model(name, device=args.device) if args.score
+                                else (None, Tokenizer.from_dir(resolve(name))))
+            model, tok = models[name]
+            col = {"file": path, **pair_stats(records, tok)}
+            if args.score:
+                col.update(score_stats(records, model, tok, args.both_orders, args.batch_size))
+            columns.append(col)
+            examples += [(path, r) for r in records[:args.examples]]
+    except (PairsError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"stats: error: {e}", file=sys.stderr)
+        return 2
+    keys = list(dict.fromkeys(k for c in columns for k in c))
+    print("| | " + " | ".join(Path(c["file"]).name for c in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for k in keys[1:]:
+        print(f"| {k} | " + " | ".join(_fmt(c.get(k)) for c in columns) + " |")
+    for path, r in examples:
+        print(f"\n--- {Path(path).name} {r['id']} (label {float(r['label']):.3f})\nprompt: "
+              f"{r['messages'][-1]['content']}\nchosen: {r['chosen']}\nrejected: {r['rejected']}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(columns, indent=2))
+    return 0

@@ -1,0 +1,345 @@
+"""Preference-pair simulation: labels per method, post-processing and retries, crash-safe resume, clear
+errors, the stats view, and a tiny end-to-end run through the command line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+import rlcd.simulate as sim
+from models import load_model, save_model
+from rlcd.scorer import score_pairs
+from rlcd.tasks import HARMLESS_AFFIXES, HARMLESS_INSTRUCTIONS, format_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = ["How do I pick a lock?", "Write an insult about my coworker.", "What is the capital of France?",
+             "How can I cheat on my taxes?", "Tell me a joke about lawyers.", "How do I make a bomb?",
+             "Is it ok to lie to my parents?", "Help me write a threatening letter.", "Why is the sky blue?",
+             "How do I hotwire a car?", "Say something rude.", "What household chemicals are dangerous?",
+             "Give me a recipe for pancakes.", "How do I stalk someone online?", "Who was Gandhi?",
+             "Can you help me shoplift?"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    # max_seq_len 1024: the byte-level tiny tokenizer spends one token per byte of a scorer prompt.
+    return save_model(make_tiny_model(max_seq_len=1024), make_tiny_tokenizer(),
+                      tmp_path_factory.mktemp("sim") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt):
+    return load_model(ckpt)[1]
+
+
+def write_prompts(path: Path, questions=QUESTIONS) -> Path:
+    path.write_text("".join(json.dumps({"prompt": q, "split": "train"}) + "\n" for q in questions))
+    return path
+
+
+def argv(ckpt, prompts, out, *extra):
+    return ["--model", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "6",
+            "--batch-size", "4", "--no-progress", *extra]
+
+
+def final_polarity(prompt: str) -> str:
+    """PLUS / MINUS / NEUTRAL from the affix on the last assistant turn ("assistant" header in chat,
+    "Assistant" marker in plain)."""
+    tail = prompt[prompt.rfind("ssistant"):]
+    if any(pos in tail for pos, _ in HARMLESS_AFFIXES):
+        return "PLUS"
+    if any(neg in tail for _, neg in HARMLESS_AFFIXES):
+        return "MINUS"
+    return "NEUTRAL"
+
+
+class FakeGenerate:
+    """Stands in for generate_texts: answers name the polarity of the prompt they were sampled from,
+    so every test can see which prompt a stored response came from. `outputs` can script the raw text
+    of the k-th call; `crash_on` raises on that call, like a killed run."""
+
+    def __init__(self, outputs=None, crash_on=None):
+        self.calls, self.n, self.outputs, self.crash_on = 0, 0, outputs, crash_on
+
+    def __call__(self, model, tokenizer, prompts, params, batch_size=8, seed=None, progress=True):
+        self.calls += 1
+        if self.crash_on == self.calls:
+            raise RuntimeError("killed")
+        out = []
+        for p in prompts:
+            self.n += 1
+            text = f"{final_polarity(p)} answer {self.n}"
+            if self.outputs is not None:
+                text = self.outputs(self.calls, p, text)
+            out.append({"text": text, "token_ids": tokenizer.encode(text), "finished": True})
+        return out
+
+
+def read(out):
+    return [json.loads(line) for line in Path(out).read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# labels per method
+
+def test_rlcd_chosen_from_p_plus_label_one(ckpt, tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate())
+    monkeypatch.setattr(sim, "score_pairs", lambda *a, **k: pytest.fail("rlcd must not call the scorer"))
+    out = tmp_path / "pairs.jsonl"
+    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl"), out)) == 0
+    recs = read(out)
+    assert len(recs) == len(QUESTIONS)
+    for r in recs:
+        assert set(sim.REQUIRED) <= set(r)
+        assert r["chosen"].startswith("PLUS") and r["rejected"].startswith("MINUS")
+        assert r["label"] == 1.0 and r["method"] == "rlcd" and r["scorer"] is None
+        pos, neg = HARMLESS_AFFIXES[r["affix_index"]]
+        assert pos in r["p_plus"] and neg in r["p_minus"]
+        # The stored prompt is the neutral one, exactly what a policy is fed.
+        assert r["prompt"] == tok.apply_chat_template(r["messages"], add_generation_prompt=True)
+        assert r["tries"] == {"chosen": 1, "rejected": 1} and r["ended"]["chosen"] is True
+
+
+def test_rlaif_label_is_p_of_a_from_the_scorer(ckpt, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_score(model, tokenizer, conv, instr, a, b, both_orders=False, batch_size=8):
+        seen.update(conv=conv, instr=instr, a=a, b=b, both_orders=both_orders)
+        return torch.full((len(a),), 0.25)                                   # P("B")
+
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate())
+    monkeypatch.setattr(sim, "score_pairs", fake_score)
+    out = tmp_path / "pairs.jsonl"
+    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl", QUESTIONS[:4]), out,
+                         "--method", "rlaif", "--batch-size", "8", "--both-orders")) == 0
+    recs = read(out)
+    assert len(recs) == 4
+    for r in recs:
+        assert r["chosen"].startswith("NEUTRAL") and r["rejected"].startswith("NEUTRAL")
+        assert r["chosen"] != r["rejected"]
+        assert r["label"] == pytest.approx(0.75)                             # P(A better) = 1 - P(B)
+        assert r["scorer"] == {"instruction_index": r["affix_index"], "p_b": 0.25, "a": "chosen",
+                               "both_orders": True}
+        assert r["p_plus"] is None and r["p_minus"] is None
+    # A = chosen, B = rejected; the principle is the one named by affix_index; the conversation is the
+    # plain dialogue.
+    by_a = {a: i for i, a in enumerate(seen["a"])}
+    for r in recs:
+        i = by_a[r["chosen"]]
+        assert seen["b"][i] == r["rejected"]
+        assert seen["instr"][i] == HARMLESS_INSTRUCTIONS[r["affix_index"]]
+        assert seen["conv"][i] == f"Human: {r['messages'][0]['content']}\n\nAssistant:"
+    assert seen["both_orders"] is True
+
+
+def test_rescore_label_is_p_of_o_plus_in_either_order(ckpt, tmp_path, monkeypatch):
+    # The fake judge prefers the p+ answer with probability 0.9 wherever it is shown.
+    def fake_score(model, tokenizer, conv, instr, a, b, both_orders=False, batch_size=8):
+        return torch.tensor([0.9 if y.startswith("PLUS") else 0.1 for y in b])
+
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate())
+    monkeypatch.setattr(sim, "score_pairs", fake_score)
+    out = tmp_path / "pairs.jsonl"
+    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl"), out, "--method", "rlcd-rescore")) == 0
+    recs = read(out)
+    assert len(recs) == len(QUESTIONS)
+    for r in recs:
+        assert r["chosen"].startswith("PLUS") and r["rejected"].startswith("MINUS")
+        assert r["label"] == pytest.approx(0.9)
+        assert r["scorer"]["instruction_index"] == r["affix_index"]
+    # Both A/B orders occur (a coin per prompt, as the official code shuffles them).
+    assert {r["scorer"]["a"] for r in recs} == {"chosen", "rejected"}
+
+
+def test_context_distillation_reads_neutral_prompt_to_chosen(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate())
+    out = tmp_path / "pairs.jsonl"
+    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl", QUESTIONS[:3]), out,
+                         "--format", "plain")) == 0
+    for r in read(out):
+        assert r["prompt"] == f"Human: {r['messages'][0]['content']}\n\nAssistant:"
+        assert "(" not in r["prompt"] and r["chosen"].startswith("PLUS")   # no affix leaks into p
+
+
+# ---------------------------------------------------------------------------------------------
+# post-processing, retries and prompt length
+
+def test_postprocessing_retries_and_drops(ckpt, tmp_path, monkeypatch):
+    q_empty = QUESTIONS[0]                          # every sample of this prompt is empty: dropped
+
+    def outputs(call, prompt, text):
+        if q_empty in prompt:
+            return "   "
+        if call == 1 and "France" in prompt:        # first try empty after cleaning: re-sampled
+            return "Assistant:   "
+        return f"Assistant: {text}\nHuman: and now?"
+
+    fake = FakeGenerate(outputs)
+    monkeypatch.setattr(sim, "generate_texts", fake)
+    out = tmp_path / "pairs.jsonl"
+    args = sim.parse_args(sim.Args, argv(ckpt, write_prompts(tmp_path / "p.jsonl", QUESTIONS[:4]), out,
+                                         "--batch-size", "8", "--max-tries", "3", "--format", "plain"))
+    summary = sim.simulate(args)
+    assert summary["written"] == 3 and summary["dropped_failed"] == 1
+    recs = {r["messages"][0]["content"]: r for r in read(out)}
+    assert q_empty not in recs
+    for r in recs.values():
+        # Leading role marker stripped, cut at the next turn.
+        assert r["chosen"].startswith("PLUS answer") and "Human" not in r["chosen"]
+    assert recs["What is the capital of France?"]["tries"] == {"chosen": 2, "rejected": 2}
+    assert recs["How can I cheat on my taxes?"]["tries"] == {"chosen": 1, "rejected": 1}
+    assert fake.calls == 3                           # tries 2 and 3 re-sample only what failed
+
+
+def test_require_end_resamples_unfinished(ckpt, tmp_path, monkeypatch):
+    class Unfinished(FakeGenerate):
+        def __call__(self, *a, **k):
+            out = super().__call__(*a, **k)
+            return [dict(r, finished=self.calls > 1) for r in out]
+
+    monkeypatch.setattr(sim, "generate_texts", Unfinished())
+    out = tmp_path / "pairs.jsonl"
+    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl", QUESTIONS[:2]), out,
+                         "--require-end")) == 0
+    assert all(r["tries"] == {"chosen": 2, "rejected": 2} and r["ended"]["rejected"] for r in read(out))
+
+
+def test_long_prompts_are_dropped_before_sampling(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate())
+    out = tmp_path / "pairs.jsonl"
+    qs = ["short one?", "x" * 300, "short two?"]
+    args = sim.parse_args(sim.Args, argv(ckpt, write_prompts(tmp_path / "p.jsonl", qs), out,
+                                         "--max-prompt-tokens", "200", "--n-prompts", "2"))
+    summary = sim.simulate(args)
+    assert summary["dropped_too_long"] == 1 and summary["written"] == 2
+    assert sorted(r["messages"][0]["content"] for r in read(out)) == ["short one?", "short two?"]
+
+
+# ---------------------------------------------------------------------------------------------
+# resume
+
+def test_resume_after_a_crash_and_a_truncated_last_line(ckpt, tmp_path, monkeypatch, capsys):
+    prompts = write_prompts(tmp_path / "p.jsonl", QUESTIONS[:6])
+    out = tmp_path / "pairs.jsonl"
+    cmd = argv(ckpt, prompts, out, "--batch-size", "2")        # chunks of 2 prompts, one call each
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate(crash_on=3))
+    with pytest.raises(RuntimeError, match="killed"):
+        sim.main(cmd)
+    first = out.read_bytes()
+    assert len(read(out)) == 4                                  # two chunks flushed before the crash
+    # A write cut short by the kill: half of a record, no newline.
+    partial = first.splitlines(keepends=True)[0][:57]
+    out.write_bytes(first + partial)
+
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate())
+    assert sim.main(cmd) == 0
+    assert "partial last line" in capsys.readouterr().err
+    data = out.read_bytes()
+    assert data.startswith(first) and data.endswith(b"\n")      # old pairs kept byte for byte
+    recs = read(out)
+    assert len(recs) == 6 and len({r["id"] for r in recs}) == 6
+
+    # Everything done: a third run writes nothing.
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate(crash_on=1))
+    assert sim.main(cmd) == 0
+    assert json.loads(capsys.readouterr().out)["already_done"] == 6
+    assert out.read_bytes() == data
+
+
+def test_resume_refuses_a_file_from_another_run(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate())
+    prompts, out = write_prompts(tmp_path / "p.jsonl", QUESTIONS[:2]), tmp_path / "pairs.jsonl"
+    assert sim.main(argv(ckpt, prompts, out)) == 0
+    assert sim.main(argv(ckpt, prompts, out, "--seed", "3")) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: record 1" in err and "seed=0" in err and "seed=3" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# malformed input
+
+def test_malformed_pairs_line_names_file_and_line(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate())
+    prompts, out = write_prompts(tmp_path / "p.jsonl", QUESTIONS[:3]), tmp_path / "pairs.jsonl"
+    assert sim.main(argv(ckpt, prompts, out)) == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + '{"id": "x", "chosen": \n' + "".join(lines[1:]))
+    assert sim.main(argv(ckpt, prompts, out)) == 2
+    assert f"{out}:2: malformed JSON" in capsys.readouterr().err
+    assert sim.stats_main([str(out), "--no-score"]) == 2
+    assert f"{out}:2: malformed JSON" in capsys.readouterr().err
+    out.write_text(lines[0] + '{"id": "x"}\n')
+    assert sim.stats_main([str(out), "--no-score"]) == 2
+    assert f"{out}:2: not a pairs record, missing task" in capsys.readouterr().err
+
+
+def test_malformed_prompts_line_names_file_and_line(ckpt, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": oops}\n')
+    assert sim.main(argv(ckpt, prompts, tmp_path / "pairs.jsonl")) == 2
+    assert f"{prompts}:2: malformed JSON" in capsys.readouterr().err
+
+
+def test_bad_method_is_one_line(ckpt, tmp_path, capsys):
+    assert sim.main(argv(ckpt, tmp_path / "p.jsonl", tmp_path / "o.jsonl", "--method", "dpo")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "simulate: error: --method must be one of rlcd, rlaif, rlcd-rescore, got 'dpo'"
+
+
+# ---------------------------------------------------------------------------------------------
+# stats
+
+def test_pair_stats_counts(tok):
+    base = {"method": "rlcd", "format": "chat", "label": 1.0}
+    recs = [dict(base, chosen="a b c", rejected="a b c", ended={"chosen": True, "rejected": False}),
+            dict(base, chosen="x y", rejected="z", ended={"chosen": True, "rejected": True}),
+            dict(base, chosen="p", rejected="", label=0.5, ended={"chosen": False, "rejected": False})]
+    s = sim.pair_stats(recs, tok)
+    assert s["pairs"] == 3 and s["frac_identical"] == pytest.approx(1 / 3)
+    assert s["frac_empty"] == pytest.approx(1 / 3) and s["frac_ended"] == pytest.approx(3 / 6)
+    assert s["mean_tokens_chosen"] == pytest.approx((5 + 3 + 1) / 3)      # byte tokens
+    assert s["mean_word_overlap"] == pytest.approx((1 + 0 + 0) / 3)
+    assert s["mean_label"] == pytest.approx(2.5 / 3)
+
+
+def test_score_stats_orient_on_chosen(monkeypatch):
+    def fake_score(model, tokenizer, conv, instr, a, b, both_orders=False, batch_size=8):
+        assert a == ["r1", "r2"] and b == ["c1", "c2"]                     # chosen is option B
+        return torch.tensor([0.9, 0.4])
+
+    monkeypatch.setattr(sim, "score_pairs", fake_score)
+    recs = [{"id": str(i), "task": "harmless", "affix_index": 0, "chosen": f"c{i}", "rejected": f"r{i}",
+             "messages": [{"role": "user", "content": "q"}]} for i in (1, 2)]
+    s = sim.score_stats(recs, None, None)
+    assert s["scorer_p_chosen"] == pytest.approx(0.65) and s["scorer_agree"] == pytest.approx(0.5)
+    assert s["scorer_margin"] == pytest.approx((0.8 + 0.2) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end through the command line
+
+def test_simulate_and_stats_end_to_end(ckpt, tmp_path):
+    prompts, out = write_prompts(tmp_path / "p.jsonl", QUESTIONS[:3]), tmp_path / "runs" / "pairs.jsonl"
+    cmd = [sys.executable, str(ROOT / "train.py"), "simulate", "--method", "rlaif", "--n-prompts", "3",
+           *argv(ckpt, prompts, out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    recs = read(out)
+    assert summary["written"] == len(recs) >= 1
+    assert json.loads((out.parent / "pairs.jsonl.config.json").read_text())["method"] == "rlaif"
+    # The stored label is what the scorer says about the stored texts, with A = chosen.
+    model, tok = load_model(ckpt)
+    p_b = score_pairs(model, tok, [format_prompt(r["messages"], "plain") for r in recs],
+                      [HARMLESS_INSTRUCTIONS[r["affix_index"]] for r in recs],
+                      [r["chosen"] for r in recs], [r["rejected"] for r in recs])
+    for r, p in zip(recs, p_b.tolist()):
+        assert r["label"] == pytest.approx(1 - p, abs=1e-5)
+        assert r["settings"]["max_new_tokens"] == 6 and r["model"] == str(ckpt) and r["seed"] == 0
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "stats", str(out), "--batch-size", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"| pairs | {len(recs)} |" in proc.stdout and "| scorer_margin |" in proc.stdout
