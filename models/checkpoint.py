@@ -21,25 +21,24 @@ from safetensors.torch import save_file
 from models.llama import ModelArgs, Transformer
 from models.tokenizer import Tokenizer
 
-# Ours <-> Hugging Face's, per layer and global. Both directions read this one table.
+# Ours <-> Hugging Face's, per layer and global. Both directions read these tables. Our q/k/v and
+# gate/up projections are stacked row-wise into one matrix each (one GEMM instead of several); the
+# stacked parts map to Hugging Face's separate tensors, in the order listed.
 _LAYER_NAMES = {
-    "attention_norm.weight": "input_layernorm.weight",
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": ["input_layernorm.weight"],
+    "attention.wqkv.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+    "attention.wo.weight": ["self_attn.o_proj.weight"],
+    "ffn_norm.weight": ["post_attention_layernorm.weight"],
+    "feed_forward.w13.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+    "feed_forward.w2.weight": ["mlp.down_proj.weight"],
 }
 _GLOBAL_NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
+    "tok_embeddings.weight": ["model.embed_tokens.weight"],
+    "norm.weight": ["model.norm.weight"],
+    "output.weight": ["lm_head.weight"],
 }
-_HF_TO_OURS = {v: k for k, v in _GLOBAL_NAMES.items()}
-_HF_LAYER_TO_OURS = {v: k for k, v in _LAYER_NAMES.items()}
+_HF_TO_OURS = {h: (ours, i) for ours, hs in _GLOBAL_NAMES.items() for i, h in enumerate(hs)}
+_HF_LAYER_TO_OURS = {h: (ours, i) for ours, hs in _LAYER_NAMES.items() for i, h in enumerate(hs)}
 # Tensors some exporters add that carry nothing we need (RoPE is recomputed from the config).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -48,19 +47,42 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file or tensor at fault."""
 
 
-def to_hf_name(name: str) -> str:
+def to_hf_names(name: str) -> list[str]:
+    """Hugging Face names of the tensor(s) one of our parameters holds (several when stacked)."""
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
     if m:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+        return [f"model.layers.{m.group(1)}.{h}" for h in _LAYER_NAMES[m.group(2)]]
     return _GLOBAL_NAMES[name]
 
 
-def from_hf_name(name: str) -> str | None:
+def from_hf_name(name: str) -> tuple[str, int] | None:
+    """(our parameter, index of the stacked part) for a Hugging Face tensor name, None if unknown."""
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
     if m:
         ours = _HF_LAYER_TO_OURS.get(m.group(2))
-        return None if ours is None else f"layers.{m.group(1)}.{ours}"
+        return None if ours is None else (f"layers.{m.group(1)}.{ours[0]}", ours[1])
     return _HF_TO_OURS.get(name)
+
+
+def part_rows(name: str, a: ModelArgs) -> list[int]:
+    """Row counts of the stacked parts of parameter `name` (a single entry when not stacked)."""
+    if name.endswith("wqkv.weight"):
+        return [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim]
+    if name.endswith("w13.weight"):
+        return [a.hidden_dim, a.hidden_dim]
+    return []
+
+
+def to_hf_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's parameters under Hugging Face names, stacked matrices split back into parts."""
+    state = {}
+    for name, p in model.named_parameters():
+        p = p.detach()
+        rows = part_rows(name, model.args)
+        parts = p.split(rows, dim=0) if rows else [p]
+        for hf, t in zip(to_hf_names(name), parts):
+            state[hf] = t.contiguous().cpu()
+    return state
 
 
 # --- config.json --------------------------------------------------------------------------------------
@@ -153,25 +175,36 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device
     with torch.device("meta"):
         model = Transformer(args)
     expected = {n: p.shape for n, p in model.named_parameters()}
-    state: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[int, torch.Tensor]] = {}
     for file in _weight_files(path):
         if not file.is_file():
             raise CheckpointError(f"{file}: listed in the index but missing")
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for hf_name in f.keys():
-                ours = from_hf_name(hf_name)
-                if ours is None and _IGNORED.match(hf_name):
+                found = from_hf_name(hf_name)
+                if found is None and _IGNORED.match(hf_name):
                     continue
-                if ours == "output.weight" and args.tie_embeddings:
+                if found is not None and found[0] == "output.weight" and args.tie_embeddings:
                     continue                                      # tied: the embedding is the head
-                if ours not in expected:
+                if found is None or found[0] not in expected:
                     raise CheckpointError(f"{file.name}: unexpected tensor {hf_name!r}")
+                ours, i = found
+                rows = part_rows(ours, args)
+                want = (rows[i], expected[ours][1]) if rows else tuple(expected[ours])
                 t = f.get_tensor(hf_name)
-                if tuple(t.shape) != tuple(expected[ours]):
+                if tuple(t.shape) != tuple(want):
                     raise CheckpointError(f"{file.name}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
-                                          f"expected {tuple(expected[ours])}")
-                state[ours] = t.to(device=device, dtype=dtype)
-    missing = [to_hf_name(n) for n in expected if n not in state]
+                                          f"expected {tuple(want)}")
+                parts.setdefault(ours, {})[i] = t.to(device=device, dtype=dtype)
+    state: dict[str, torch.Tensor] = {}
+    missing = []
+    for name in expected:
+        hf_names = to_hf_names(name)
+        got = parts.pop(name, {})
+        missing += [h for i, h in enumerate(hf_names) if i not in got]
+        if len(got) == len(hf_names):
+            # Stacking copies once per tensor; each part is freed as soon as its stack exists.
+            state[name] = got[0] if len(got) == 1 else torch.cat([got[i] for i in range(len(got))], dim=0)
     if missing:
         raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
@@ -192,7 +225,7 @@ def save_model(model: Transformer, tokenizer: Tokenizer | None, path: str | os.P
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        state = {to_hf_name(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()}
+        state = to_hf_state(model)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = hf_config_from_args(model.args, model.dtype)
         if tokenizer is not None:
