@@ -65,41 +65,46 @@ def _resources(kernel) -> str:
 
 
 def _jobs(quick: bool, only: str | None):
-    """(label, kernel, pointer types, constexprs, launch options) at the host code's GPU configs."""
-    dtypes = ["bf16", "fp32"] if quick else ["bf16", "fp16", "fp32"]
-    hds = [64, 128] if quick else [32, 64, 128]
-    torch_dt = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    """(label, kernel, pointer types, constexprs, launch options) at the host code's GPU configs. The flags
+    (HAS_START, HAS_MASK, ...) are compiled both on and off for the first dtype; on for the others."""
     import torch
 
-    for dt in dtypes if only in (None, "attention") else []:
-        compute, precision = attn._compute_types(getattr(torch, torch_dt[dt]), on_gpu=True)
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32} if quick else \
+        {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    hds = [64, 128] if quick else [32, 64, 128]
+
+    for i, (dt, tdt) in enumerate(dtypes.items() if only in (None, "attention") else []):
+        compute, precision = attn._compute_types(tdt, on_gpu=True)
         ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")}
         ptrs.update(LSE="*fp32", DELTA="*fp32", START="*i64")
         for hd in hds if not (quick and dt == "fp32") else hds[:1]:
-            cfgs = attn._configs(hd, getattr(torch, torch_dt[dt]), on_gpu=True)
-            for name, fn in (("fwd", attn._attn_fwd), ("dkdv", attn._attn_bwd_dkdv), ("dq", attn._attn_bwd_dq)):
-                cfg = dict(cfgs[name])
-                opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-                c = dict(cfg, HEAD_DIM=hd, HAS_START=True, COMPUTE_DTYPE=compute, PRECISION=precision)
-                yield f"attention {name} {dt} hd={hd}", fn, ptrs, c, opts
+            cfgs = attn._configs(hd, tdt, on_gpu=True)
+            for has_start in (True, False) if i == 0 else (True,):
+                for name, fn in (("fwd", attn._attn_fwd), ("dkdv", attn._attn_bwd_dkdv), ("dq", attn._attn_bwd_dq)):
+                    cfg = dict(cfgs[name])
+                    opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+                    c = dict(cfg, HEAD_DIM=hd, HAS_START=has_start, COMPUTE_DTYPE=compute, PRECISION=precision)
+                    yield f"attention {name} {dt} hd={hd}{'' if has_start else ' no-start'}", fn, ptrs, c, opts
             cfg = cfgs["pre"]
             yield (f"attention preprocess {dt} hd={hd}", attn._attn_bwd_preprocess, ptrs,
                    dict(HEAD_DIM=hd, BLOCK_M=cfg["BLOCK_M"]), dict(num_warps=cfg["num_warps"], num_stages=1))
 
-    for dt in dtypes if only in (None, "logprob") else []:
-        compute, precision = lp._compute_types(getattr(torch, torch_dt[dt]), on_gpu=True)
-        cfgs = lp._configs(getattr(torch, torch_dt[dt]), on_gpu=True)
+    for i, (dt, tdt) in enumerate(dtypes.items() if only in (None, "logprob") else []):
+        compute, precision = lp._compute_types(tdt, on_gpu=True)
+        cfgs = lp._configs(tdt, on_gpu=True)
         ptrs = {n: f"*{dt}" for n in ("H", "W", "DZ", "A", "B")}
         ptrs.update(TGT="*i64", MASK="*u8", C="*fp32")
         ptrs.update({n: "*fp32" for n in ("M_PART", "S_PART", "T_PART", "ZY_PART", "LSE", "ENT", "G_LOGP", "G_ENT")})
-        for name, fn, extra in (
-            ("fwd", lp._logprob_fwd, dict(HAS_MASK=True, WITH_ENTROPY=True, EVEN_D=True)),
-            ("dz", lp._logprob_bwd_dz, dict(HAS_MASK=True, HAS_G_ENT=True, EVEN_D=True)),
-            ("mm", lp._mm_tn, dict(ACCUMULATE=True)),
-        ):
-            cfg = dict(cfgs[name])
-            opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-            yield f"logprob {name} {dt}", fn, ptrs, dict(cfg, COMPUTE_DTYPE=compute, PRECISION=precision, **extra), opts
+        for flag in (True, False) if i == 0 else (True,):
+            for name, fn, flags in (
+                ("fwd", lp._logprob_fwd, dict(HAS_MASK=flag, WITH_ENTROPY=flag, EVEN_D=flag)),
+                ("dz", lp._logprob_bwd_dz, dict(HAS_MASK=flag, HAS_G_ENT=flag, EVEN_D=flag)),
+                ("mm", lp._mm_tn, dict(ACCUMULATE=flag)),
+            ):
+                cfg = dict(cfgs[name])
+                opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+                c = dict(cfg, COMPUTE_DTYPE=compute, PRECISION=precision, **flags)
+                yield f"logprob {name} {dt}{'' if flag else ' flags-off'}", fn, ptrs, c, opts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -265,6 +265,7 @@ def _ptxas_available() -> bool:
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="triton without its NVIDIA backend (ptxas)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above run the compiled kernels")
 def test_logprob_kernels_compile_for_sm90():
     """The interpreter never builds GPU code: compile the log-prob kernels for sm_90 at the launch configs."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
