@@ -2,7 +2,8 @@
 deterministic data order, one training loop, and atomic checkpoints that --resume restores exactly.
 
 Run directory (OUT = --out):
-    OUT/config.json           the resolved Args of the first invocation (rlcd.cli.save_config)
+    OUT/args.json             the resolved Args of the first invocation (rlcd.cli.save_config); not
+                              config.json, which would make OUT look like a model directory
     OUT/metrics.jsonl         one JSON object per optimiser step, per dev evaluation, and a summary
     OUT/<ckpt>/               the latest checkpoint, replaced atomically as a whole:
         config.json, model.safetensors, tokenizer*.json    a Hugging Face-format model (models.save_model)
@@ -106,7 +107,7 @@ def prepare_run(args: TrainArgs, stage: str) -> Path | None:
             raise CheckpointError(f"{out}: already holds a checkpoint ({ckpt.name}/); pass --resume to "
                                   f"continue it or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
-        save_config(args, out / "config.json")
+        save_config(args, out / "args.json")
         return None
     if not has_ckpt:
         raise CheckpointError(f"{out}: --resume, but there is no checkpoint {ckpt.name}/{RUN_JSON} to resume")
