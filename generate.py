@@ -41,6 +41,7 @@ class Args:
     dtype: str = "float32"                 # float32, bfloat16 or float16
     attn_impl: str = "sdpa"                # naive, sdpa or triton
     raw: bool = False                      # do not apply the chat template
+    compile: bool = False                  # torch.compile the decode step (pays off on long runs)
 
 
 def read_prompts(path: str) -> list[list[dict] | str]:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p)
         results = generate_texts(model, tok, texts, params, batch_size=args.batch_size, seed=args.seed,
-                                 progress=len(texts) > args.batch_size)
+                                 progress=len(texts) > args.batch_size, compile=args.compile)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ class Args:
     hf: bool = False                       # also time transformers' generate
     attn_impl: str = "sdpa"                # naive, sdpa or triton
     threads: int = 0                       # torch threads on CPU (0 = leave as is)
+    compile: bool = False                  # also time the torch.compile'd decode step
 
 
 def sync(device: str) -> None:
@@ -89,12 +90,17 @@ def main() -> None:
         import transformers
         from models.checkpoint import resolve
         hf = transformers.LlamaForCausalLM.from_pretrained(resolve(args.model), torch_dtype=dtype).to(args.device).eval()
-    print(f"{'batch':>5} {'ours tok/s':>11} {'ms/token':>9}" + (f" {'HF tok/s':>9} {'speed-up':>8}" if hf else ""))
+    print(f"{'batch':>5} {'ours tok/s':>11} {'ms/token':>9}" + (f" {'compiled':>9}" if args.compile else "")
+          + (f" {'HF tok/s':>9} {'speed-up':>8}" if hf else ""))
     for B in args.batches:
         prompts = [prompt_ids] * B
         t = timed(lambda: generate(model, prompts, params, stop_ids=[], pad_id=0), args.device, args.repeats)
         ours = B * args.new_tokens / t
         line = f"{B:>5} {ours:>11.1f} {1000 * t / args.new_tokens:>9.2f}"
+        if args.compile:
+            tc = timed(lambda: generate(model, prompts, params, stop_ids=[], pad_id=0, compile=True),
+                       args.device, args.repeats)
+            line += f" {B * args.new_tokens / tc:>9.1f}"
         if hf is not None:
             ids = torch.tensor(prompts, device=args.device)
             kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,

@@ -91,11 +91,32 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     return ids, logp_full.gather(-1, ids[:, None]).squeeze(-1)
 
 
+def compiled_decode_step(model: Transformer):
+    """torch.compile of one decoding step, (B, 1) ids -> (B, V) fp32 logits, built once per model.
+
+    It runs the model's static-shape path (tensor `pos`, whole-cache attention under a mask), so one
+    graph serves every step; on CUDA "reduce-overhead" also replays it as a CUDA graph.
+    """
+    step = getattr(model, "_compiled_decode_step", None)
+    if step is None:
+        def decode(tok: Tensor, pos: Tensor, start: Tensor) -> Tensor:
+            h = model(tok, pos=pos, start=start, return_hidden=True)[:, -1]          # (B, D)
+            return F.linear(h, model.output_weight).float()                          # (B, V)
+        mode = "reduce-overhead" if model.device.type == "cuda" else None
+        step = torch.compile(decode, dynamic=False, mode=mode)
+        model._compiled_decode_step = step
+    return step
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int],
              pad_id: int, generator: torch.Generator | None = None, sync_every: int | None = None,
-             ) -> Generation:
-    """Sample continuations of a batch of token-id prompts until a stop token or max_new_tokens."""
+             compile: bool = False) -> Generation:
+    """Sample continuations of a batch of token-id prompts until a stop token or max_new_tokens.
+
+    compile=True decodes with `compiled_decode_step` (first call per batch size and cache length pays
+    the compilation; the cache length is rounded up to a multiple of 64 to limit recompiles).
+    """
     device = model.device
     ids, start = left_pad(prompts, pad_id, device)
     B, T_p = ids.shape
@@ -103,6 +124,10 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     if T_p + T_n > model.args.max_seq_len:
         raise ValueError(f"a prompt of {T_p} tokens plus max_new_tokens={T_n} exceeds the model's "
                          f"context of {model.args.max_seq_len} tokens")
+    cache_len = T_p + T_n
+    if compile:
+        cache_len = min(-(-cache_len // 64) * 64, model.args.max_seq_len)
+        step = compiled_decode_step(model)
     sync_every = sync_every or (1 if device.type == "cpu" else 8)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     tokens = torch.full((B, T_n), pad_id, dtype=torch.long, device=device)
@@ -110,11 +135,11 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), T_n, dtype=torch.long, device=device)
     W = model.output_weight
-    model.setup_cache(B, T_p + T_n)
+    model.setup_cache(B, cache_len)
     try:
         h = model(ids, pos=0, start=start, return_hidden=True)[:, -1]       # (B, D) prefill
+        logits = F.linear(h, W).float()                                      # (B, V)
         for t in range(T_n):
-            logits = F.linear(h, W).float()                                  # (B, V)
             nxt, lp = sample(logits, params, generator)
             nxt = torch.where(done, pad_id, nxt)
             tokens[:, t] = nxt
@@ -125,16 +150,22 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             if t == T_n - 1 or ((t + 1) % sync_every == 0 and bool(done.all())):
                 tokens, logprobs = tokens[:, :t + 1], logprobs[:, :t + 1]
                 break
-            h = model(nxt[:, None], pos=T_p + t, start=start, return_hidden=True)[:, -1]   # (B, D)
+            if compile:
+                pos = torch.full((1,), T_p + t, dtype=torch.long, device=device)
+                logits = step(nxt[:, None], pos, start).clone()              # (B, V); clone: graph output
+            else:
+                h = model(nxt[:, None], pos=T_p + t, start=start, return_hidden=True)[:, -1]  # (B, D)
+                logits = F.linear(h, W).float()                              # (B, V)
     finally:
-        model.clear_cache()
+        if not compile:
+            model.clear_cache()     # a compiled step keeps its cache buffers for the next call
     return Generation(sequences=torch.cat([ids, tokens], dim=1), start=start, prompt_len=T_p,
                       tokens=tokens, lengths=lengths, finished=done, logprobs=logprobs)
 
 
 def generate_texts(model: Transformer, tokenizer, prompts: list[str], params: SamplingParams,
                    batch_size: int = 8, seed: int | None = None, progress: bool = True,
-                   ) -> list[dict]:
+                   compile: bool = False) -> list[dict]:
     """Generate for many text prompts in batches (sorted by length to waste little padding).
 
     Returns one dict per prompt, in the input order: {"text", "token_ids", "finished"}; the text has
@@ -155,7 +186,8 @@ def generate_texts(model: Transformer, tokenizer, prompts: list[str], params: Sa
     bar = tqdm(total=len(prompts), desc="generate", unit="seq", disable=not progress, leave=False)
     for lo in range(0, len(order), batch_size):
         idx = order[lo:lo + batch_size]
-        out = generate(model, [encoded[i] for i in idx], params, tokenizer.stop_ids, tokenizer.pad_id, gen)
+        out = generate(model, [encoded[i] for i in idx], params, tokenizer.stop_ids, tokenizer.pad_id, gen,
+                       compile=compile)
         toks, lens, fin = out.tokens.tolist(), out.lengths.tolist(), out.finished.tolist()
         for j, i in enumerate(idx):
             ids = toks[j][:lens[j] - (1 if fin[j] else 0)]

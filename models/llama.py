@@ -131,9 +131,16 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        # Write columns [pos, pos+T) and return the filled prefix [0, pos+T): (B, H_kv, pos+T, hd).
+    def update(self, pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         T = k.shape[2]
+        if isinstance(pos, Tensor):
+            # Static shapes (for torch.compile / CUDA graphs): write columns pos + [0, T) in place and
+            # return the whole cache; the attention mask hides the columns not written yet.
+            cols = pos + torch.arange(T, device=pos.device)
+            self.k.index_copy_(2, cols, k)
+            self.v.index_copy_(2, cols, v)
+            return self.k, self.v
+        # Write columns [pos, pos+T) and return the filled prefix [0, pos+T): (B, H_kv, pos+T, hd).
         self.k[:, :, pos:pos + T] = k
         self.v[:, :, pos:pos + T] = v
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
@@ -150,7 +157,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(H * hd, D, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: int, ctx: AttnContext) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: int | Tensor, ctx: AttnContext) -> Tensor:
         B, T, _ = x.shape
         H, H_kv, hd = self.args.n_heads, self.args.n_kv_heads, self.args.head_dim
         qkv = self.wqkv(x).view(B, T, H + 2 * H_kv, hd).transpose(1, 2)   # (B, H + 2 H_kv, T, hd)
@@ -203,7 +210,12 @@ class AttnContext:
     use_kernel: bool              # the fused Triton kernel handles this call
 
     @classmethod
-    def build(cls, impl: str, T: int, pos: int, start: Tensor | None, device) -> "AttnContext":
+    def build(cls, impl: str, T: int, pos: int | Tensor, start: Tensor | None, device,
+              cache_len: int | None = None) -> "AttnContext":
+        if isinstance(pos, Tensor):
+            # Static-shape decoding: T queries at columns pos + [0, T) over the whole cache.
+            q_cols = pos + torch.arange(T, device=device)
+            return cls(impl, start, attention_mask(start, q_cols, cache_len), None, False)
         if impl == "triton" and pos == 0:
             return cls(impl, start, None, None, True)
         if start is None:
@@ -251,6 +263,7 @@ class Transformer(nn.Module):
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.gradient_checkpointing = False
+        self.cache_len: int | None = None
 
     @property
     def output_weight(self) -> Tensor:
@@ -276,34 +289,44 @@ class Transformer(nn.Module):
             raise ValueError(f"a cache of {length} tokens exceeds the model's context of "
                              f"{self.args.max_seq_len}")
         a = self.args
+        old = self.layers[0].attention.cache
+        if old is not None and old.k.shape[0] == batch and old.k.shape[2] == length \
+                and old.k.dtype == self.dtype and old.k.device == self.device:
+            return  # reuse: stale columns are always masked, and a compiled step keeps its buffers
         for layer in self.layers:
             layer.attention.cache = KVCache(batch, a.n_kv_heads, length, a.head_dim, self.dtype, self.device)
+        self.cache_len = length
 
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache = None
+        self.cache_len = None
 
-    def rope(self, T: int, pos: int, start: Tensor | None) -> tuple[Tensor, Tensor]:
+    def rope(self, T: int, pos: int | Tensor, start: Tensor | None) -> tuple[Tensor, Tensor]:
         # Each token's position is its column minus the row's left padding: (B or 1, 1, T, hd).
-        cols = torch.arange(pos, pos + T, device=self.device)
+        cols = pos + torch.arange(T, device=self.device)
         p = cols[None, :] if start is None else (cols[None, :] - start[:, None]).clamp_min(0)
         freqs = p[..., None].float() * self.inv_freq                      # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]                  # (B, 1, T, hd)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def forward(self, tokens: Tensor, pos: int = 0, start: Tensor | None = None,
+    def forward(self, tokens: Tensor, pos: int | Tensor = 0, start: Tensor | None = None,
                 return_hidden: bool = False) -> Tensor:
         """tokens (B, T) at cache columns [pos, pos+T); start (B,) first real column of each row.
+
+        `pos` is normally a Python int. A one-element tensor selects the static-shape decoding path
+        (the cache is written in place and attended over its full length under a mask), which
+        torch.compile can capture once for every step.
 
         Returns logits (B, T, V), or with return_hidden the final normed hidden states (B, T, D), which
         the value/reward heads and the fused log-prob kernel (kernels.token_logprobs) consume.
         Without a cache (`setup_cache` not called) pos must be 0 and this is a plain full forward.
         """
         B, T = tokens.shape
-        if pos + T > self.args.max_seq_len:
+        if not isinstance(pos, Tensor) and pos + T > self.args.max_seq_len:
             raise ValueError(f"{pos + T} tokens exceed the model's context of {self.args.max_seq_len}")
         cos, sin = self.rope(T, pos, start)
-        ctx = AttnContext.build(self.args.attn_impl, T, pos, start, tokens.device)
+        ctx = AttnContext.build(self.args.attn_impl, T, pos, start, tokens.device, self.cache_len)
         x = self.tok_embeddings(tokens)                                   # (B, T, D)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -1,4 +1,5 @@
 """The generation engine: filtering, sampling, seeds, stopping and the returned log-probs."""
+import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 
@@ -90,3 +91,31 @@ def test_generate_texts_keeps_order_and_strips_stop():
     assert [r["token_ids"] for r in batched] == [r["token_ids"] for r in alone]
     for r in batched:
         assert not set(r["token_ids"]) & set(tok.stop_ids)
+
+
+def test_static_shape_decode_path_matches_int_positions():
+    """A tensor `pos` (the path torch.compile captures) gives the same logits as the int path."""
+    model = make_tiny_model()
+    tokens = torch.randint(3, 320, (2, 9))
+    start = torch.tensor([0, 4])
+    with torch.no_grad():
+        model.setup_cache(2, 16)
+        model(tokens[:, :6], pos=0, start=start)
+        a = [model(tokens[:, t:t + 1], pos=t, start=start) for t in range(6, 9)]
+        model.clear_cache()
+        model.setup_cache(2, 16)
+        model(tokens[:, :6], pos=0, start=start)
+        b = [model(tokens[:, t:t + 1], pos=torch.tensor([t]), start=start) for t in range(6, 9)]
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat(b, 1), torch.cat(a, 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_matches_eager():
+    """generate(compile=True) (torch.compile of the static-shape step; ~20-45 s to compile on CPU)."""
+    model = make_tiny_model()
+    p = SamplingParams(max_new_tokens=12, temperature=0)
+    eager = generate(model, [[5, 6, 7], [8, 9, 10, 11]], p, [2], 0)
+    for _ in range(2):      # the second call reuses the compiled step and its cache buffers
+        comp = generate(model, [[5, 6, 7], [8, 9, 10, 11]], p, [2], 0, compile=True)
+        assert torch.equal(comp.tokens, eager.tokens) and torch.equal(comp.lengths, eager.lengths)
