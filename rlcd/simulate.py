@@ -84,8 +84,8 @@ class Args:
     model: str = "smollm2-135m-instruct"  # model name, checkpoint directory or run directory
     format: str = "chat"                  # chat (the checkpoint's template) or plain (Human:/Assistant:)
     carrier: str = "header"               # chat only: affix on the assistant header, or in a system message
-    temperature: float = 1.0              # sampling temperature (the paper: 1)
-    top_p: float = 1.0                    # nucleus threshold (1 disables)
+    temperature: float = 0.7              # sampling temperature (the paper: 1; see rlcd/SIMULATE.md)
+    top_p: float = 0.9                    # nucleus threshold (1 disables; the paper: 1)
     top_k: int = 0                        # keep the k most likely tokens (0 disables)
     max_new_tokens: int = 128             # tokens per response (the paper: 300)
     max_prompt_tokens: int = 192          # drop prompts whose p, p+ or p- is longer (as the paper's PPO)
@@ -145,11 +145,12 @@ def _resume(path: Path, args: Args) -> set[str]:
               f"run); that pair will be redone", file=sys.stderr)
         os.truncate(path, end)
     want = {k: getattr(args, k) for k in RUN_KEYS}
-    for lineno, rec in enumerate(records, 1):
-        diff = [f"{k}={rec[k]!r}" for k in RUN_KEYS if rec[k] != want[k]]
+    for n, rec in enumerate(records, 1):
+        diff = [k for k in RUN_KEYS if rec[k] != want[k]]
         if diff:
-            raise PairsError(f"{path}: record {lineno} ({rec['id']}) has {', '.join(diff)}, but this run "
-                             f"has {', '.join(f'{k}={want[k]!r}' for k in RUN_KEYS if rec[k] != want[k])}; "
+            theirs = ", ".join(f"{k}={rec[k]!r}" for k in diff)
+            ours = ", ".join(f"{k}={want[k]!r}" for k in diff)
+            raise PairsError(f"{path}: record {n} ({rec['id']}) has {theirs}, but this run has {ours}; "
                              f"write to another --out")
     return {r["id"] for r in records}
 
@@ -332,7 +333,8 @@ def simulate(args: Args) -> dict:
             written += len(recs)
             n_tokens += toks
             bar.update(len(chunk))
-            bar.set_postfix(kept=written, dropped=lo + len(chunk) - written)
+            per_min = 60 * written / (time.perf_counter() - t0)
+            bar.set_postfix(kept=written, dropped=lo + len(chunk) - written, pairs_per_min=f"{per_min:.1f}")
     bar.close()
     seconds = time.perf_counter() - t0
     return {"out": str(out), "method": args.method, "format": args.format, "prompts": len(items),
@@ -399,6 +401,8 @@ def pair_stats(records: list[dict], tokenizer: Tokenizer) -> dict:
         "frac_ended": (sum(r["ended"]["chosen"] + r["ended"]["rejected"] for r in ended) / (2 * len(ended))
                        if ended else None),
         "mean_label": sum(float(r["label"]) for r in records) / n,
+        # |2 label - 1|: 1 for hard labels, near 0 for soft labels that barely prefer either side.
+        "mean_label_margin": sum(abs(2 * float(r["label"]) - 1) for r in records) / n,
     }
 
 

@@ -323,8 +323,10 @@ def test_score_stats_orient_on_chosen(monkeypatch):
 
 def test_simulate_and_stats_end_to_end(ckpt, tmp_path):
     prompts, out = write_prompts(tmp_path / "p.jsonl", QUESTIONS[:3]), tmp_path / "runs" / "pairs.jsonl"
+    # Temperature 1 and no nucleus: the random tiny model's sharpest token is a space, which a cooler
+    # sampler repeats until every response cleans to nothing.
     cmd = [sys.executable, str(ROOT / "train.py"), "simulate", "--method", "rlaif", "--n-prompts", "3",
-           *argv(ckpt, prompts, out)]
+           "--temperature", "1", "--top-p", "1", *argv(ckpt, prompts, out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -338,7 +340,8 @@ def test_simulate_and_stats_end_to_end(ckpt, tmp_path):
                       [r["chosen"] for r in recs], [r["rejected"] for r in recs])
     for r, p in zip(recs, p_b.tolist()):
         assert r["label"] == pytest.approx(1 - p, abs=1e-5)
-        assert r["settings"]["max_new_tokens"] == 6 and r["model"] == str(ckpt) and r["seed"] == 0
+        assert r["settings"]["max_new_tokens"] == 6 and r["settings"]["temperature"] == 1.0
+        assert r["model"] == str(ckpt) and r["seed"] == 0
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "stats", str(out), "--batch-size", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
