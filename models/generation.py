@@ -157,8 +157,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                 h = model(nxt[:, None], pos=T_p + t, start=start, return_hidden=True)[:, -1]  # (B, D)
                 logits = F.linear(h, W).float()                              # (B, V)
     finally:
-        if not compile:
-            model.clear_cache()     # a compiled step keeps its cache buffers for the next call
+        model.clear_cache(keep=compile)     # a compiled step keeps its cache buffers for the next call
     return Generation(sequences=torch.cat([ids, tokens], dim=1), start=start, prompt_len=T_p,
                       tokens=tokens, lengths=lengths, finished=done, logprobs=logprobs)
 

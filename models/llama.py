@@ -264,6 +264,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.gradient_checkpointing = False
         self.cache_len: int | None = None
+        self._kept_cache: list[KVCache] | None = None
 
     @property
     def output_weight(self) -> Tensor:
@@ -284,20 +285,31 @@ class Transformer(nn.Module):
         self.args.attn_impl = impl
 
     def setup_cache(self, batch: int, length: int) -> None:
-        """Allocate a static KV cache of `length` columns for `batch` rows (replacing any old one)."""
+        """Allocate a static KV cache of `length` columns for `batch` rows (replacing any old one).
+
+        A cache put aside by `clear_cache(keep=True)` with the same shape is reused: its stale columns
+        are always masked, and a compiled decode step keeps pointing at the same buffers.
+        """
         if length > self.args.max_seq_len:
             raise ValueError(f"a cache of {length} tokens exceeds the model's context of "
                              f"{self.args.max_seq_len}")
         a = self.args
-        old = self.layers[0].attention.cache
-        if old is not None and old.k.shape[0] == batch and old.k.shape[2] == length \
-                and old.k.dtype == self.dtype and old.k.device == self.device:
-            return  # reuse: stale columns are always masked, and a compiled step keeps its buffers
-        for layer in self.layers:
-            layer.attention.cache = KVCache(batch, a.n_kv_heads, length, a.head_dim, self.dtype, self.device)
+        kept = self._kept_cache
+        if kept is not None and kept[0].k.shape[0] == batch and kept[0].k.shape[2] == length \
+                and kept[0].k.dtype == self.dtype and kept[0].k.device == self.device:
+            caches = kept
+        else:
+            self._kept_cache = None
+            caches = [KVCache(batch, a.n_kv_heads, length, a.head_dim, self.dtype, self.device)
+                      for _ in self.layers]
+        for layer, cache in zip(self.layers, caches):
+            layer.attention.cache = cache
         self.cache_len = length
 
-    def clear_cache(self) -> None:
+    def clear_cache(self, keep: bool = False) -> None:
+        """Detach the KV cache, so that later forwards are plain full forwards; keep=True puts it
+        aside for the next `setup_cache` of the same shape."""
+        self._kept_cache = [layer.attention.cache for layer in self.layers] if keep else None
         for layer in self.layers:
             layer.attention.cache = None
         self.cache_len = None

@@ -195,6 +195,8 @@ def test_torch_path_chunked(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     with torch.no_grad():  # no graph: plain chunks, same values
         torch.testing.assert_close(token_logprobs(h, W, y, 1.5, mask), want[0], atol=1e-6, rtol=1e-6)
+        lp0, ent0 = token_logprobs(h[:0], W, y[:0], return_entropy=True)  # no rows at all
+        assert lp0.shape == ent0.shape == (0, 13)
 
 
 def test_reference_against_naive():
