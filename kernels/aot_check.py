@@ -10,8 +10,9 @@ registers, stack (a non-zero stack here means register spills) and shared memory
     python -m kernels.aot_check --quick  # a representative subset (what the tests run)
     python -m kernels.aot_check --only attention   # or logprob
 
-TRITON_INTERPRET must be unset when the kernels are decorated, so run this in its own process. Checked with
-the local triton (3.9); the GPU machines run 3.6, so this catches most, not all, version differences.
+TRITON_INTERPRET must be unset when the kernels are decorated (at import), so the tests run this in a
+subprocess. Checked with the local triton (3.9); the GPU machines run 3.6, so this catches most, not all,
+version differences.
 """
 from __future__ import annotations
 
@@ -23,17 +24,17 @@ import sys
 import tempfile
 import time
 
-os.environ.pop("TRITON_INTERPRET", None)  # must happen before the kernel modules decorate their kernels
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from kernels.dispatch import INTERPRET
 
+if INTERPRET:  # `python -m kernels.aot_check` imported the package, hence decorated the kernels, already
+    sys.exit("kernels.aot_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
 attn = importlib.import_module("kernels.attention")  # (`kernels.attention` the attribute is the function)
 lp = importlib.import_module("kernels.logprob")
 
-_TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 # scalar arguments that are not integers
 _FLOATS = {"qk_scale", "sm_scale", "inv_temp"}
 

@@ -34,13 +34,11 @@ SDPA. This module covers prefill and training, where q, k, v span the same T pos
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 
-from .dispatch import INTERPRET, triton, tl, use_triton
+from .dispatch import triton, tl, use_triton
 
 # Incremented by the Triton host functions, so tests can assert the kernels really ran.
 KERNEL_CALLS: Counter = Counter()

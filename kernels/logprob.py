@@ -94,13 +94,15 @@ def _logprob_torch_chunked(
     logps, ents = [], []
     for c0 in range(0, h2.shape[0], _TORCH_CHUNK_ROWS):
         c = slice(c0, c0 + _TORCH_CHUNK_ROWS)
-        args = (h2[c], weight, t1[c], temperature, None if m1 is None else m1[c], True)
+        args = (h2[c], weight, t1[c], temperature, None if m1 is None else m1[c], return_entropy)
         out = checkpoint(logprob_ref, *args, use_reentrant=False) if keep_graph else logprob_ref(*args)
-        logps.append(out[0])
-        ents.append(out[1])
-    logp = torch.cat(logps).view(lead) if logps else h.new_zeros(lead, dtype=torch.float32)
-    ent = torch.cat(ents).view(lead) if ents else torch.zeros_like(logp)
-    return logp, (ent if return_entropy else None)
+        logps.append(out[0] if return_entropy else out)
+        ents.append(out[1] if return_entropy else None)
+    if not logps:  # no rows
+        empty = h.new_zeros(lead, dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
+        return empty, (empty.clone() if return_entropy else None)
+    logp = torch.cat(logps).view(lead)
+    return logp, (torch.cat(ents).view(lead) if return_entropy else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
