@@ -261,6 +261,11 @@ class Args(runs.TrainArgs):
     norm_temperature: float = 1.0      # sampling temperature for those samples (RLCD's PPO samples at 1)
 
 
+# Settings that only affect the statistics computed after training (and dev scoring): free to change on --resume.
+NORM_SETTINGS = frozenset({"norm_samples", "norm_policy", "norm_max_new_tokens", "norm_temperature",
+                           "eval_batch_size"})
+
+
 def _encode_pairs(recs: list[dict], tok: Tokenizer, max_length: int) -> tuple[list[list[int]], list[list[int]], int]:
     chosen = [encode_input(tok, r["prompt"], r["chosen"], r["format"]) for r in recs]
     rejected = [encode_input(tok, r["prompt"], r["rejected"], r["format"]) for r in recs]
@@ -307,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     try:
-        resume_from = runs.prepare_run(args, "pm")
+        resume_from = runs.prepare_run(args, "pm", NORM_SETTINGS)
         recs = read_pairs(args.pairs)
     except (CheckpointError, PairsError) as e:
         print(f"train.py pm: {e}", file=sys.stderr)
@@ -372,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                              {HEAD_FILE: pm.head.state_dict()})
 
     summary = runs.train_loop(args, params, optimizer, scheduler, len(train), lengths, start, total, device,
-                              loss_fn, evaluate, save, out / "metrics.jsonl", "pm")
+                              loss_fn, evaluate, save, out / runs.METRICS, "pm")
 
     # Reward statistics on base-policy samples, once the schedule is complete (PPO normalises with them).
     if summary["step"] == total and args.norm_samples > 0:
@@ -380,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = reward_norm_stats(pm, tok, train + dev, args, device)
         run = runs.read_run_meta(ckpt)
         runs.write_json_atomic(ckpt / runs.RUN_JSON, {**run, "reward_norm": stats})
-        runs.log_jsonl(out / "metrics.jsonl", {"step": summary["step"], "reward_norm": stats})
+        runs.log_jsonl(out / runs.METRICS, {"step": summary["step"], "reward_norm": stats})
         print(f"pm: reward on {stats['n']} base-policy samples: mean {stats['mean']:.4f} std {stats['std']:.4f}",
               file=sys.stderr)
     print(json.dumps({k: summary[k] for k in summary if k != "summary"}))

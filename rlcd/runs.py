@@ -49,6 +49,7 @@ from rlcd.cli import save_config
 
 CKPT_DIRS = {"pm": "reward", "sft": "policy", "ppo": "policy"}
 RUN_JSON = "run.json"
+METRICS = "metrics.jsonl"
 STATE_FILE = "trainer_state.pt"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,11 +90,13 @@ RESUMABLE_CHANGES = {"resume", "stop_after", "eval_every", "save_every", "progre
 
 
 # --- run directory ----------------------------------------------------------------------------------------
-def prepare_run(args: TrainArgs, stage: str) -> Path | None:
+def prepare_run(args: TrainArgs, stage: str, may_change: frozenset[str] = frozenset()) -> Path | None:
     """Create OUT and save the config; return the checkpoint to resume from (None for a fresh run).
 
     Refuses to overwrite a run that has a checkpoint unless --resume, to resume another stage's run, and
-    to resume with settings that would change the result."""
+    to resume with settings that would change the result (other than RESUMABLE_CHANGES and the stage's
+    own `may_change`). On resume, metrics logged after the checkpoint's step (by a run that crashed
+    before its next checkpoint) are dropped from metrics.jsonl, since those steps will be redone."""
     out = Path(args.out)
     ckpt = out / CKPT_DIRS[stage]
     _recover(ckpt)
@@ -108,6 +111,7 @@ def prepare_run(args: TrainArgs, stage: str) -> Path | None:
                                   f"continue it or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         save_config(args, out / "args.json")
+        (out / METRICS).unlink(missing_ok=True)          # left by an earlier run that never checkpointed
         return None
     if not has_ckpt:
         raise CheckpointError(f"{out}: --resume, but there is no checkpoint {ckpt.name}/{RUN_JSON} to resume")
@@ -115,10 +119,15 @@ def prepare_run(args: TrainArgs, stage: str) -> Path | None:
     if meta.get("stage") != stage:
         raise CheckpointError(f"{ckpt}: written by stage {meta.get('stage')!r}, cannot resume it as {stage!r}")
     saved, now = meta["config"], json.loads(json.dumps(dataclasses.asdict(args), default=str))
-    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    free = RESUMABLE_CHANGES | may_change
+    changed = sorted(k for k in set(saved) | set(now) if k not in free and saved.get(k) != now.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise CheckpointError(f"{out}: --resume with different settings ({diffs}); they would change the result")
+    log = out / METRICS
+    if log.is_file():
+        keep = [line for line in log.read_text().splitlines() if json.loads(line).get("step", 0) <= meta["step"]]
+        log.write_text("".join(line + "\n" for line in keep))
     return ckpt
 
 
@@ -409,7 +418,7 @@ def train_loop(args: TrainArgs, params: list[nn.Parameter], optimizer: torch.opt
         bar.update(1)
         if args.eval_every and step % args.eval_every == 0 and step < stop:
             dev_metrics = _eval_and_log(evaluate, step, log_path, bar)
-        if step % args.save_every == 0 or step == stop:
+        if (args.save_every and step % args.save_every == 0) or step == stop:
             save(step)
     bar.close()
     dev_metrics = _eval_and_log(evaluate, step, log_path, None)

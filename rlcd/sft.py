@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     try:
-        resume_from = runs.prepare_run(args, "sft")
+        resume_from = runs.prepare_run(args, "sft", frozenset({"eval_batch_size"}))
         recs = read_examples(args.pairs, args.field)
     except (CheckpointError, PairsError) as e:
         print(f"train.py sft: {e}", file=sys.stderr)
@@ -189,6 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         runs.save_checkpoint(ckpt, model, tok, meta, optimizer, scheduler, step, fingerprint)
 
     summary = runs.train_loop(args, params, optimizer, scheduler, len(train), lengths, start, total, device,
-                              loss_fn, evaluate, save, out / "metrics.jsonl", "sft")
+                              loss_fn, evaluate, save, out / runs.METRICS, "sft")
     print(json.dumps({k: summary[k] for k in summary if k != "summary"}))
     return 0

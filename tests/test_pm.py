@@ -206,6 +206,17 @@ def test_resume_gives_the_same_weights(tiny_dir, marker_pairs, tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
+def test_gradient_checkpointing_gives_the_same_step(tiny_dir, marker_pairs, tmp_path):
+    common = ("--lr", "1e-2", "--max-steps", "2", "--batch-size", "4", "--dev", "8")
+    assert pm_mod.main(pm_argv(marker_pairs, tmp_path / "a", tiny_dir, *common)) == 0
+    assert pm_mod.main(pm_argv(marker_pairs, tmp_path / "b", tiny_dir, *common, "--grad-checkpointing")) == 0
+    a = load_file(str(tmp_path / "a" / "reward" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "reward" / "model.safetensors"))
+    assert any(not torch.equal(a[k], load_file(str(tiny_dir / "model.safetensors"))[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
 # --- pm-agreement ----------------------------------------------------------------------------------------
 def test_pm_agreement_on_a_hand_made_file(trained, tmp_path, capsys):
     f = tmp_path / "human.jsonl"

@@ -163,3 +163,22 @@ def test_prepare_run_writes_args_not_a_model_config(tmp_path):
     assert runs.prepare_run(args, "sft") is None
     assert json.loads((tmp_path / "run" / "args.json").read_text())["lr"] == args.lr
     assert not (tmp_path / "run" / "config.json").exists()     # would make OUT look like a model directory
+
+
+def test_resume_checks_settings_and_drops_metrics_after_the_checkpoint(tmp_path):
+    args = runs.TrainArgs(out=str(tmp_path / "run"), lr=1e-3)
+    runs.prepare_run(args, "sft")
+    model = make_tiny_model()
+    opt = torch.optim.AdamW(model.parameters())
+    runs.save_checkpoint(tmp_path / "run" / "policy", model, make_tiny_tokenizer(), runs.run_meta("sft", args, 9),
+                         opt, runs.cosine_schedule(opt, 0, 9), 2, "fp")
+    for s in (1, 2, 3, 4):                    # steps 3 and 4 were logged, then the run died before saving
+        runs.log_jsonl(tmp_path / "run" / runs.METRICS, {"step": s, "loss": 1.0})
+    resumed = runs.TrainArgs(out=str(tmp_path / "run"), lr=1e-3, resume=True, stop_after=5, progress=False)
+    assert runs.prepare_run(resumed, "sft") == tmp_path / "run" / "policy"
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / runs.METRICS).read_text().splitlines()]
+    assert steps == [1, 2]
+    with pytest.raises(CheckpointError, match=r"different settings \(lr: 0.001 -> 0.002\)"):
+        runs.prepare_run(runs.TrainArgs(out=str(tmp_path / "run"), lr=2e-3, resume=True), "sft")
+    with pytest.raises(CheckpointError, match="cannot resume it as 'ppo'|not a 'ppo'"):
+        runs.prepare_run(runs.TrainArgs(out=str(tmp_path / "run"), lr=1e-3, resume=True), "ppo")
