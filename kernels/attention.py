@@ -158,10 +158,11 @@ def _attn_fwd(
     if HAS_START:
         start_b = tl.load(START + off_b).to(tl.int32)
 
-    m0 = pid_m * BLOCK_M
+    m0 = pid_m * BLOCK_M  # first query row of this program
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    # (BLOCK_M, hd) query tile, loaded once; rows beyond T read as 0 and are never stored
+    # (BLOCK_M, hd) query tile, loaded once and kept in registers while all its key blocks stream past;
+    # rows beyond T read as 0 and are never stored
     q = tl.load(
         Q_head + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd,
         mask=offs_m[:, None] < T, other=0.0,
@@ -212,6 +213,10 @@ def _attn_bwd_preprocess(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """grid = (cdiv(T, BLOCK_M), B * H). Delta_i = sum_d O_id dO_id in fp32, stored (B, H, T)."""
+    # Why Delta: the softmax Jacobian gives dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik), and
+    # sum_k P_ik dP_ik = sum_k P_ik (dO_i . v_k) = dO_i . (sum_k P_ik v_k) = dO_i . O_i.
+    # So the row sum over all T keys is one hd-long dot product per row, computed once here instead of
+    # inside every (query block, key block) pair of the two kernels below.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -227,6 +232,7 @@ def _attn_bwd_preprocess(
         DO + off_b * stride_dob + off_h * stride_doh + row * stride_dot + offs_d[None, :] * stride_dod,
         mask=offs_m[:, None] < T, other=0.0,
     ).to(tl.float32)
+    # padding rows: O = 0, so Delta = 0 (and their P is 0 anyway)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
@@ -245,6 +251,9 @@ def _attn_bwd_dkdv(
 ):
     """grid = (cdiv(T, BLOCK_N), B * H_kv). dK, dV for BLOCK_N keys of one KV head, summed over its GROUP
     query heads: dV_j = sum_{h, i} P_ij dO_i,  dK_j = sm_scale sum_{h, i} dS_ij q_i."""
+    # GQA: a KV head is read by GROUP query heads, so its gradient is the sum of their contributions. Looping
+    # over the group inside the program (rather than one program per query head adding into dK/dV) keeps
+    # the sum in fp32 registers: no atomics, no (B, H, T, hd) buffer of per-head partials, deterministic.
     pid_n = tl.program_id(0)
     pid_bhkv = tl.program_id(1)
     off_b = (pid_bhkv // H_KV).to(tl.int64)
@@ -293,7 +302,8 @@ def _attn_bwd_dkdv(
             ).to(COMPUTE_DTYPE)
             lse = tl.load(LSE + row0 + offs_m, mask=offs_m < T, other=0.0)
             delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < T, other=0.0)
-            # recompute P_ij = exp2(S_ij * log2 e - LSE2_i) from the saved base-2 log-sum-exp
+            # recompute P_ij = exp2(S_ij * log2 e - LSE2_i) from the saved base-2 log-sum-exp: the same
+            # tiles of Q K^T as the forward, so P is the forward's softmax without ever being stored
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
             p = tl.math.exp2(qk - lse[:, None])
             # visible iff start[b] <= j <= i < T (i >= start[b] follows); rows beyond T read q = 0, LSE = 0
@@ -304,13 +314,15 @@ def _attn_bwd_dkdv(
             p = tl.where(visible, p, 0.0)
             # dV += P^T dO   (BLOCK_N, hd)
             dv = tl.dot(tl.trans(p.to(COMPUTE_DTYPE)), do, acc=dv, input_precision=PRECISION)
-            # dP = dO V^T ; dS = P * (dP - Delta)   (BLOCK_M, BLOCK_N); masked entries stay 0 because p = 0
+            # dP = dO V^T (the gradient reaching P through O = P V), then the softmax Jacobian:
+            # dS = P * (dP - Delta)   (BLOCK_M, BLOCK_N); masked entries stay 0 because p = 0 there
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             # dK += dS^T Q   (BLOCK_N, hd); the sm_scale of S = sm_scale Q K^T is applied once at the end
             dk = tl.dot(tl.trans(ds.to(COMPUTE_DTYPE)), q, acc=dk, input_precision=PRECISION)
-    dk = dk * sm_scale
+    dk = dk * sm_scale  # S = sm_scale Q K^T  =>  dK = sm_scale dS^T Q
 
+    # keys past T are not stored; padding keys (j < start[b]) store the exact zeros they accumulated
     mask_n = offs_n[:, None] < T
     tl.store(
         DK + off_b * stride_dkb + off_hkv * stride_dkh
@@ -337,6 +349,8 @@ def _attn_bwd_dq(
     COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """grid = (cdiv(T, BLOCK_M), B * H). dQ_i = sm_scale sum_j dS_ij k_j for BLOCK_M query rows."""
+    # A separate kernel from dK/dV (FA-2): dQ sums over keys, dK/dV over queries, so each kernel owns the
+    # rows it accumulates and none needs atomics. The price is recomputing Q K^T and dO V^T twice.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -361,6 +375,7 @@ def _attn_bwd_dq(
         DO + off_b * stride_dob + off_h * stride_doh + row * stride_dot + offs_d[None, :] * stride_dod,
         mask=offs_m[:, None] < T, other=0.0,
     ).to(COMPUTE_DTYPE)
+    # this query block's saved row statistics: base-2 LSE from the forward, Delta from the preprocess
     lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -379,6 +394,7 @@ def _attn_bwd_dq(
             V_head + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :] * stride_vd,
             mask=offs_n[:, None] < T, other=0.0,
         ).to(COMPUTE_DTYPE)
+        # P recomputed as in _attn_bwd_dkdv (same tiles of Q K^T, same saved LSE)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(qk - lse[:, None])
         # visible iff start[b] <= j <= i; rows i >= T are computed but never stored
@@ -387,8 +403,9 @@ def _attn_bwd_dq(
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dP = dO V^T
         ds = p * (dp - delta[:, None])  # dS = P * (dP - Delta)
         dq = tl.dot(ds.to(COMPUTE_DTYPE), k, acc=dq, input_precision=PRECISION)  # dQ += dS K
-    dq = dq * sm_scale
+    dq = dq * sm_scale  # S = sm_scale Q K^T  =>  dQ = sm_scale dS K
 
+    # padding rows (i < start[b]) store the exact zeros they accumulated (every P_ij was masked to 0)
     tl.store(
         DQ + off_b * stride_dqb + off_h * stride_dqh + row * stride_dqt + offs_d[None, :] * stride_dqd,
         dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < T,
@@ -490,8 +507,12 @@ def _attn_backward(
     lse: torch.Tensor,
     start: torch.Tensor | None,
     sm_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the three backward kernels; returns dq, dk, dv in the dtypes and shapes of q, k, v."""
+    need_dq: bool = True,
+    need_dkdv: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the backward kernels; returns dq, dk, dv in the dtypes, shapes and memory layouts of q, k, v
+    (None for a gradient not needed). dq laid out like q means that, for q = x.transpose(1, 2), the
+    gradient reaching x is contiguous without a copy."""
     KERNEL_CALLS["attention_bwd"] += 1
     B, H, T, hd = q.shape
     H_kv = k.shape[1]
@@ -507,25 +528,27 @@ def _attn_backward(
     _attn_bwd_preprocess[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, T, HEAD_DIM=hd, **cfg,
     )
-    # 2. dK, dV, one program per key block and KV head
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    cfg = cfgs["dkdv"]
-    _attn_bwd_dkdv[(triton.cdiv(T, cfg["BLOCK_N"]), B * H_kv)](
-        q, k, v, do, dk, dv, lse, delta, start_arg,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, H_kv, T, H // H_kv, sm_scale, sm_scale * _LOG2E,
-        HEAD_DIM=hd, HAS_START=has_start, COMPUTE_DTYPE=compute_dtype, PRECISION=precision, **cfg,
-    )
+    # 2. dK, dV, one program per key block and KV head (empty_like keeps the strides of a dense view)
+    dq = dk = dv = None
+    if need_dkdv:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        cfg = cfgs["dkdv"]
+        _attn_bwd_dkdv[(triton.cdiv(T, cfg["BLOCK_N"]), B * H_kv)](
+            q, k, v, do, dk, dv, lse, delta, start_arg,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            H, H_kv, T, H // H_kv, sm_scale, sm_scale * _LOG2E,
+            HEAD_DIM=hd, HAS_START=has_start, COMPUTE_DTYPE=compute_dtype, PRECISION=precision, **cfg,
+        )
     # 3. dQ, one program per query block and query head
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    cfg = cfgs["dq"]
-    _attn_bwd_dq[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
-        q, k, v, do, dq, lse, delta, start_arg,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, T, H // H_kv, sm_scale, sm_scale * _LOG2E,
-        HEAD_DIM=hd, HAS_START=has_start, COMPUTE_DTYPE=compute_dtype, PRECISION=precision, **cfg,
-    )
+    if need_dq:
+        dq = torch.empty_like(q)
+        cfg = cfgs["dq"]
+        _attn_bwd_dq[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+            q, k, v, do, dq, lse, delta, start_arg,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            H, T, H // H_kv, sm_scale, sm_scale * _LOG2E,
+            HEAD_DIM=hd, HAS_START=has_start, COMPUTE_DTYPE=compute_dtype, PRECISION=precision, **cfg,
+        )
     return dq, dk, dv
 
 
@@ -540,7 +563,8 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, start = ctx.saved_tensors
-        dq, dk, dv = _attn_backward(do, q, k, v, o, lse, start, ctx.sm_scale)
+        need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
+        dq, dk, dv = _attn_backward(do, q, k, v, o, lse, start, ctx.sm_scale, need_dq, need_dk or need_dv)
         return dq, dk, dv, None, None
 
 

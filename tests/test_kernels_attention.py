@@ -137,6 +137,22 @@ def test_padding_is_inert(monkeypatch):
     torch.testing.assert_close(o2, o.detach(), atol=0, rtol=0)
 
 
+@needs_triton
+def test_partial_gradients_and_layout(monkeypatch):
+    """Only some inputs need gradients (the others are skipped, not computed); dq has q's memory layout."""
+    (q, k, v), do = _inputs(B=2, H=4, H_kv=2, T=21, hd=32, dtype=torch.float32, seed=5)
+    got, want = _triton_vs_ref(monkeypatch, q, k, v, do)
+    assert got[1].stride() == q.stride()  # (B, H, T, hd) view of a (B, T, H, hd) buffer, like q
+    k.requires_grad_(False)
+    v.requires_grad_(False)
+    (dq,) = torch.autograd.grad(attention(q, k, v), (q,), do)
+    torch.testing.assert_close(dq.double(), want[1], atol=2e-5, rtol=2e-5)
+    q.requires_grad_(False)
+    v.requires_grad_(True)
+    (dv,) = torch.autograd.grad(attention(q, k, v), (v,), do)
+    torch.testing.assert_close(dv.double(), want[3], atol=2e-5, rtol=2e-5)
+
+
 def test_reference_matches_sdpa():
     """attention_ref itself: no padding, it must equal SDPA with is_causal and repeated K/V."""
     g = torch.Generator().manual_seed(4)
