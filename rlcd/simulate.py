@@ -388,6 +388,7 @@ def pair_stats(records: list[dict], tokenizer: Tokenizer) -> dict:
         return len(a & b) / len(a | b) if a | b else 1.0
 
     ended = [r for r in records if isinstance(r.get("ended"), dict)]
+    scored = [r["scorer"]["p_b"] for r in records if isinstance(r.get("scorer"), dict)]
     return {
         "pairs": n,
         "method": ",".join(sorted({r["method"] for r in records})),
@@ -403,6 +404,9 @@ def pair_stats(records: list[dict], tokenizer: Tokenizer) -> dict:
         "mean_label": sum(float(r["label"]) for r in records) / n,
         # |2 label - 1|: 1 for hard labels, near 0 for soft labels that barely prefer either side.
         "mean_label_margin": sum(abs(2 * float(r["label"]) - 1) for r in records) / n,
+        # The stored P("B") of scored files: for rlaif, whose A and B are i.i.d., any distance from 0.5
+        # is the scorer's position bias.
+        "mean_stored_p_b": sum(scored) / len(scored) if scored else None,
     }
 
 

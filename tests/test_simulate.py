@@ -296,13 +296,15 @@ def test_pair_stats_counts(tok):
     base = {"method": "rlcd", "format": "chat", "label": 1.0}
     recs = [dict(base, chosen="a b c", rejected="a b c", ended={"chosen": True, "rejected": False}),
             dict(base, chosen="x y", rejected="z", ended={"chosen": True, "rejected": True}),
-            dict(base, chosen="p", rejected="", label=0.5, ended={"chosen": False, "rejected": False})]
+            dict(base, chosen="p", rejected="", label=0.5, ended={"chosen": False, "rejected": False},
+                 scorer={"p_b": 0.5})]
     s = sim.pair_stats(recs, tok)
     assert s["pairs"] == 3 and s["frac_identical"] == pytest.approx(1 / 3)
     assert s["frac_empty"] == pytest.approx(1 / 3) and s["frac_ended"] == pytest.approx(3 / 6)
     assert s["mean_tokens_chosen"] == pytest.approx((5 + 3 + 1) / 3)      # byte tokens
     assert s["mean_word_overlap"] == pytest.approx((1 + 0 + 0) / 3)
-    assert s["mean_label"] == pytest.approx(2.5 / 3)
+    assert s["mean_label"] == pytest.approx(2.5 / 3) and s["mean_label_margin"] == pytest.approx(2 / 3)
+    assert s["mean_stored_p_b"] == pytest.approx(0.5)                     # only the scored record
 
 
 def test_score_stats_orient_on_chosen(monkeypatch):
