@@ -1,0 +1,587 @@
+"""PPO against a trained preference model: the last stage of RLCD (`train.py ppo`).
+
+    python train.py ppo --pm runs/harmless/pm-rlcd --prompts harmless --out runs/harmless/ppo
+    python train.py ppo --pm runs/harmless/pm-rlcd --out runs/harmless/ppo --resume   # continue it
+    python train.py ppo --pm runs/harmless/pm-rlcd --out runs/prof --profile           # phase table + trace
+    python train.py ppo --preset paper ...        # RLCD's published settings (512 rollouts, 2 x 2 epochs)
+    python generate.py --model runs/harmless/ppo --prompt "How do I pick a lock?"
+
+RLCD (arXiv 2307.12950, Sec. 4 and the official code, AlpacaFarm's PPO trainer) aligns the base model
+itself (no SFT stage) with PPO against the preference model: a per-token KL penalty to the frozen
+initial policy, GAE, a value network initialised from the preference model. One iteration, written
+out in `iteration()` below with the numbered steps of lm-human-preference-details:
+  1. rollout      sample B responses (the generation engine), keeping the sampling log-probs
+  2. score        the preference model's reward at each response's last token, normalised; a fixed
+                  score for a response cut off without the stop token
+  3. reference    log-probs under the frozen reference, values from the value network
+  4. KL reward    r_t = -beta KL_t on every response token, plus the score on the last one
+  5. GAE          optional reward whitening (scale only), GAE over response tokens, advantage whitening
+  6. PPO epochs   clipped policy and value losses over shuffled minibatches, gradient accumulation
+The math lives in rlcd/ppo_core.py as small pure functions that the tests check.
+
+Hot path: no host synchronisation inside an iteration except the generation engine's stop check; every
+diagnostic stays a tensor until one `.tolist()` per iteration. Log-probs come from the fused entry
+point kernels.token_logprobs, which never builds (B, T, V) logits. Phases are timed with CUDA events on
+a GPU (no sync) and perf_counter on a CPU (where ops run synchronously).
+
+Value network (--value-model): "separate" (the paper: a second trunk with a scalar head, initialised
+from the preference model, trained jointly by the same optimiser) or "shared" (a zero-initialised
+scalar head on the policy's own trunk, as lm-human-preferences; one trunk forward and backward less).
+
+Run directory (see rlcd/runs.py): OUT/args.json, OUT/metrics.jsonl (one record per iteration, "step" is
+the iteration; sample responses every --sample-every), OUT/policy/ (a Hugging Face-format policy that
+generate.py loads, plus value.safetensors or value_head.safetensors, trainer_state.pt and run.json
+with the KL controller), replaced atomically every --save-every iterations.
+
+Shapes: B rollouts, T = T_p + T_r columns (left-padded prompt, then the right-padded response),
+T_p prompt columns, T_r response columns, D model width, V vocabulary.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels import token_logprobs
+from models import CheckpointError, Tokenizer, Transformer, load_model
+from models.generation import Generation, SamplingParams, generate
+from rlcd import runs
+from rlcd.cli import parse_args
+from rlcd.pm import RewardModel, end_marker, load_reward_model, score_tokens
+from rlcd.ppo_core import (KL_ESTIMATORS, KLController, apply_missing_stop, explained_variance, gae,
+                           kl_per_token, masked_mean, masked_whiten, policy_loss, shape_rewards, value_loss)
+
+PHASES = ("generate", "score", "reference", "values", "advantages", "update")
+VALUE_MODELS = ("separate", "shared")
+
+
+@dataclass
+class Args:
+    """Align a policy against a preference model with PPO (train.py ppo)."""
+    out: str                          # run directory (created; --resume continues the one there)
+    pm: str                           # preference model: run directory of train.py pm (or its reward/)
+    policy: str = "smollm2-135m-instruct"  # initial policy and frozen reference: model name, checkpoint or run dir
+    prompts: str = "harmless"         # task name (harmless, helpful, outlines) or prompt file; its train split
+    preset: str = "default"           # default (paper scaled to a 2-core CPU), paper (RLCD), nplus (N+ details); flags given win
+    resume: bool = False              # continue from OUT's last checkpoint (same settings required)
+    iterations: int = 60              # PPO iterations (rollout + update) in the schedule (paper: 40-80)
+    stop_after: int = 0               # stop (with a checkpoint) after this iteration; 0 = run all
+    # 1. rollout
+    batch_size: int = 16              # prompts = rollouts per iteration (paper: 512)
+    max_new_tokens: int = 64          # response length cap (paper: 300)
+    temperature: float = 1.0          # sampling temperature; log-probs are taken at the same one (paper: 1)
+    top_p: float = 1.0                # nucleus sampling (1 = off; anything else costs a policy forward per iteration)
+    top_k: int = 0                    # top-k sampling (0 = off; same cost)
+    max_prompt_len: int = 192         # prompts over this many tokens are dropped (paper: 192)
+    # 2. score
+    normalize_reward: bool = True     # (r - mean) / std with the PM's statistics on base-policy samples
+    no_stop_score: float | None = -1.0  # score of a response without the stop token (paper, N+: -1; none = keep)
+    # 4. KL reward
+    kl_coef: float = 0.004            # beta, per token (paper: fixed 0.002-0.004; N+: 0.05)
+    kl_target: float | None = None    # adaptive beta: target KL per sequence in nats (none = fixed beta)
+    kl_horizon: int = 10000           # adaptive beta: horizon in rollouts (Ziegler et al.)
+    kl_estimator: str = "k1"          # k1 = log pi - log pi_ref, or k3 = (r - 1) - log r
+    kl_clamp: bool = True             # clamp k1 at 0 (official RLCD code)
+    # 5. whitening and GAE
+    whiten_rewards: bool = True       # scale the per-token rewards to unit variance (paper: yes; N+: no)
+    whiten_advantages: bool = True    # advantages to mean 0, std 1 over the batch
+    gamma: float = 1.0                # GAE discount (paper: 1)
+    lam: float = 1.0                  # GAE lambda (paper: 1; N+: 0.95)
+    # 6. PPO epochs
+    ppo_epochs: int = 1               # passes over each batch of rollouts (paper: 2; N+: 4)
+    minibatches: int = 1              # optimiser steps per epoch (paper: 2)
+    micro_batch: int = 16             # rollouts per forward/backward (gradient accumulation within a minibatch)
+    clip: float = 0.2                 # policy ratio clip (paper: 0.2)
+    value_clip: float = 0.2           # value clip around the rollout's values (paper: 0.2)
+    vf_coef: float = 0.1              # value-loss coefficient (paper: 0.1)
+    ent_coef: float = 0.0             # entropy bonus coefficient (0 = off)
+    lr: float = 1e-5                  # peak learning rate (paper: 1e-5)
+    warmup: float = 0.05              # warm-up: a fraction of the optimiser steps if < 1, else a step count
+    min_lr_ratio: float = 0.0         # cosine decay to lr * this at the last step
+    weight_decay: float = 0.0         # AdamW decoupled weight decay on matrices
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    grad_clip: float = 1.0            # global gradient-norm clip over policy and value (paper: 1; 0 = off)
+    value_model: str = "separate"     # separate (a trunk initialised from the PM, the paper) or shared (head on the policy)
+    train_layers: int = 0             # 0 = full fine-tune; N = only the top N blocks of each trunk
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    # run
+    save_every: int = 1               # checkpoint every N iterations (and at the stop; 0 = at the stop only)
+    sample_every: int = 10            # log a few sample responses every N iterations (0 = never)
+    n_samples: int = 2                # responses shown per sample log
+    seed: int = 0                     # prompt order, sampling and minibatch shuffling
+    device: str = "cpu"               # cpu or cuda
+    autocast: bool = True             # bf16 autocast on CUDA (weights and optimiser state stay fp32)
+    attn_impl: str = "sdpa"           # naive, sdpa or triton
+    threads: int = 0                  # torch CPU threads (0 = leave as is)
+    profile: bool = False             # run a few iterations under the PyTorch profiler: phase table + Chrome trace, then exit
+
+    def __post_init__(self):
+        checks = [
+            (self.preset in PRESETS, f"--preset must be one of {sorted(PRESETS)}"),
+            (self.value_model in VALUE_MODELS, f"--value-model must be one of {VALUE_MODELS}"),
+            (self.kl_estimator in KL_ESTIMATORS, f"--kl-estimator must be one of {KL_ESTIMATORS}"),
+            (self.temperature > 0, "--temperature must be > 0 (PPO needs a sampling distribution)"),
+            (self.batch_size % self.minibatches == 0, "--minibatches must divide --batch-size"),
+            (min(self.batch_size, self.micro_batch, self.ppo_epochs, self.iterations) >= 1,
+             "--batch-size, --micro-batch, --ppo-epochs and --iterations must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise SystemExit(f"train.py ppo: {msg}")
+
+
+# Presets: flags prepended to the command line, so flags given explicitly win. "default" is the paper's
+# recipe scaled to a 2-core CPU (16 rollouts of 64 tokens, 1 epoch x 1 minibatch; Args' defaults).
+PRESETS: dict[str, dict] = {
+    "default": {},
+    # RLCD (arXiv 2307.12950, App. / official code): 512 rollouts, 2 epochs x 2 minibatches, responses up
+    # to 300 tokens; everything else (beta 0.004 clamped k1, whitened rewards, gamma = lambda = 1, clips
+    # 0.2, vf_coef 0.1, lr 1e-5, -1 without a stop, separate value net from the PM) is already the default.
+    "paper": dict(batch_size=512, ppo_epochs=2, minibatches=2, micro_batch=8, max_new_tokens=300, iterations=60),
+    # The N+ implementation details of RLHF with PPO (Huang et al. 2024) / TRL's PPO: beta 0.05 on
+    # unclamped k1, no reward whitening, lambda 0.95, 4 epochs x 1 minibatch.
+    "nplus": dict(kl_coef=0.05, kl_clamp=False, whiten_rewards=False, gamma=1.0, lam=0.95, ppo_epochs=4,
+                  minibatches=1),
+}
+
+
+def apply_preset(argv: list[str]) -> list[str]:
+    """argv with the flags of its --preset (if any) put in front, so that explicit flags override them."""
+    name = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), None)
+    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), name)
+    flags: list[str] = []
+    for k, v in PRESETS.get(name or "default", {}).items():
+        flag = "--" + k.replace("_", "-")
+        flags += [flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, str(v)]
+    return flags + argv
+
+
+# --- the value network ---------------------------------------------------------------------------------------
+class ValueHead(nn.Module):
+    """A scalar head on the policy's own trunk (--value-model shared). Zero-initialised, as
+    lm-human-preferences initialises its value head, so the first values are 0. fp32 even under
+    autocast, like the preference model's head."""
+
+    def __init__(self, dim: int, device: torch.device):
+        super().__init__()
+        self.proj = nn.Linear(dim, 1, device=device, dtype=torch.float32)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(h.float(), self.proj.weight, self.proj.bias).squeeze(-1)   # (..., D) -> (...)
+
+
+def response_hidden(trunk: Transformer, seq: Tensor, start: Tensor, T_p: int) -> Tensor:
+    """(B, T_r, D) final hidden states at the columns that predict the response tokens: column T_p - 1 + t
+    holds the state s_t before response token t (the last prompt token for t = 0)."""
+    return trunk(seq, start=start, return_hidden=True)[:, T_p - 1:-1]
+
+
+@dataclass
+class PPO:
+    """The models and the optimiser state one iteration works on (built by `build`, used by `iteration`)."""
+    args: Args
+    policy: Transformer
+    ref: Transformer                      # the frozen initial policy
+    pm: RewardModel                       # the frozen preference model
+    value_net: RewardModel | None         # --value-model separate: a trainable copy of the PM
+    value_head: ValueHead | None          # --value-model shared: a head on the policy's trunk
+    prompts: list[list[int]]              # encoded train prompts (<= max_prompt_len tokens)
+    stop_ids: list[int]
+    pad_id: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    kl_ctl: KLController
+    device: torch.device
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        mods = [self.policy, self.value_net or self.value_head]
+        return [p for m in mods for p in m.parameters() if p.requires_grad]
+
+    def values_and_logprobs(self, seq: Tensor, start: Tensor, T_p: int, tokens: Tensor, mask: Tensor,
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+        """The current policy's log-probs and entropies of the response tokens and the value network's
+        V(s_t), each (b, T_r) fp32, in one policy forward (plus one value-trunk forward if separate)."""
+        h = response_hidden(self.policy, seq, start, T_p)                                     # (b, T_r, D)
+        logp, ent = token_logprobs(h, self.policy.output_weight, tokens, self.args.temperature, mask,
+                                   return_entropy=True)                                        # (b, T_r) each
+        if self.value_head is not None:
+            values = self.value_head(h)                                                        # (b, T_r)
+        else:
+            values = self.value_net.values(seq, start)[:, T_p - 1:-1]                          # (b, T_r)
+        return logp, ent, values
+
+
+class PhaseTimer:
+    """Seconds per phase without a host sync: CUDA events on a GPU (read after the iteration's one sync),
+    perf_counter on a CPU, where ops run synchronously. Each phase is also a profiler range."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object, object]] = []
+
+    def _now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        with torch.profiler.record_function(name):
+            t0 = self._now()
+            yield
+            self.marks.append((name, t0, self._now()))
+
+    def read(self) -> dict[str, float]:
+        """Seconds per phase since the last read (synchronises on a GPU: call once per iteration)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict[str, float] = {}
+        for name, a, b in self.marks:
+            out[name] = out.get(name, 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
+        self.marks.clear()
+        return out
+
+
+# --- one iteration ------------------------------------------------------------------------------------------
+def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], Generation, Tensor]:
+    """Iteration `it` (0-based): a batch of rollouts and the PPO epochs on it. Returns the diagnostics as
+    0-d tensors (not synchronised), the rollouts and their scores. Sampling and shuffling draw from a
+    generator seeded by (seed, it), so an iteration is a function of the weights, the optimiser state
+    and `it`: what makes --resume exact."""
+    a, dev = ppo.args, ppo.device
+    policy, ref, pm = ppo.policy, ppo.ref, ppo.pm
+    amp = runs.autocast(a, dev)
+    g = torch.Generator(dev).manual_seed(a.seed * 1_000_003 + it)
+    beta = ppo.kl_ctl.value
+
+    # 1. Rollout: B prompts of this iteration (a pure function of seed and it), sampled in lock-step.
+    with timer("generate"), amp:
+        policy.eval()
+        batch = runs.batch_indices(len(ppo.prompts), a.batch_size, it, a.seed)
+        params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                top_p=a.top_p)
+        gen = generate(policy, [ppo.prompts[i] for i in batch], params, ppo.stop_ids, ppo.pad_id, generator=g)
+        seq, start, T_p = gen.sequences, gen.start, gen.prompt_len         # (B, T), (B,), T_p
+        tokens, mask = gen.tokens, gen.response_mask                       # (B, T_r) ids, (B, T_r) bool
+
+    with torch.no_grad():
+        # 2. Score: the PM reads prompt + response + stop token (its training input, rlcd/pm.py) at the
+        #    last real column; a response cut off at max_new_tokens gets no_stop_score instead.
+        with timer("score"), amp:
+            last = T_p + gen.lengths - 1                                                   # (B,) column
+            pm_score = score_tokens(pm, seq, start, last, normalize=a.normalize_reward)    # (B,)
+            score = apply_missing_stop(pm_score.float(), gen.finished, a.no_stop_score)    # (B,)
+
+        # 3. Reference log-probs (frozen initial policy), old log-probs and values.
+        with timer("reference"), amp:
+            h_ref = response_hidden(ref, seq, start, T_p)                                           # (B, T_r, D)
+            ref_logp = token_logprobs(h_ref, ref.output_weight, tokens, a.temperature, mask)        # (B, T_r)
+            del h_ref
+        with timer("values"), amp:
+            if ppo.value_head is not None:
+                # Shared trunk: the forward that gives the values gives the old log-probs as well.
+                old_logp, _, old_values = ppo.values_and_logprobs(seq, start, T_p, tokens, mask)
+            else:
+                old_values = ppo.value_net.values(seq, start)[:, T_p - 1:-1]                        # (B, T_r)
+                if a.top_k == 0 and a.top_p == 1.0:
+                    # The sampling pass's log-probs are of the full tempered distribution, which is the
+                    # sampling distribution here: reuse them and save a policy forward. They come from
+                    # the incremental decode, which differs from a full forward by float rounding
+                    # (~1e-6 in fp32), so the first PPO step's ratio is 1 to that precision.
+                    old_logp = gen.logprobs                                                         # (B, T_r)
+                else:
+                    # top-k / top-p sampling: the sampled distribution is the filtered one, so PPO's
+                    # ratio is taken against the full tempered policy, recomputed here.
+                    h = response_hidden(policy, seq, start, T_p)
+                    old_logp = token_logprobs(h, policy.output_weight, tokens, a.temperature, mask)
+            old_values = old_values.float()
+
+        with timer("advantages"):
+            # 4. Per-token KL reward: r_t = -beta KL_t, plus the score on the last real token.
+            kl = kl_per_token(old_logp, ref_logp, a.kl_estimator, a.kl_clamp)               # (B, T_r)
+            rewards = shape_rewards(score, kl, mask, beta)                                  # (B, T_r)
+            # 5. Whitening (scale only, official code) and GAE over response tokens; padding masked.
+            if a.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            adv, returns = gae(rewards, old_values, mask, a.gamma, a.lam)                   # (B, T_r) each
+            if a.whiten_advantages:
+                adv = masked_whiten(adv, mask)
+
+    # 6. PPO epochs: shuffled minibatches, each one optimiser step accumulated over micro-batches.
+    stats = {k: torch.zeros((), device=dev) for k in
+             ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "vf_clipfrac", "grad_norm")}
+    n_steps = a.ppo_epochs * a.minibatches
+    mb_size = a.batch_size // a.minibatches
+    with timer("update"):
+        policy.train()
+        for _ in range(a.ppo_epochs):
+            perm = torch.randperm(a.batch_size, generator=g, device=dev)                    # (B,)
+            for mb in perm.split(mb_size):
+                n_tok = mask[mb].sum()                          # response tokens of the minibatch: the loss mean's denominator
+                for mi in mb.split(a.micro_batch):
+                    m = mask[mi]                                                             # (b, T_r)
+                    with amp:
+                        logp, ent, values = ppo.values_and_logprobs(seq[mi], start[mi], T_p, tokens[mi], m)
+                        pg, clipfrac, approx_kl = policy_loss(logp, old_logp[mi], adv[mi], m, a.clip, n_tok)
+                        vf, vf_clipfrac = value_loss(values, old_values[mi], returns[mi], m, a.value_clip, n_tok)
+                        ent_mean = masked_mean(ent, m, n_tok)
+                        loss = pg + a.vf_coef * vf - a.ent_coef * ent_mean
+                    loss.backward()
+                    for k, v in (("policy_loss", pg), ("value_loss", vf), ("entropy", ent_mean),
+                                 ("approx_kl", approx_kl), ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac)):
+                        stats[k] += v.detach().float() / n_steps
+                # clip_grad_norm_ with max_norm=inf only measures; it returns a tensor (no sync).
+                grad_norm = torch.nn.utils.clip_grad_norm_(ppo.params, a.grad_clip or float("inf"))
+                stats["grad_norm"] += grad_norm.float() / n_steps
+                ppo.optimizer.step()
+                ppo.scheduler.step()
+                ppo.optimizer.zero_grad(set_to_none=True)
+
+    lengths = gen.lengths.float()
+    log_ratio = torch.where(mask, old_logp - ref_logp, 0.0)                                  # (B, T_r)
+    stats |= {
+        "score": score.mean(), "pm_score": pm_score.float().mean(),
+        "kl": log_ratio.sum(1).mean(),                   # KL(pi || pi_ref) per sequence, k1 unclamped
+        "kl_penalty": (beta * torch.where(mask, kl, 0.0).sum(1)).mean(),   # what the reward paid for it
+        "explained_variance": explained_variance(old_values, returns, mask),
+        "value_mean": masked_mean(old_values, mask), "return_mean": masked_mean(returns, mask),
+        "response_length": lengths.mean(), "finished": gen.finished.float().mean(),
+        "tokens": lengths.sum(),
+    }
+    return stats, gen, score
+
+
+# --- setup ---------------------------------------------------------------------------------------------------
+def encode_prompts(records: list[dict], tok: Tokenizer, max_len: int) -> tuple[list[list[int]], list[str], int]:
+    """Chat-format prompt ids (the neutral prompt p of rlcd.tasks.format_prompt, as the PM's pairs), the
+    ids of the records kept, and how many were dropped for being over max_len tokens."""
+    from rlcd.tasks import format_prompt
+
+    ids, keys = [], []
+    for r in records:
+        e = tok.encode(format_prompt(r["messages"], "chat", tok))
+        if len(e) <= max_len:
+            ids.append(e)
+            keys.append(r["id"])
+    return ids, keys, len(records) - len(ids)
+
+
+def check_pm_matches(pm_tok: Tokenizer, tok: Tokenizer) -> None:
+    """The PM reads the policy's token ids, so the vocabularies must be the same, and (chat format) the
+    PM's end marker must be a single token the policy stops on."""
+    if pm_tok.tok.get_vocab() != tok.tok.get_vocab():
+        raise CheckpointError("the preference model's tokenizer differs from the policy's; PPO scores the "
+                              "policy's token ids directly, so both must share one vocabulary")
+    marker = pm_tok.encode(end_marker(pm_tok, "chat"), add_bos=False)
+    if len(marker) != 1 or marker[0] not in tok.stop_ids:
+        raise CheckpointError(f"the PM's chat end marker {end_marker(pm_tok, 'chat')!r} is not a stop token of "
+                              f"the policy ({tok.stop_ids}); PPO scores prompt + response + stop token")
+
+
+def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transformer, pm: RewardModel,
+          value_net: RewardModel | None, stop_ids: list[int], pad_id: int, device: torch.device) -> PPO:
+    """Freeze the reference and the PM, add the shared value head if asked, make the optimiser (one
+    AdamW over policy and value, as the official code's actor-critic) and its schedule."""
+    for m in (ref, pm):
+        m.eval().requires_grad_(False)
+    value_head = ValueHead(policy.args.dim, device) if args.value_model == "shared" else None
+    runs.freeze_lower_layers(policy, args.train_layers)
+    if value_net is not None:
+        runs.freeze_lower_layers(value_net.trunk, args.train_layers)
+        value_net.trunk.gradient_checkpointing = args.grad_checkpointing
+    policy.gradient_checkpointing = args.grad_checkpointing
+    named = list(policy.named_parameters()) + list((value_net or value_head).named_parameters())
+    optimizer = runs.make_optimizer(named, args, device)  # type: ignore[arg-type]
+    total = args.iterations * args.ppo_epochs * args.minibatches
+    warm = round(args.warmup * total) if args.warmup < 1 else int(args.warmup)
+    scheduler = runs.cosine_schedule(optimizer, warm, total, args.min_lr_ratio)
+    kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon)
+    return PPO(args, policy, ref, pm, value_net, value_head, prompts, stop_ids, pad_id, optimizer, scheduler,
+               kl_ctl, device)
+
+
+def phase_table(times: dict[str, float], peak_bytes: int | None, title: str = "") -> str:
+    """A markdown table of seconds per phase and their shares, the total and the peak memory."""
+    total = sum(times.get(p, 0.0) for p in PHASES)
+    lines = [title] if title else []
+    lines += ["| phase | s | share |", "|---|---:|---:|"]
+    lines += [f"| {p} | {times.get(p, 0.0):.2f} | {100 * times.get(p, 0.0) / max(total, 1e-9):.0f}% |"
+              for p in PHASES]
+    lines.append(f"| **iteration** | **{total:.2f}** | 100% |")
+    if peak_bytes:
+        lines.append(f"\npeak memory: {peak_bytes / 2**30:.2f} GiB")
+    return "\n".join(lines)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: allocated on the GPU, the process's resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux reports KiB
+
+
+def _line(it: int, total: int, r: dict) -> str:
+    phases = " ".join(f"{p[:3]} {r['t_' + p]:.1f}" for p in PHASES)
+    return (f"iter {it}/{total} | score {r['score']:+.3f} | kl {r['kl']:.3f} | beta {r['beta']:.4g} | "
+            f"pg {r['policy_loss']:+.4f} | vf {r['value_loss']:.4f} | ent {r['entropy']:.3f} | "
+            f"akl {r['approx_kl']:.2e} | clip {r['clipfrac']:.3f} | ev {r['explained_variance']:+.2f} | "
+            f"len {r['response_length']:.1f} | end {r['finished']:.2f} | {r['tokens_per_s']:.0f} tok/s | "
+            f"{r['iter_s']:.1f}s ({phases})")
+
+
+# --- main ----------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    argv = apply_preset(sys.argv[1:] if argv is None else list(argv))
+    args = parse_args(Args, argv, prog="train.py ppo", description=Args.__doc__)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32   # reference and scorer
+    try:
+        resume_from = None if args.profile else runs.prepare_run(
+            args, "ppo", may_change=frozenset({"sample_every", "n_samples", "profile"}))
+        from rlcd.prompts import load_prompts
+        records = load_prompts(args.prompts, split="train")
+        pm, pm_tok, _ = load_reward_model(args.pm, device, frozen_dtype)
+        policy, tok = load_model(resume_from or args.policy, device=device, dtype=torch.float32,
+                                 attn_impl=args.attn_impl)
+        ref, _ = load_model(args.policy, device=device, dtype=frozen_dtype, attn_impl=args.attn_impl)
+        check_pm_matches(pm_tok, tok)
+        value_net = None
+        if args.value_model == "separate":
+            # The value network starts as the preference model (paper), trained from there.
+            value_net, _, _ = load_reward_model(args.pm, device, torch.float32)
+            value_net.trunk.set_attn_impl(args.attn_impl)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"train.py ppo: {e}", file=sys.stderr)
+        return 2
+    pm.trunk.set_attn_impl(args.attn_impl)
+    if args.normalize_reward and pm.norm_mean is None:
+        print(f"train.py ppo: {args.pm} has no reward statistics (trained with --norm-samples 0); "
+              f"pass --no-normalize-reward", file=sys.stderr)
+        return 2
+    prompts, keys, n_long = encode_prompts(records, tok, args.max_prompt_len)
+    if len(prompts) < args.batch_size:
+        print(f"train.py ppo: {len(prompts)} prompts of <= {args.max_prompt_len} tokens, fewer than "
+              f"--batch-size {args.batch_size}", file=sys.stderr)
+        return 2
+    if max(map(len, prompts)) + args.max_new_tokens > policy.args.max_seq_len:
+        print(f"train.py ppo: prompts plus --max-new-tokens exceed the context of {policy.args.max_seq_len}",
+              file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    ppo = build(args, prompts, policy, ref, pm, value_net, tok.stop_ids, tok.pad_id, device)
+    out = Path(args.out)
+    ckpt = out / runs.CKPT_DIRS["ppo"]
+    fingerprint = runs.data_fingerprint(keys, args)  # type: ignore[arg-type]
+    meta = runs.run_meta("ppo", args, args.iterations, pm=args.pm, policy=args.policy, n_prompts=len(prompts),
+                         n_trainable=sum(p.numel() for p in ppo.params))  # type: ignore[arg-type]
+    start_it = 0
+    if resume_from is not None:
+        from safetensors.torch import load_file
+        start_it = runs.load_trainer_state(resume_from, ppo.optimizer, ppo.scheduler, fingerprint)
+        ppo.kl_ctl.load_state_dict(runs.read_run_meta(resume_from)["kl_ctl"])
+        value = ppo.value_net if ppo.value_net is not None else ppo.value_head
+        name = "value" if ppo.value_net is not None else "value_head"
+        value.load_state_dict(load_file(str(resume_from / f"{name}.safetensors"), device=str(device)))
+    print(f"ppo: {len(prompts)} prompts ({n_long} over {args.max_prompt_len} tokens dropped), {args.batch_size} "
+          f"rollouts x {args.max_new_tokens} tokens per iteration, {args.value_model} value network, "
+          f"{meta['n_trainable'] / 1e6:.1f}M trainable parameters; iterations {start_it}..{args.iterations}",
+          file=sys.stderr)
+
+    def save(it: int) -> None:
+        meta["kl_ctl"] = ppo.kl_ctl.state_dict()
+        value = {"value": ppo.value_net.state_dict()} if ppo.value_net is not None else \
+            {"value_head": ppo.value_head.state_dict()}
+        runs.save_checkpoint(ckpt, policy, tok, meta, ppo.optimizer, ppo.scheduler, it, fingerprint, value)
+
+    if args.profile:
+        return run_profile(ppo, out)
+
+    timer = PhaseTimer(device)
+    stop = min(args.iterations, args.stop_after) if args.stop_after else args.iterations
+    for it in range(start_it, stop):
+        t0 = time.perf_counter()
+        stats, gen, score = iteration(ppo, it, timer)
+        # The iteration's one host sync: every diagnostic at once.
+        keys_, vals = zip(*stats.items())
+        rec = dict(zip(keys_, torch.stack(list(vals)).tolist()))
+        times = timer.read()
+        dt = time.perf_counter() - t0
+        rec = {"step": it + 1, "beta": ppo.kl_ctl.value, "lr": ppo.scheduler.get_last_lr()[0], **rec,
+               "tokens_per_s": rec["tokens"] / dt, "iter_s": dt, **{f"t_{p}": times.get(p, 0.0) for p in PHASES}}
+        bad = [k for k in ("score", "pm_score", "kl", "policy_loss", "value_loss", "entropy", "grad_norm")
+               if not math.isfinite(rec[k])]
+        if bad:
+            print(f"train.py ppo: iteration {it + 1}: non-finite {', '.join(f'{k}={rec[k]}' for k in bad)}; "
+                  f"stopped before checkpointing it (the last checkpoint is intact; try a lower --lr)",
+                  file=sys.stderr)
+            return 3
+        ppo.kl_ctl.update(rec["kl"], args.batch_size)
+        runs.log_jsonl(out / runs.METRICS, rec)
+        print(_line(it + 1, args.iterations, rec), flush=True)
+        if args.sample_every and (it + 1) % args.sample_every == 0:
+            samples = sample_records(gen, score, tok, args.n_samples)
+            runs.log_jsonl(out / runs.METRICS, {"step": it + 1, "samples": samples})
+            for s in samples:
+                print(f"  [{s['score']:+.2f}] {s['prompt'][-80:]!r} -> {s['response'][:200]!r}", flush=True)
+        if (args.save_every and (it + 1) % args.save_every == 0) or it + 1 == stop:
+            t1 = time.perf_counter()
+            save(it + 1)
+            runs.log_jsonl(out / runs.METRICS, {"step": it + 1, "save_s": time.perf_counter() - t1})
+    return 0
+
+
+def sample_records(gen: Generation, score: Tensor, tok: Tokenizer, n: int) -> list[dict]:
+    """The first n rollouts as text: prompt (padding removed), response (stop token removed), score."""
+    seq, start, lengths = gen.sequences[:n].tolist(), gen.start[:n].tolist(), gen.lengths[:n].tolist()
+    out = []
+    for b in range(min(n, len(seq))):
+        resp = seq[b][gen.prompt_len:gen.prompt_len + lengths[b]]
+        out.append({"prompt": tok.decode(seq[b][start[b]:gen.prompt_len]), "response": tok.decode(resp),
+                    "finished": bool(gen.finished[b]), "score": float(score[b])})
+    return out
+
+
+def run_profile(ppo: PPO, out: Path, wait: int = 1, warmup: int = 1, active: int = 2) -> int:
+    """--profile: wait + warmup + active iterations under torch.profiler (its wait/warm-up/active
+    schedule); writes OUT/profile/trace.json (chrome://tracing, Perfetto) and prints the phase table of
+    the active iterations. Nothing is checkpointed."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    timer = PhaseTimer(ppo.device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ppo.device.type == "cuda" else [])
+    trace = out / "profile" / "trace.json"
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    totals: dict[str, float] = {}
+    with profile(activities=acts, schedule=schedule(wait=wait, warmup=warmup, active=active),
+                 on_trace_ready=lambda p: p.export_chrome_trace(str(trace)), profile_memory=False) as prof:
+        for it in range(wait + warmup + active):
+            iteration(ppo, it, timer)
+            times = timer.read()
+            if it >= wait + warmup:
+                for k, v in times.items():
+                    totals[k] = totals.get(k, 0.0) + v / active
+            prof.step()
+    print(phase_table(totals, peak_memory(ppo.device),
+                      f"PPO iteration, mean of {active} profiled ({ppo.args.value_model} value network, "
+                      f"{ppo.args.batch_size} x {ppo.args.max_new_tokens} tokens, {ppo.device})"))
+    print(f"chrome trace: {trace}")
+    return 0

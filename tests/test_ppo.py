@@ -1,0 +1,248 @@
+"""The PPO stage end to end: a tiny policy learns a synthetic reward, the sampling pass's log-probs are
+the ones PPO recomputes, resume is exact, the NaN guard, presets, --profile, and `train.py ppo` on the
+real default model for one iteration. Tiny models in fp32 on CPU."""
+import copy
+import json
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import make_tiny_model, make_tiny_tokenizer
+from safetensors.torch import load_file
+
+import train as train_cli
+from kernels import token_logprobs
+from models import load_model, save_model
+from models.generation import SamplingParams, generate
+from rlcd import ppo as ppo_mod
+from rlcd import runs
+from rlcd.pm import RewardModel, load_reward_model
+
+GOOD = "xyzqkwv#"          # the synthetic reward counts these characters (none occurs in the prompts)
+
+
+class CountReward(nn.Module):
+    """A stand-in preference model: reward = number of GOOD tokens in the sequence."""
+    norm_mean = norm_std = None
+
+    def __init__(self, good_ids: list[int]):
+        super().__init__()
+        self.register_buffer("good", torch.tensor(good_ids))
+
+    def forward(self, tokens, last, start=None):
+        return torch.isin(tokens, self.good).sum(1).float()
+
+
+def tiny_prompts(tok, n, seed=0):
+    rng = random.Random(seed)
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": "".join(rng.choice("bcdfg")
+                                                                                     for _ in range(5))}]))
+            for _ in range(n)]
+
+
+def tiny_run(value_model, **overrides):
+    tok = make_tiny_tokenizer()
+    settings = dict(batch_size=16, micro_batch=8, max_new_tokens=12, lr=1e-4, iterations=30, warmup=0,
+                    normalize_reward=False, no_stop_score=None, kl_coef=0.01, value_model=value_model)
+    args = ppo_mod.Args(out="unused", pm="unused", **(settings | overrides))
+    policy = make_tiny_model(0)
+    value_net = RewardModel(make_tiny_model(1)) if value_model == "separate" else None
+    torch.manual_seed(0)
+    return ppo_mod.build(args, tiny_prompts(tok, 64), policy, copy.deepcopy(policy),
+                         CountReward(tok.encode(GOOD)), value_net, tok.stop_ids, tok.pad_id, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("value_model", ["separate", "shared"])
+def test_tiny_policy_learns_a_synthetic_reward(value_model):
+    run = tiny_run(value_model)
+    timer = ppo_mod.PhaseTimer(torch.device("cpu"))
+    scores, kls = [], []
+    for it in range(20):
+        stats, gen, _ = ppo_mod.iteration(run, it, timer)
+        scores.append(stats["score"].item())
+        kls.append(stats["kl"].item())
+        assert set(timer.read()) == set(ppo_mod.PHASES)
+    # at random, ~0.3 GOOD tokens per 12-token response (8 of 320 tokens; more when a tiny model repeats one)
+    first, last = sum(scores[:3]) / 3, sum(scores[-5:]) / 5
+    assert first < 2.0 and last > 3 * first + 2.0, scores
+    assert sum(kls[-5:]) / 5 > 0.1                              # and the policy moved away from the reference
+    # the policy, not the reference, moved
+    assert not torch.equal(run.policy.layers[0].attention.wqkv.weight, run.ref.layers[0].attention.wqkv.weight)
+
+
+def test_sampling_logprobs_are_what_ppo_recomputes():
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model(0)
+    g = torch.Generator().manual_seed(0)
+    gen = generate(model, tiny_prompts(tok, 6), SamplingParams(max_new_tokens=10, temperature=0.7), tok.stop_ids,
+                   tok.pad_id, generator=g)
+    mask = gen.response_mask
+    with torch.no_grad():
+        h = ppo_mod.response_hidden(model, gen.sequences, gen.start, gen.prompt_len)       # (B, T_r, D)
+        logp = token_logprobs(h, model.output_weight, gen.tokens, 0.7, mask)
+    torch.testing.assert_close(logp, gen.logprobs, atol=1e-5, rtol=1e-5)
+    assert torch.all(logp[~mask] == 0)
+
+
+def test_first_update_starts_at_ratio_one_and_moves_the_policy():
+    # 2 epochs: the first minibatch's ratio is 1 (old log-probs from the sampling pass, values from the
+    # same weights), so approx_kl is ~0 there and > 0 after the first step
+    run = tiny_run("separate", ppo_epochs=2, minibatches=2)
+    stats, _, _ = ppo_mod.iteration(run, 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+    assert stats["approx_kl"].item() > 1e-6
+    run1 = tiny_run("separate")
+    stats1, _, _ = ppo_mod.iteration(run1, 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+    assert stats1["approx_kl"].item() < 1e-9 and stats1["clipfrac"].item() == 0
+
+
+def test_presets_put_their_flags_first():
+    argv = ppo_mod.apply_preset(["--out", "o", "--pm", "p", "--preset", "nplus", "--lam", "0.9"])
+    args = ppo_mod.parse_args(ppo_mod.Args, argv)
+    assert args.kl_coef == 0.05 and args.ppo_epochs == 4 and not args.whiten_rewards and not args.kl_clamp
+    assert args.lam == 0.9                                       # an explicit flag wins over the preset
+    paper = ppo_mod.parse_args(ppo_mod.Args, ppo_mod.apply_preset(["--out", "o", "--pm", "p", "--preset=paper"]))
+    assert (paper.batch_size, paper.ppo_epochs, paper.minibatches, paper.max_new_tokens) == (512, 2, 2, 300)
+    assert paper.kl_clamp and paper.whiten_rewards and paper.value_model == "separate"
+    default = ppo_mod.parse_args(ppo_mod.Args, ["--out", "o", "--pm", "p"])
+    assert (default.batch_size, default.max_new_tokens, default.ppo_epochs, default.minibatches) == (16, 64, 1, 1)
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+def save_pm(trunk, tok, out):
+    """A preference-model run directory written the way train.py pm writes one (runs.save_checkpoint)."""
+    from rlcd import pm as pm_mod
+
+    pm = RewardModel(trunk)
+    opt = torch.optim.AdamW(pm.head.parameters())
+    meta = runs.run_meta("pm", pm_mod.Args(pairs=["none"], out=str(out)), 1,
+                         reward_norm={"mean": 0.25, "std": 2.0, "n": 8})
+    runs.save_checkpoint(out / "reward", pm.trunk, tok, meta, opt, runs.cosine_schedule(opt, 0, 1), 1, "none",
+                         {"head": pm.head.state_dict()})
+    return out
+
+
+def write_prompt_file(path, n=48, seed=0):
+    rng = random.Random(seed)
+    path.write_text("".join("".join(rng.choice("bcdfg ") for _ in range(12)) + "\n" for _ in range(n)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ppo")
+    tok = make_tiny_tokenizer()
+    policy = save_model(make_tiny_model(0), tok, d / "policy")
+    pm = save_pm(make_tiny_model(1), tok, d / "pm")
+    return policy, pm, write_prompt_file(d / "prompts.txt")
+
+
+def ppo_argv(setup, out, *extra):
+    policy, pm, prompts = setup
+    return ["ppo", "--policy", str(policy), "--pm", str(pm), "--prompts", str(prompts), "--out", str(out),
+            "--batch-size", "8", "--micro-batch", "4", "--max-new-tokens", "8", "--iterations", "4", "--lr", "1e-3",
+            "--warmup", "1", "--sample-every", "2", *map(str, extra)]
+
+
+def read_log(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_diagnostics_and_samples(tiny_setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli.main(ppo_argv(tiny_setup, out, "--kl-target", "1.0", "--save-every", "2")) == 0
+    log = read_log(out)
+    iters = [r for r in log if "score" in r and "samples" not in r]
+    assert [r["step"] for r in iters] == [1, 2, 3, 4]
+    for k in ("score", "pm_score", "kl", "beta", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac",
+              "explained_variance", "response_length", "finished", "tokens_per_s", "lr", "grad_norm",
+              *(f"t_{p}" for p in ppo_mod.PHASES)):
+        assert k in iters[0], k
+    assert iters[1]["beta"] != iters[0]["beta"]                           # the adaptive controller moved
+    samples = [r for r in log if "samples" in r]
+    assert [r["step"] for r in samples] == [2, 4] and len(samples[0]["samples"]) == 2
+    assert "response" in samples[0]["samples"][0]
+    assert [r["step"] for r in log if "save_s" in r] == [2, 4]
+    assert "iter 4/4 | score" in capsys.readouterr().out
+    # the checkpoint: an HF-format policy that load_model reads, the value network, the KL controller
+    ckpt = out / "policy"
+    load_model(out)
+    meta = json.loads((ckpt / "run.json").read_text())
+    assert meta["stage"] == "ppo" and meta["step"] == 4 and meta["kl_ctl"]["target"] == 1.0
+    assert "head.weight" in load_file(str(ckpt / "value.safetensors"))
+
+
+def test_resume_continues_exactly(tiny_setup, tmp_path):
+    straight, split = tmp_path / "a", tmp_path / "b"
+    extra = ("--kl-target", "1.0", "--value-model", "shared")
+    assert train_cli.main(ppo_argv(tiny_setup, straight, *extra)) == 0
+    assert train_cli.main(ppo_argv(tiny_setup, split, *extra, "--stop-after", "2")) == 0
+    assert json.loads((split / "policy" / "run.json").read_text())["step"] == 2
+    assert train_cli.main(ppo_argv(tiny_setup, split, *extra, "--resume")) == 0
+    for f in ("model.safetensors", "value_head.safetensors"):
+        a, b = load_file(str(straight / "policy" / f)), load_file(str(split / "policy" / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    strip = lambda log: [{k: v for k, v in r.items() if not (k.startswith("t_") or k in ("iter_s", "tokens_per_s",
+                                                                                           "save_s"))} for r in log]
+    assert strip(read_log(straight)) == strip(read_log(split))
+    assert json.loads((straight / "policy" / "run.json").read_text())["kl_ctl"] == \
+        json.loads((split / "policy" / "run.json").read_text())["kl_ctl"]
+
+
+def test_nan_guard_names_iteration_and_quantity(tiny_setup, tmp_path, capsys, monkeypatch):
+    real = ppo_mod.score_tokens
+
+    def nan_at_3(pm, tokens, *a, **k):
+        r = real(pm, tokens, *a, **k)
+        return r * float("nan") if nan_at_3.calls == 2 else r
+    nan_at_3.calls = -1
+
+    def counting(*a, **k):
+        nan_at_3.calls += 1
+        return nan_at_3(*a, **k)
+    monkeypatch.setattr(ppo_mod, "score_tokens", counting)
+    out = tmp_path / "nan"
+    assert train_cli.main(ppo_argv(tiny_setup, out, "--no-stop-score", "none")) == 3
+    err = capsys.readouterr().err
+    assert "iteration 3: non-finite score=nan" in err
+    assert json.loads((out / "policy" / "run.json").read_text())["step"] == 2     # the last good checkpoint
+
+
+def test_profile_writes_a_trace_and_the_phase_table(tiny_setup, tmp_path, capsys):
+    out = tmp_path / "prof"
+    assert train_cli.main(ppo_argv(tiny_setup, out, "--profile")) == 0
+    printed = capsys.readouterr().out
+    for p in ppo_mod.PHASES:
+        assert f"| {p} |" in printed
+    assert "peak memory" in printed
+    assert json.loads((out / "profile" / "trace.json").read_text())["traceEvents"]
+    assert not (out / "policy").exists()
+
+
+def test_bad_input_is_a_clear_error(tiny_setup, tmp_path, capsys):
+    policy, pm, prompts = tiny_setup
+    assert train_cli.main(ppo_argv((policy, tmp_path / "nowhere", prompts), tmp_path / "x")) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    assert train_cli.main(ppo_argv(tiny_setup, tmp_path / "y", "--max-prompt-len", "3")) == 2
+    assert "fewer than --batch-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_cli.main(ppo_argv(tiny_setup, tmp_path / "z", "--value-model", "both"))
+
+
+# --- the real default model --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_ppo_default_model_one_iteration(smollm2, tmp_path, capsys):
+    _, tok = smollm2
+    # a small preference model that reads the default tokenizer's ids (a tiny trunk with its vocabulary)
+    pm = save_pm(make_tiny_model(1, vocab_size=tok.vocab_size, max_seq_len=512), tok, tmp_path / "pm")
+    prompts = write_prompt_file(tmp_path / "prompts.txt")
+    out = tmp_path / "ppo"
+    rc = train_cli.main(["ppo", "--pm", str(pm), "--prompts", str(prompts), "--out", str(out), "--iterations", "1",
+                         "--batch-size", "2", "--micro-batch", "2", "--max-new-tokens", "8", "--threads", "2"])
+    assert rc == 0
+    rec = [r for r in read_log(out) if "score" in r][0]
+    assert rec["step"] == 1 and 1 <= rec["response_length"] <= 8
+    policy, _ = load_model(out)
+    assert policy.args.n_layers == 30
+    value, _, _ = load_reward_model(pm)
+    assert set(load_file(str(out / "policy" / "value.safetensors"))) == set(value.state_dict())
