@@ -19,6 +19,13 @@ out in `iteration()` below with the numbered steps of lm-human-preference-detail
   6. PPO epochs   clipped policy and value losses over shuffled minibatches, gradient accumulation
 The math lives in rlcd/ppo_core.py as small pure functions that the tests check.
 
+Old log-probs and values. With one epoch of one minibatch in one micro-batch (the default here), the
+update's forward runs at exactly the rollout's weights, so it supplies the old log-probs and values and
+steps 4-5 run between that forward and its backward: no value forward at rollout (ratio exactly 1).
+Otherwise the values come from a forward at rollout, and the old log-probs from the sampling pass when
+they are exact (top_k = 0, top_p = 1: the full tempered distribution that was sampled), else from a
+policy forward (free with the shared value head, whose forward is the policy's).
+
 Hot path: no host synchronisation inside an iteration except the generation engine's stop check; every
 diagnostic stays a tensor until one `.tolist()` per iteration. Log-probs come from the fused entry
 point kernels.token_logprobs, which never builds (B, T, V) logits. Phases are timed with CUDA events on
@@ -270,6 +277,7 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
     amp = runs.autocast(a, dev)
     g = torch.Generator(dev).manual_seed(a.seed * 1_000_003 + it)
     beta = ppo.kl_ctl.value
+    fused = a.ppo_epochs == 1 and a.minibatches == 1 and a.micro_batch >= a.batch_size
 
     # 1. Rollout: B prompts of this iteration (a pure function of seed and it), sampled in lock-step.
     with timer("generate"), amp:
@@ -295,7 +303,9 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
             ref_logp = token_logprobs(h_ref, ref.output_weight, tokens, a.temperature, mask)        # (B, T_r)
             del h_ref
         with timer("values"), amp:
-            if ppo.value_head is not None:
+            if fused:
+                old_logp = old_values = None        # from the update's forward at the same weights (step 6)
+            elif ppo.value_head is not None:
                 # Shared trunk: the forward that gives the values gives the old log-probs as well.
                 old_logp, _, old_values = ppo.values_and_logprobs(seq, start, T_p, tokens, mask)
             else:
@@ -311,18 +321,11 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
                     # ratio is taken against the full tempered policy, recomputed here.
                     h = response_hidden(policy, seq, start, T_p)
                     old_logp = token_logprobs(h, policy.output_weight, tokens, a.temperature, mask)
-            old_values = old_values.float()
 
-        with timer("advantages"):
-            # 4. Per-token KL reward: r_t = -beta KL_t, plus the score on the last real token.
-            kl = kl_per_token(old_logp, ref_logp, a.kl_estimator, a.kl_clamp)               # (B, T_r)
-            rewards = shape_rewards(score, kl, mask, beta)                                  # (B, T_r)
-            # 5. Whitening (scale only, official code) and GAE over response tokens; padding masked.
-            if a.whiten_rewards:
-                rewards = masked_whiten(rewards, mask, shift_mean=False)
-            adv, returns = gae(rewards, old_values, mask, a.gamma, a.lam)                   # (B, T_r) each
-            if a.whiten_advantages:
-                adv = masked_whiten(adv, mask)
+        if not fused:
+            # 4. Per-token KL reward and 5. GAE (see `advantages`).
+            with timer("advantages"):
+                adv, returns, kl = advantages(a, score, old_logp, ref_logp, old_values.float(), mask, beta)
 
     # 6. PPO epochs: shuffled minibatches, each one optimiser step accumulated over micro-batches.
     stats = {k: torch.zeros((), device=dev) for k in
@@ -332,13 +335,22 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
     with timer("update"):
         policy.train()
         for _ in range(a.ppo_epochs):
-            perm = torch.randperm(a.batch_size, generator=g, device=dev)                    # (B,)
+            perm = torch.arange(a.batch_size, device=dev) if fused else \
+                torch.randperm(a.batch_size, generator=g, device=dev)                        # (B,)
             for mb in perm.split(mb_size):
                 n_tok = mask[mb].sum()                          # response tokens of the minibatch: the loss mean's denominator
                 for mi in mb.split(a.micro_batch):
                     m = mask[mi]                                                             # (b, T_r)
                     with amp:
                         logp, ent, values = ppo.values_and_logprobs(seq[mi], start[mi], T_p, tokens[mi], m)
+                    if fused:
+                        # One epoch of one minibatch in one micro-batch (the default): nothing has been
+                        # updated since the rollout, so this forward is the old policy and value network.
+                        # Taking the old log-probs and values from it, then steps 4 and 5, saves the
+                        # rollout's value forward (a whole trunk) and makes the ratio exactly 1.
+                        old_logp, old_values = logp.detach(), values.detach().float()        # (B, T_r) each
+                        adv, returns, kl = advantages(a, score, old_logp, ref_logp, old_values, mask, beta)
+                    with amp:
                         pg, clipfrac, approx_kl = policy_loss(logp, old_logp[mi], adv[mi], m, a.clip, n_tok)
                         vf, vf_clipfrac = value_loss(values, old_values[mi], returns[mi], m, a.value_clip, n_tok)
                         ent_mean = masked_mean(ent, m, n_tok)
@@ -366,6 +378,21 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
         "tokens": lengths.sum(),
     }
     return stats, gen, score
+
+
+def advantages(a: Args, score: Tensor, old_logp: Tensor, ref_logp: Tensor, old_values: Tensor, mask: Tensor,
+               beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Steps 4 and 5 on a batch of rollouts: (advantages, returns, the per-token KL paid), each (B, T_r)."""
+    # 4. Per-token KL reward: r_t = -beta KL_t, plus the score on the last real token.
+    kl = kl_per_token(old_logp, ref_logp, a.kl_estimator, a.kl_clamp)                     # (B, T_r)
+    rewards = shape_rewards(score, kl, mask, beta)                                        # (B, T_r)
+    # 5. Whitening (scale only, official code) and GAE over response tokens; padding masked.
+    if a.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    adv, returns = gae(rewards, old_values, mask, a.gamma, a.lam)                         # (B, T_r) each
+    if a.whiten_advantages:
+        adv = masked_whiten(adv, mask)
+    return adv, returns, kl
 
 
 # --- setup ---------------------------------------------------------------------------------------------------

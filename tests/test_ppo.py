@@ -96,6 +96,21 @@ def test_first_update_starts_at_ratio_one_and_moves_the_policy():
     assert stats1["approx_kl"].item() < 1e-9 and stats1["clipfrac"].item() == 0
 
 
+@pytest.mark.parametrize("value_model", ["separate", "shared"])
+def test_fused_first_forward_equals_the_general_path(value_model):
+    # one epoch of one minibatch in one micro-batch takes old log-probs and values from the update's
+    # forward; the general path (two micro-batches) computes them at rollout: the same update
+    cpu = torch.device("cpu")
+    fused, general = tiny_run(value_model, micro_batch=16), tiny_run(value_model, micro_batch=8)
+    t_fused, t_general = ppo_mod.PhaseTimer(cpu), ppo_mod.PhaseTimer(cpu)
+    a, _, _ = ppo_mod.iteration(fused, 0, t_fused)
+    b, _, _ = ppo_mod.iteration(general, 0, t_general)
+    for k in ("score", "kl", "policy_loss", "value_loss", "entropy", "explained_variance", "grad_norm", "return_mean"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert a["approx_kl"] == 0 and a["clipfrac"] == 0                       # the ratio is exactly 1
+    assert t_fused.read()["values"] < 0.2 * t_general.read()["values"]      # no value forward at rollout
+
+
 def test_presets_put_their_flags_first():
     argv = ppo_mod.apply_preset(["--out", "o", "--pm", "p", "--preset", "nplus", "--lam", "0.9"])
     args = ppo_mod.parse_args(ppo_mod.Args, argv)
@@ -172,14 +187,15 @@ def test_run_directory_diagnostics_and_samples(tiny_setup, tmp_path, capsys):
     assert "head.weight" in load_file(str(ckpt / "value.safetensors"))
 
 
-def test_resume_continues_exactly(tiny_setup, tmp_path):
+@pytest.mark.parametrize("value_model,micro_batch", [("shared", 4), ("separate", 8)])   # general, fused path
+def test_resume_continues_exactly(tiny_setup, tmp_path, value_model, micro_batch):
     straight, split = tmp_path / "a", tmp_path / "b"
-    extra = ("--kl-target", "1.0", "--value-model", "shared")
+    extra = ("--kl-target", "1.0", "--value-model", value_model, "--micro-batch", micro_batch)
     assert train_cli.main(ppo_argv(tiny_setup, straight, *extra)) == 0
     assert train_cli.main(ppo_argv(tiny_setup, split, *extra, "--stop-after", "2")) == 0
     assert json.loads((split / "policy" / "run.json").read_text())["step"] == 2
     assert train_cli.main(ppo_argv(tiny_setup, split, *extra, "--resume")) == 0
-    for f in ("model.safetensors", "value_head.safetensors"):
+    for f in ("model.safetensors", "value_head.safetensors" if value_model == "shared" else "value.safetensors"):
         a, b = load_file(str(straight / "policy" / f)), load_file(str(split / "policy" / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
     strip = lambda log: [{k: v for k, v in r.items() if not (k.startswith("t_") or k in ("iter_s", "tokens_per_s",
