@@ -74,7 +74,7 @@ class TrainArgs:
     max_length: int = 512           # tokens per sequence (prompt + response + end marker)
     train_layers: int = 0           # 0 = full fine-tune; N = only the top N blocks, the final norm and head
     grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
-    dev: float = 0.1                # held-out split: a fraction if < 1, else a count of examples
+    dev: float = 0.1                # held-out split by prompt id: a fraction if < 1, else a count of prompts
     eval_every: int = 50            # dev evaluation every N steps (and always at the end; 0 = end only)
     save_every: int = 100           # checkpoint every N steps (and always at the end)
     seed: int = 0                   # data order, dev split and sampling
