@@ -112,7 +112,7 @@ class Args:
     clip: float = 0.2                 # policy ratio clip (paper: 0.2)
     value_clip: float = 0.2           # value clip around the rollout's values (paper: 0.2)
     vf_coef: float = 0.1              # value-loss coefficient (paper: 0.1)
-    ent_coef: float = 0.0             # entropy bonus coefficient (0 = off)
+    ent_coef: float = 0.0             # entropy bonus coefficient (0 = off; the logged entropy is then -mean log pi(x))
     lr: float = 1e-5                  # peak learning rate (paper: 1e-5)
     warmup: float = 0.05              # warm-up: a fraction of the optimiser steps if < 1, else a step count
     min_lr_ratio: float = 0.0         # cosine decay to lr * this at the last step
@@ -220,12 +220,14 @@ class PPO:
         return [p for m in mods for p in m.parameters() if p.requires_grad]
 
     def values_and_logprobs(self, seq: Tensor, start: Tensor, T_p: int, tokens: Tensor, mask: Tensor,
-                            ) -> tuple[Tensor, Tensor, Tensor]:
-        """The current policy's log-probs and entropies of the response tokens and the value network's
-        V(s_t), each (b, T_r) fp32, in one policy forward (plus one value-trunk forward if separate)."""
+                            ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The current policy's log-probs of the response tokens, their entropies (only with an entropy
+        bonus: on a CPU they cost two more passes over the (b T_r, V) logits, forward and recompute) and
+        the value network's V(s_t), each (b, T_r) fp32: one policy forward (plus one value trunk if separate)."""
         h = response_hidden(self.policy, seq, start, T_p)                                     # (b, T_r, D)
-        logp, ent = token_logprobs(h, self.policy.output_weight, tokens, self.args.temperature, mask,
-                                   return_entropy=True)                                        # (b, T_r) each
+        out = token_logprobs(h, self.policy.output_weight, tokens, self.args.temperature, mask,
+                             return_entropy=self.args.ent_coef > 0)                            # (b, T_r) each
+        logp, ent = out if self.args.ent_coef > 0 else (out, None)
         if self.value_head is not None:
             values = self.value_head(h)                                                        # (b, T_r)
         else:
@@ -353,10 +355,13 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
                     with amp:
                         pg, clipfrac, approx_kl = policy_loss(logp, old_logp[mi], adv[mi], m, a.clip, n_tok)
                         vf, vf_clipfrac = value_loss(values, old_values[mi], returns[mi], m, a.value_clip, n_tok)
-                        ent_mean = masked_mean(ent, m, n_tok)
-                        loss = pg + a.vf_coef * vf - a.ent_coef * ent_mean
+                        loss = pg + a.vf_coef * vf
+                        if ent is not None:
+                            ent_mean = masked_mean(ent, m, n_tok)
+                            loss = loss - a.ent_coef * ent_mean
+                            stats["entropy"] += ent_mean.detach() / n_steps
                     loss.backward()
-                    for k, v in (("policy_loss", pg), ("value_loss", vf), ("entropy", ent_mean),
+                    for k, v in (("policy_loss", pg), ("value_loss", vf),
                                  ("approx_kl", approx_kl), ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac)):
                         stats[k] += v.detach().float() / n_steps
                 # clip_grad_norm_ with max_norm=inf only measures; it returns a tensor (no sync).
@@ -368,6 +373,10 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
 
     lengths = gen.lengths.float()
     log_ratio = torch.where(mask, old_logp - ref_logp, 0.0)                                  # (B, T_r)
+    if a.ent_coef == 0:
+        # No entropy bonus, so no exact entropies: log the Monte Carlo estimate H = E_{x~pi}[-log pi(x)]
+        # over the sampled tokens (unbiased, and free).
+        stats["entropy"] = -masked_mean(old_logp, mask)
     stats |= {
         "score": score.mean(), "pm_score": pm_score.float().mean(),
         "kl": log_ratio.sum(1).mean(),                   # KL(pi || pi_ref) per sequence, k1 unclamped
@@ -422,6 +431,15 @@ def check_pm_matches(pm_tok: Tokenizer, tok: Tokenizer) -> None:
                               f"the policy ({tok.stop_ids}); PPO scores prompt + response + stop token")
 
 
+def make_optimizer(named: list[tuple[str, nn.Parameter]], args: Args, device: torch.device) -> torch.optim.AdamW:
+    """runs.make_optimizer's AdamW (weight decay on matrices only) with the fused kernel on a CPU too:
+    there it is ~7x faster than the default for-each path (0.42 s against 2.95 s per step for 161M
+    parameters, one thread), which matters when two 135M trunks step every minibatch."""
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+              for g in runs.make_optimizer(named, args, device).param_groups]  # type: ignore[arg-type]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=device.type in ("cpu", "cuda"))
+
+
 def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transformer, pm: RewardModel,
           value_net: RewardModel | None, stop_ids: list[int], pad_id: int, device: torch.device) -> PPO:
     """Freeze the reference and the PM, add the shared value head if asked, make the optimiser (one
@@ -435,7 +453,7 @@ def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transf
         value_net.trunk.gradient_checkpointing = args.grad_checkpointing
     policy.gradient_checkpointing = args.grad_checkpointing
     named = list(policy.named_parameters()) + list((value_net or value_head).named_parameters())
-    optimizer = runs.make_optimizer(named, args, device)  # type: ignore[arg-type]
+    optimizer = make_optimizer(named, args, device)
     total = args.iterations * args.ppo_epochs * args.minibatches
     warm = round(args.warmup * total) if args.warmup < 1 else int(args.warmup)
     scheduler = runs.cosine_schedule(optimizer, warm, total, args.min_lr_ratio)

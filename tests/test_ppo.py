@@ -111,6 +111,15 @@ def test_fused_first_forward_equals_the_general_path(value_model):
     assert t_fused.read()["values"] < 0.2 * t_general.read()["values"]      # no value forward at rollout
 
 
+def test_entropy_exact_with_a_bonus_estimated_without():
+    cpu = torch.device("cpu")
+    exact, _, _ = ppo_mod.iteration(tiny_run("shared", ent_coef=0.01, max_new_tokens=32), 0, ppo_mod.PhaseTimer(cpu))
+    estimate, _, _ = ppo_mod.iteration(tiny_run("shared", max_new_tokens=32), 0, ppo_mod.PhaseTimer(cpu))
+    # same weights, same samples: the mean entropy and its Monte Carlo estimate -E[log pi(x)] agree loosely
+    assert 0 < exact["entropy"].item() < 5.8                                  # below log(320)
+    assert estimate["entropy"].item() == pytest.approx(exact["entropy"].item(), rel=0.25)
+
+
 def test_presets_put_their_flags_first():
     argv = ppo_mod.apply_preset(["--out", "o", "--pm", "p", "--preset", "nplus", "--lam", "0.9"])
     args = ppo_mod.parse_args(ppo_mod.Args, argv)
