@@ -255,11 +255,12 @@ def freeze_lower_layers(trunk: Transformer, train_layers: int) -> None:
 def make_optimizer(named_params: list[tuple[str, nn.Parameter]], args: TrainArgs,
                    device: torch.device) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; weight decay on matrices only (norm gains and biases are
-    not decayed, as in GPT-2/nanoGPT)."""
+    not decayed, as in GPT-2/nanoGPT). The fused implementation exists on CPU too and is ~8x faster
+    there than the default foreach one (50 vs 380 ms a step for 14M parameters on this machine)."""
     decay = [p for _, p in named_params if p.requires_grad and p.dim() >= 2]
     other = [p for _, p in named_params if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=device.type in ("cuda", "cpu"))
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
