@@ -126,7 +126,7 @@ def test_presets_put_their_flags_first():
     assert args.kl_coef == 0.05 and args.ppo_epochs == 4 and not args.whiten_rewards and not args.kl_clamp
     assert args.lam == 0.9                                       # an explicit flag wins over the preset
     paper = ppo_mod.parse_args(ppo_mod.Args, ppo_mod.apply_preset(["--out", "o", "--pm", "p", "--preset=paper"]))
-    assert (paper.batch_size, paper.ppo_epochs, paper.minibatches, paper.max_new_tokens) == (512, 2, 2, 300)
+    assert (paper.batch_size, paper.ppo_epochs, paper.minibatches, paper.max_new_tokens, paper.lr) == (512, 2, 2, 300, 1e-5)
     assert paper.kl_clamp and paper.whiten_rewards and paper.value_model == "separate"
     default = ppo_mod.parse_args(ppo_mod.Args, ["--out", "o", "--pm", "p"])
     assert (default.batch_size, default.max_new_tokens, default.ppo_epochs, default.minibatches) == (16, 64, 1, 1)
