@@ -215,6 +215,7 @@ class PPO:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     kl_ctl: KLController
     device: torch.device
+    end_id: int | None = None             # the PM's end marker (a stop token), appended to cut-off responses
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -295,10 +296,17 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
 
     with torch.no_grad():
         # 2. Score: the PM reads prompt + response + stop token (its training input, rlcd/pm.py) at the
-        #    last real column; a response cut off at max_new_tokens gets no_stop_score instead.
+        #    last column; a response cut off at max_new_tokens then gets no_stop_score instead.
         with timer("score"), amp:
             last = T_p + gen.lengths - 1                                                   # (B,) column
-            pm_score = score_tokens(pm, seq, start, last, normalize=a.normalize_reward)    # (B,)
+            if ppo.end_id is not None:
+                # A cut-off response gets the end marker appended in one extra column, so the PM reads
+                # the input it was trained and normalised on (rlcd.pm.encode_input always ends with it).
+                seq_pm = F.pad(seq, (0, 1), value=ppo.pad_id)                                 # (B, T + 1)
+                last = last + (~gen.finished).long()                                          # (B,)
+                seq_pm = seq_pm.scatter(1, last[:, None], ppo.end_id)                         # marker at `last`
+            pm_score = score_tokens(pm, seq_pm if ppo.end_id is not None else seq, start, last,
+                                    normalize=a.normalize_reward)                             # (B,)
             score = apply_missing_stop(pm_score.float(), gen.finished, a.no_stop_score)    # (B,)
 
         # 3. Reference log-probs (frozen initial policy), old log-probs and values.
@@ -421,7 +429,7 @@ def encode_prompts(records: list[dict], tok: Tokenizer, max_len: int) -> tuple[l
     return ids, keys, len(records) - len(ids)
 
 
-def check_pm_matches(pm_tok: Tokenizer, tok: Tokenizer) -> None:
+def check_pm_matches(pm_tok: Tokenizer, tok: Tokenizer) -> int:
     """The PM reads the policy's token ids, so the vocabularies must be the same, and (chat format) the
     PM's end marker must be a single token the policy stops on."""
     if pm_tok.tok.get_vocab() != tok.tok.get_vocab():
@@ -431,6 +439,7 @@ def check_pm_matches(pm_tok: Tokenizer, tok: Tokenizer) -> None:
     if len(marker) != 1 or marker[0] not in tok.stop_ids:
         raise CheckpointError(f"the PM's chat end marker {end_marker(pm_tok, 'chat')!r} is not a stop token of "
                               f"the policy ({tok.stop_ids}); PPO scores prompt + response + stop token")
+    return marker[0]
 
 
 def make_optimizer(named: list[tuple[str, nn.Parameter]], args: Args, device: torch.device) -> torch.optim.AdamW:
@@ -443,7 +452,8 @@ def make_optimizer(named: list[tuple[str, nn.Parameter]], args: Args, device: to
 
 
 def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transformer, pm: RewardModel,
-          value_net: RewardModel | None, stop_ids: list[int], pad_id: int, device: torch.device) -> PPO:
+          value_net: RewardModel | None, stop_ids: list[int], pad_id: int, device: torch.device,
+          end_id: int | None = None) -> PPO:
     """Freeze the reference and the PM, add the shared value head if asked, make the optimiser (one
     AdamW over policy and value, as the official code's actor-critic) and its schedule."""
     for m in (ref, pm):
@@ -461,7 +471,7 @@ def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transf
     scheduler = runs.cosine_schedule(optimizer, warm, total, args.min_lr_ratio)
     kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon)
     return PPO(args, policy, ref, pm, value_net, value_head, prompts, stop_ids, pad_id, optimizer, scheduler,
-               kl_ctl, device)
+               kl_ctl, device, end_id)
 
 
 def phase_table(times: dict[str, float], peak_bytes: int | None, title: str = "") -> str:
@@ -510,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         policy, tok = load_model(resume_from or args.policy, device=device, dtype=torch.float32,
                                  attn_impl=args.attn_impl)
         ref, _ = load_model(args.policy, device=device, dtype=frozen_dtype, attn_impl=args.attn_impl)
-        check_pm_matches(pm_tok, tok)
+        end_id = check_pm_matches(pm_tok, tok)
         value_net = None
         if args.value_model == "separate":
             # The value network starts as the preference model (paper), trained from there.
@@ -534,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    ppo = build(args, prompts, policy, ref, pm, value_net, tok.stop_ids, tok.pad_id, device)
+    ppo = build(args, prompts, policy, ref, pm, value_net, tok.stop_ids, tok.pad_id, device, end_id)
     out = Path(args.out)
     ckpt = out / runs.CKPT_DIRS["ppo"]
     fingerprint = runs.data_fingerprint(keys, args)  # type: ignore[arg-type]

@@ -85,6 +85,23 @@ def test_sampling_logprobs_are_what_ppo_recomputes():
     assert torch.all(logp[~mask] == 0)
 
 
+def test_the_pm_reads_what_it_was_trained_on():
+    # prompt + response + end marker, the marker appended to a response cut off at max_new_tokens
+    from rlcd.pm import score_ids
+
+    tok = make_tiny_tokenizer()
+    run = tiny_run("shared", max_new_tokens=6)
+    run.pm, run.end_id = RewardModel(make_tiny_model(1)).eval(), tok.token_id("<|im_end|>")
+    _, gen, score = ppo_mod.iteration(run, 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+    assert not gen.finished.all()
+    seqs = []
+    for b in range(gen.tokens.shape[0]):
+        prompt = gen.sequences[b, gen.start[b]:gen.prompt_len].tolist()
+        response = gen.tokens[b, :gen.lengths[b]].tolist()
+        seqs.append(prompt + response + ([] if gen.finished[b] else [run.end_id]))
+    torch.testing.assert_close(score, score_ids(run.pm, seqs, tok.pad_id), atol=1e-5, rtol=1e-5)
+
+
 def test_first_update_starts_at_ratio_one_and_moves_the_policy():
     # 2 epochs: the first minibatch's ratio is 1 (old log-probs from the sampling pass, values from the
     # same weights), so approx_kl is ~0 there and > 0 after the first step
