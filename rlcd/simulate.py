@@ -416,7 +416,7 @@ def score_stats(records: list[dict], model, tokenizer: Tokenizer, both_orders: b
     differentiated the pairs are). Principle `affix_index` of the record's task, the neutral dialogue
     in plain form, rejected shown as A and chosen as B (and the reverse too with both_orders).
 
-    p_chosen: mean P(chosen better); agree: fraction with P > 0.5 (for rlcd: the scorer agrees with the
+    p_chosen: mean P(chosen better), with its standard error; agree: fraction with P > 0.5 (for rlcd: the scorer agrees with the
     construction label); margin: mean |2P - 1|, how decisively the scorer separates the two, in
     either direction (comparable between rlcd and rlaif, whose chosen side is arbitrary).
     """
@@ -431,7 +431,9 @@ def score_stats(records: list[dict], model, tokenizer: Tokenizer, both_orders: b
         instr.append(ins[int(r["affix_index"]) % len(ins)])
     p = score_pairs(model, tokenizer, conv, instr, [r["rejected"] for r in records],
                     [r["chosen"] for r in records], both_orders=both_orders, batch_size=batch_size)
-    return {"scorer_p_chosen": p.mean().item(), "scorer_agree": (p > 0.5).float().mean().item(),
+    se = p.std().item() / len(p) ** 0.5 if len(p) > 1 else None
+    return {"scorer_p_chosen": p.mean().item(), "scorer_p_chosen_se": se,
+            "scorer_agree": (p > 0.5).float().mean().item(),
             "scorer_margin": (2 * p - 1).abs().mean().item(), "scorer_both_orders": both_orders}
 
 

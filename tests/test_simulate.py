@@ -317,6 +317,7 @@ def test_score_stats_orient_on_chosen(monkeypatch):
              "messages": [{"role": "user", "content": "q"}]} for i in (1, 2)]
     s = sim.score_stats(recs, None, None)
     assert s["scorer_p_chosen"] == pytest.approx(0.65) and s["scorer_agree"] == pytest.approx(0.5)
+    assert s["scorer_p_chosen_se"] == pytest.approx(torch.tensor([0.9, 0.4]).std().item() / 2 ** 0.5)
     assert s["scorer_margin"] == pytest.approx((0.8 + 0.2) / 2)
 
 
