@@ -92,7 +92,7 @@ class Args:
     max_tries: int = 5                    # samples per response before the prompt is dropped
     require_end: bool = False             # re-sample responses cut off at max_new_tokens
     both_orders: bool = False             # score A/B and B/A and average (rlaif, rlcd-rescore)
-    batch_size: int = 16                  # sequences per generation / scoring batch
+    batch_size: int = 16                  # sequences per generation / scoring batch; prompts per saved chunk
     seed: int = 0                         # affix choice, A/B order and sampling seed
     device: str = "cpu"                   # cpu or cuda
     dtype: str = "float32"                # float32, bfloat16 or float16
