@@ -59,7 +59,7 @@ def _run(fn, h, W, y, temperature, mask, with_entropy, g_lp, g_ent):
     return [lp] + ([ent] if with_entropy else []) + [dh, dW]
 
 
-def _check(monkeypatch, shape, V, D, dtype=torch.float32, temperature=1.0, masked=False, with_entropy=True, seed=0):
+def check_against_reference(monkeypatch, shape, V, D, dtype=torch.float32, temperature=1.0, masked=False, with_entropy=True, seed=0):
     monkeypatch.setenv("RLCD_KERNELS", "triton")
     h, W, y, mask = _inputs(shape, V, D, dtype, seed, masked)
     g = torch.Generator().manual_seed(seed + 1)
@@ -86,33 +86,33 @@ def _check(monkeypatch, shape, V, D, dtype=torch.float32, temperature=1.0, maske
 @needs_triton
 def test_realistic_shape(monkeypatch):
     """(B, T) = (2, 45) rows, D = 64, V = 1000, sampling temperature 0.7, mask, entropy."""
-    _check(monkeypatch, (2, 45), V=1000, D=64, temperature=0.7, masked=True)
+    check_against_reference(monkeypatch, (2, 45), V=1000, D=64, temperature=0.7, masked=True)
 
 
 @needs_triton
 def test_large_vocab_odd_rows(monkeypatch):
     """V = 32003 (no block divides it), 15 rows (not a multiple of the row block), small D."""
-    _check(monkeypatch, (3, 5), V=32003, D=16, temperature=1.3, masked=True, seed=1)
+    check_against_reference(monkeypatch, (3, 5), V=32003, D=16, temperature=1.3, masked=True, seed=1)
 
 
 @needs_triton
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_odd_hidden_size(monkeypatch, with_entropy):
     """D = 40 (not a multiple of the D step), 37 rows, with and without the entropy output."""
-    _check(monkeypatch, (37,), V=1000, D=40, with_entropy=with_entropy, seed=2)
+    check_against_reference(monkeypatch, (37,), V=1000, D=40, with_entropy=with_entropy, seed=2)
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(monkeypatch, dtype):
-    _check(monkeypatch, (37,), V=1000, D=24, dtype=dtype, temperature=0.7, masked=True, seed=3)
+    check_against_reference(monkeypatch, (37,), V=1000, D=24, dtype=dtype, temperature=0.7, masked=True, seed=3)
 
 
 @needs_triton
 def test_chunked_backward(monkeypatch):
     """A small dL/dz budget forces several N chunks: dh pieces and the fp32 dW accumulation across chunks."""
     monkeypatch.setattr(lp_mod, "_DZ_CHUNK_BYTES", 16 * 1000 * 4)  # 16 rows per chunk: 3 chunks for 37 rows
-    _check(monkeypatch, (37,), V=1000, D=24, masked=True, seed=4)
+    check_against_reference(monkeypatch, (37,), V=1000, D=24, masked=True, seed=4)
 
 
 @needs_triton
