@@ -50,6 +50,7 @@ from torch import Tensor
 from models import CheckpointError, Tokenizer, Transformer, load_model
 from models.tokenizer import TURN_END_TOKENS
 from rlcd import runs
+from rlcd.jsonl import read_objects
 from rlcd.cli import parse_args
 
 FORMATS = ("chat", "plain")
@@ -127,19 +128,8 @@ def read_pairs(paths: list[str] | str, default_format: str = "chat", format_over
     Returns records with those six keys filled in (plus the file's other fields)."""
     recs: list[dict] = []
     for path in [paths] if isinstance(paths, str) else paths:
-        p = Path(path)
-        if not p.is_file():
-            raise PairsError(f"{path}: no such file")
         n_file = 0
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PairsError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise PairsError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        for n, rec in read_objects(path, PairsError):
             for k in ("prompt", "chosen", "rejected"):
                 if k not in rec:
                     raise PairsError(f"{path}:{n}: missing field {k!r} (a pair needs prompt, chosen, rejected)")

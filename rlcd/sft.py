@@ -35,6 +35,7 @@ from torch import Tensor
 from kernels import token_logprobs
 from models import CheckpointError, Tokenizer, load_model
 from rlcd import runs
+from rlcd.jsonl import read_objects
 from rlcd.cli import parse_args
 from rlcd.pm import PairsError, end_marker
 
@@ -55,19 +56,8 @@ def read_examples(paths: list[str], field: str) -> list[dict]:
     """(prompt, response, format, id) records from JSONL; errors name the file and line."""
     out: list[dict] = []
     for path in paths:
-        p = Path(path)
-        if not p.is_file():
-            raise PairsError(f"{path}: no such file")
         n_file = 0
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PairsError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise PairsError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        for n, rec in read_objects(path, PairsError):
             key = field if field in rec else "response" if "response" in rec else field
             for k in ("prompt", key):
                 if not isinstance(rec.get(k), str):
