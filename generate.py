@@ -15,14 +15,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from models import CheckpointError, load_model
+from models import DTYPES, CheckpointError, load_model
 from models.generation import SamplingParams, generate_texts
 from rlcd.cli import parse_args
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass

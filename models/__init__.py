@@ -1,6 +1,6 @@
 """The model side: a hand-written LLaMA, HF-format checkpoints, the tokenizer, and generation."""
-from models.checkpoint import CheckpointError, load_model, save_model
+from models.checkpoint import DTYPES, CheckpointError, load_model, save_model
 from models.llama import ModelArgs, Transformer
 from models.tokenizer import Tokenizer
 
-__all__ = ["CheckpointError", "ModelArgs", "Tokenizer", "Transformer", "load_model", "save_model"]
+__all__ = ["DTYPES", "CheckpointError", "ModelArgs", "Tokenizer", "Transformer", "load_model", "save_model"]

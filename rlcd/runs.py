@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from models import CheckpointError, Tokenizer, Transformer, save_model
+from models import DTYPES, CheckpointError, Tokenizer, Transformer, save_model  # noqa: F401 (DTYPES: --dtype names)
 from models.checkpoint import replace_dir
 from rlcd.cli import save_config
 
@@ -51,7 +51,6 @@ CKPT_DIRS = {"pm": "reward", "sft": "policy", "ppo": "policy"}
 RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
 STATE_FILE = "trainer_state.pt"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(kw_only=True)

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from models import CheckpointError, load_model
+from models import DTYPES, CheckpointError, load_model
 from models.checkpoint import resolve
 from models.generation import SamplingParams, generate_texts
 from models.tokenizer import Tokenizer
@@ -61,7 +61,6 @@ from rlcd.scorer import score_pairs
 from rlcd.tasks import FORMATS, TASKS, ContrastivePair, contrastive_pair, format_prompt, postprocess
 
 METHODS = ("rlcd", "rlaif", "rlcd-rescore")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields every pairs record carries; the trainers downstream rely on them.
 REQUIRED = ("id", "task", "method", "format", "messages", "prompt", "chosen", "rejected", "label",
             "affix_index", "p_plus", "p_minus", "settings", "model", "seed")
