@@ -442,15 +442,6 @@ def check_pm_matches(pm_tok: Tokenizer, tok: Tokenizer) -> int:
     return marker[0]
 
 
-def make_optimizer(named: list[tuple[str, nn.Parameter]], args: Args, device: torch.device) -> torch.optim.AdamW:
-    """runs.make_optimizer's AdamW (weight decay on matrices only) with the fused kernel on a CPU too:
-    there it is ~7x faster than the default for-each path (0.42 s against 2.95 s per step for 161M
-    parameters, one thread), which matters when two 135M trunks step every minibatch."""
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
-              for g in runs.make_optimizer(named, args, device).param_groups]  # type: ignore[arg-type]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=device.type in ("cpu", "cuda"))
-
-
 def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transformer, pm: RewardModel,
           value_net: RewardModel | None, stop_ids: list[int], pad_id: int, device: torch.device,
           end_id: int | None = None) -> PPO:
@@ -465,7 +456,7 @@ def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transf
         value_net.trunk.gradient_checkpointing = args.grad_checkpointing
     policy.gradient_checkpointing = args.grad_checkpointing
     named = list(policy.named_parameters()) + list((value_net or value_head).named_parameters())
-    optimizer = make_optimizer(named, args, device)
+    optimizer = runs.make_optimizer(named, args, device)  # type: ignore[arg-type]  (Args has its fields)
     total = args.iterations * args.ppo_epochs * args.minibatches
     warm = round(args.warmup * total) if args.warmup < 1 else int(args.warmup)
     scheduler = runs.cosine_schedule(optimizer, warm, total, args.min_lr_ratio)
