@@ -6,7 +6,8 @@
 
 Each row generates exactly --new-tokens tokens (stop tokens disabled) after a ~40-token chat prompt,
 greedy, and reports decode tokens/s = batch * new tokens / wall time of the whole generate call
-(prefill included, as a user sees it). One warm-up call per batch size is excluded. --random uses
+(prefill included, as a user sees it). One warm-up call per batch size and contender is excluded;
+the timed calls alternate between contenders and the best of --repeats is reported. --random uses
 random weights of the default model's shape (for a GPU machine, where the real weights cannot travel).
 --hf runs Hugging Face transformers' `generate` on the same checkpoint directory with the same
 settings; transformers is not a dependency of this project: install it in a scratch environment.
@@ -41,7 +42,7 @@ class Args:
     dtype: str = "float32"                 # float32 or bfloat16
     batches: list[int] = field(default_factory=lambda: [1, 8, 32])  # batch sizes to time
     new_tokens: int = 64                   # tokens generated per row
-    repeats: int = 2                       # timed calls per batch size (best is reported)
+    repeats: int = 3                       # timed calls per batch size and contender (best reported)
     random: bool = False                   # random weights of the default model's shape
     hf: bool = False                       # also time transformers' generate
     attn_impl: str = "sdpa"                # naive, sdpa or triton
@@ -54,15 +55,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    fn()                                    # warm-up (allocator, kernels, caches)
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
+def timed(fns: dict, device: str, repeats: int) -> dict:
+    """Best wall time of each callable, after one warm-up call each (allocator, kernels, caches,
+    compilation). The timed calls are interleaved round-robin, so that a slow spell of this shared
+    machine hits every contender alike instead of whichever happened to run then."""
+    for fn in fns.values():
         fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -94,21 +100,21 @@ def main() -> None:
           + (f" {'HF tok/s':>9} {'speed-up':>8}" if hf else ""))
     for B in args.batches:
         prompts = [prompt_ids] * B
-        t = timed(lambda: generate(model, prompts, params, stop_ids=[], pad_id=0), args.device, args.repeats)
-        ours = B * args.new_tokens / t
-        line = f"{B:>5} {ours:>11.1f} {1000 * t / args.new_tokens:>9.2f}"
+        fns = {"ours": lambda: generate(model, prompts, params, stop_ids=[], pad_id=0)}
         if args.compile:
-            tc = timed(lambda: generate(model, prompts, params, stop_ids=[], pad_id=0, compile=True),
-                       args.device, args.repeats)
-            line += f" {B * args.new_tokens / tc:>9.1f}"
+            fns["compiled"] = lambda: generate(model, prompts, params, stop_ids=[], pad_id=0, compile=True)
         if hf is not None:
             ids = torch.tensor(prompts, device=args.device)
             kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                       attention_mask=torch.ones_like(ids), pad_token_id=0)
-            with torch.no_grad():
-                th = timed(lambda: hf.generate(ids, **kw), args.device, args.repeats)
-            theirs = B * args.new_tokens / th
-            line += f" {theirs:>9.1f} {ours / theirs:>7.2f}x"
+            fns["hf"] = torch.no_grad()(lambda: hf.generate(ids, **kw))
+        t = timed(fns, args.device, args.repeats)
+        rate = {name: B * args.new_tokens / sec for name, sec in t.items()}
+        line = f"{B:>5} {rate['ours']:>11.1f} {1000 * t['ours'] / args.new_tokens:>9.2f}"
+        if args.compile:
+            line += f" {rate['compiled']:>9.1f}"
+        if hf is not None:
+            line += f" {rate['hf']:>9.1f} {rate['ours'] / rate['hf']:>7.2f}x"
         print(line, flush=True)
 
 

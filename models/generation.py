@@ -103,7 +103,7 @@ def compiled_decode_step(model: Transformer):
     if step is None:
         def decode(tok: Tensor, pos: Tensor, start: Tensor) -> Tensor:
             h = model(tok, pos=pos, start=start, return_hidden=True)[:, -1]          # (B, D)
-            return F.linear(h, model.output_weight).float()                          # (B, V)
+            return model.logits(h).float()                                               # (B, V)
         mode = "reduce-overhead" if model.device.type == "cuda" else None
         step = torch.compile(decode, dynamic=False, mode=mode)
         model._compiled_decode_step = step
@@ -136,11 +136,10 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     logprobs = torch.zeros((B, T_n), dtype=torch.float32, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), T_n, dtype=torch.long, device=device)
-    W = model.output_weight
-    model.setup_cache(B, cache_len)
+    model.setup_cache(B, cache_len)          # also packs the weights for B-row products (CPU fp32)
     try:
         h = model(ids, pos=0, start=start, return_hidden=True)[:, -1]       # (B, D) prefill
-        logits = F.linear(h, W).float()                                      # (B, V)
+        logits = model.logits(h).float()                                     # (B, V)
         for t in range(T_n):
             nxt, lp = sample(logits, params, generator)
             nxt = torch.where(done, pad_id, nxt)
@@ -157,7 +156,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                 logits = step(nxt[:, None], pos, start).clone()              # (B, V); clone: graph output
             else:
                 h = model(nxt[:, None], pos=T_p + t, start=start, return_hidden=True)[:, -1]  # (B, D)
-                logits = F.linear(h, W).float()                              # (B, V)
+                logits = model.logits(h).float()                             # (B, V)
     finally:
         model.clear_cache(keep=compile)     # a compiled step keeps its cache buffers for the next call
     return Generation(sequences=torch.cat([ids, tokens], dim=1), start=start, prompt_len=T_p,

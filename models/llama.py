@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from models import packed as pk
+
 ATTN_IMPLS = ("naive", "sdpa", "triton")
 
 
@@ -122,6 +124,18 @@ def attention_mask(start: Tensor | None, q_cols: Tensor, L: int) -> Tensor:
     return (causal[None] & (real_key | self_key))[:, None]                   # (B, 1, T, L)
 
 
+class Linear(nn.Linear):
+    """A bias-free nn.Linear that decoding on CPU can route through an MKL-packed copy of its weight
+    (models/packed.py); `packed` is set by `Transformer.setup_cache` and is never part of the state."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        self.packed: pk.Packed | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pk.linear(x, self.weight, self.packed)
+
+
 class KVCache(nn.Module):
     """Static, pre-allocated keys and values for one layer: (B, H_kv, L, hd) each."""
 
@@ -153,8 +167,8 @@ class Attention(nn.Module):
         H, H_kv, hd, D = args.n_heads, args.n_kv_heads, args.head_dim, args.dim
         # q, k and v projections stacked into one matrix, rows [q | k | v]: one GEMM instead of three,
         # which matters when decoding one token at a time is bound by per-call overhead.
-        self.wqkv = nn.Linear(D, (H + 2 * H_kv) * hd, bias=False)
-        self.wo = nn.Linear(H * hd, D, bias=False)
+        self.wqkv = Linear(D, (H + 2 * H_kv) * hd)
+        self.wo = Linear(H * hd, D)
         self.cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: int | Tensor, ctx: AttnContext) -> Tensor:
@@ -232,8 +246,8 @@ class AttnContext:
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w13 = nn.Linear(args.dim, 2 * args.hidden_dim, bias=False)  # [gate | up] stacked
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)       # down
+        self.w13 = Linear(args.dim, 2 * args.hidden_dim)      # [gate | up] stacked
+        self.w2 = Linear(args.hidden_dim, args.dim)           # down
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)                           # (B, T, F) each
@@ -260,7 +274,8 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = None if args.tie_embeddings else Linear(args.dim, args.vocab_size)
+        self.head_packed: pk.Packed | None = None     # the output head's pack (tied: the embedding's)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.gradient_checkpointing = False
         self.cache_len: int | None = None
@@ -278,6 +293,19 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.tok_embeddings.weight.dtype
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Final hidden states (..., D) -> logits (..., V) in the model's dtype."""
+        return pk.linear(h, self.output_weight, self.head_packed)
+
+    def pack_weights(self, rows: int) -> None:
+        """Pack every matrix for products with `rows` rows (a decoding step's batch), where that pays:
+        CPU, fp32, MKL present (see models/packed.py). Packs still fresh are kept; costs ~0.2 s for the
+        default model and about the weights' size again in memory."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.packed = pk.repack(m.packed, m.weight, rows)
+        self.head_packed = pk.repack(self.head_packed, self.output_weight, rows)
 
     def set_attn_impl(self, impl: str) -> None:
         if impl not in ATTN_IMPLS:
@@ -305,6 +333,7 @@ class Transformer(nn.Module):
         for layer, cache in zip(self.layers, caches):
             layer.attention.cache = cache
         self.cache_len = length
+        self.pack_weights(batch)
 
     def clear_cache(self, keep: bool = False) -> None:
         """Detach the KV cache, so that later forwards are plain full forwards; keep=True puts it
@@ -348,4 +377,4 @@ class Transformer(nn.Module):
         h = self.norm(x)                                                  # (B, T, D)
         if return_hidden:
             return h
-        return F.linear(h, self.output_weight)                            # (B, T, V)
+        return self.logits(h)                                             # (B, T, V)

@@ -1,0 +1,57 @@
+"""MKL-packed decoding GEMMs (models/packed.py): same products as F.linear, used only where they apply."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny_model
+
+from models import packed as pk
+from models.generation import SamplingParams, generate
+
+pytestmark = pytest.mark.skipif(not pk.AVAILABLE, reason="this torch build has no MKL")
+
+
+def test_packed_product_matches_linear_and_only_for_its_row_count():
+    torch.manual_seed(0)
+    w = torch.randn(96, 40)
+    p = pk.repack(None, w, rows=8)
+    assert p is not None and pk.repack(p, w, rows=8) is p            # still fresh: kept
+    x = torch.randn(8, 1, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(pk.linear(x, w, p), F.linear(x, w), atol=1e-5, rtol=1e-5)
+        x3 = torch.randn(3, 40)                                        # another row count: plain GEMM
+        assert torch.equal(pk.linear(x3, w, p), F.linear(x3, w))
+    # With autograd on, the packed op (which has no backward) stands aside.
+    y = pk.linear(x, w.requires_grad_(), p)
+    assert y.grad_fn is not None and torch.equal(y, F.linear(x, w))
+
+
+def test_weight_changed_in_place_retires_its_pack():
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    p = pk.repack(None, w, rows=4)
+    with torch.no_grad():
+        w.mul_(-2.0)                                                    # as an optimizer step would
+        x = torch.randn(4, 32)
+        assert not p.fresh(w, 4)
+        assert torch.equal(pk.linear(x, w, p), F.linear(x, w))        # the new weight, not the pack's
+    assert pk.repack(p, w, rows=4) is not p
+
+
+def test_no_pack_where_it_does_not_pay():
+    w = torch.randn(64, 32)
+    assert pk.repack(None, w, rows=1) is None                           # a single row: GEMV is as fast
+    assert pk.repack(None, w.double(), rows=8) is None                  # fp32 only
+
+
+def test_generation_with_packed_weights_matches_plain(monkeypatch):
+    model = make_tiny_model()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12], [13, 14, 15]]
+    params = SamplingParams(max_new_tokens=10, temperature=0.8)
+    packed = generate(model, prompts, params, [], 0, torch.Generator().manual_seed(0))
+    assert model.layers[0].attention.wqkv.packed is not None and model.head_packed is not None
+    monkeypatch.setattr(pk, "AVAILABLE", False)
+    model.pack_weights(len(prompts))                                    # now drops every pack
+    assert model.layers[0].feed_forward.w2.packed is None and model.head_packed is None
+    plain = generate(model, prompts, params, [], 0, torch.Generator().manual_seed(0))
+    assert torch.equal(packed.tokens, plain.tokens)
+    torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-5, rtol=1e-5)
