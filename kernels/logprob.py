@@ -28,8 +28,10 @@ Triton path (never builds the (N, V) logits):
   Masked rows (mask False) output 0, get zero gradient, and a block of BLOCK_N rows that are all masked
   skips its matmuls entirely.
 
-Torch path (CPU default): logprob_ref over chunks of _TORCH_CHUNK_ROWS rows under activation checkpointing,
-so neither the forward nor the backward ever holds more than one (chunk, V) slab of logits.
+Torch path (CPU default), over chunks of _TORCH_CHUNK_ROWS rows, so that neither the forward nor the
+backward ever holds more than one (chunk, V) slab of logits: log-probs alone by _TorchLogprobs (the GEMM
+writes the slab, the softmax passes work on it in place, backward recomputes it); with the entropy,
+logprob_ref under activation checkpointing.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ from .dispatch import triton, tl, use_triton
 # Incremented by the Triton host functions, so tests can assert the kernels really ran.
 KERNEL_CALLS: Counter = Counter()
 
-_TORCH_CHUNK_ROWS = 1024  # rows per checkpointed chunk on the torch path: (1024, 49152) fp32 logits = 200 MB
+_TORCH_CHUNK_ROWS = 512  # rows per chunk on the torch path: (512, 49152) fp32 logits = 100 MB
 _DZ_CHUNK_BYTES = 256 * 2**20  # budget for the (chunk, V) dL/dz slab of the Triton backward
 
 
@@ -84,25 +86,88 @@ def _logprob_torch_chunked(
     mask: torch.Tensor | None,
     return_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logprob_ref over row chunks; under autograd each chunk is checkpointed (its logits are recomputed in
-    backward), so memory holds one (chunk, V) slab at a time instead of (N, V)."""
+    """The torch path. Log-probs alone go through _TorchLogprobs (in-place passes over one reused (chunk, V)
+    buffer); with the entropy, logprob_ref runs over row chunks, each checkpointed under autograd (its
+    logits are recomputed in backward). Either way memory holds one (chunk, V) slab, never (N, V)."""
     D = h.shape[-1]
     lead = h.shape[:-1]
     h2, t1 = h.reshape(-1, D), targets.reshape(-1)  # (N, D), (N,)
     m1 = None if mask is None else mask.reshape(-1)  # (N,)
+    if h2.shape[0] == 0:  # no rows
+        empty = h.new_zeros(lead, dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
+        return empty, (empty.clone() if return_entropy else None)
+    if not return_entropy:
+        return _TorchLogprobs.apply(h2, weight, t1, m1, float(temperature)).view(lead), None
     keep_graph = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     logps, ents = [], []
     for c0 in range(0, h2.shape[0], _TORCH_CHUNK_ROWS):
         c = slice(c0, c0 + _TORCH_CHUNK_ROWS)
-        args = (h2[c], weight, t1[c], temperature, None if m1 is None else m1[c], return_entropy)
-        out = checkpoint(logprob_ref, *args, use_reentrant=False) if keep_graph else logprob_ref(*args)
-        logps.append(out[0] if return_entropy else out)
-        ents.append(out[1] if return_entropy else None)
-    if not logps:  # no rows
-        empty = h.new_zeros(lead, dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
-        return empty, (empty.clone() if return_entropy else None)
-    logp = torch.cat(logps).view(lead)
-    return logp, (torch.cat(ents).view(lead) if return_entropy else None)
+        args = (h2[c], weight, t1[c], temperature, None if m1 is None else m1[c], True)
+        lp, ent = checkpoint(logprob_ref, *args, use_reentrant=False) if keep_graph else logprob_ref(*args)
+        logps.append(lp)
+        ents.append(ent)
+    return torch.cat(logps).view(lead), torch.cat(ents).view(lead)
+
+
+class _TorchLogprobs(torch.autograd.Function):
+    """logp (N,) of h2 (N, D), weight (V, D), targets (N,), mask (N,) bool or None, on the torch path.
+
+    Per chunk of rows, one (chunk, V) buffer takes the logits z = (h / tau) W^T from the GEMM and is then
+    worked in place: forward z -> exp(z - max) for the log-sum-exp (logp = z_y - lse); backward recomputes
+    z and turns it into dL/dz = g (1[j = y] - exp(z - lse)), then dh = dL/dz W / tau and
+    dW += dL/dz^T h / tau. The reference's log_softmax, division and their gradients each allocated and
+    walked a fresh (N, V) tensor; on CPU those passes cost as much as the GEMMs."""
+
+    @staticmethod
+    def forward(ctx, h2, weight, targets, mask, temperature):
+        ct = torch.float64 if torch.float64 in (h2.dtype, weight.dtype) else torch.float32
+        w = weight.to(ct)
+        safe = targets if mask is None else targets.masked_fill(~mask, 0)  # masked slots may hold -100
+        N, V = h2.shape[0], w.shape[0]
+        rows = min(N, _TORCH_CHUNK_ROWS)
+        z = torch.empty(rows, V, dtype=ct, device=h2.device)  # the one (chunk, V) buffer
+        lse = torch.empty(N, dtype=ct, device=h2.device)
+        logp = torch.empty(N, dtype=ct, device=h2.device)
+        for c0 in range(0, N, rows):
+            c = slice(c0, c0 + rows)
+            zc = z[: h2[c].shape[0]]
+            torch.mm(h2[c].to(ct) / temperature, w.T, out=zc)  # (n, V) logits / tau
+            z_y = zc.gather(1, safe[c, None]).squeeze(1)  # (n,)
+            m = zc.amax(1)  # (n,)
+            lse[c] = m + zc.sub_(m[:, None]).exp_().sum(1).log_()
+            logp[c] = z_y - lse[c]
+        if mask is not None:
+            logp = logp.masked_fill_(~mask, 0.0)
+        ctx.save_for_backward(h2, weight, safe, mask, lse)
+        ctx.temperature = temperature
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        h2, weight, safe, mask, lse = ctx.saved_tensors
+        tau = ctx.temperature
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ct = lse.dtype
+        w = weight.to(ct)
+        g = g.to(ct) if mask is None else g.to(ct).masked_fill(~mask, 0.0)  # masked rows: no gradient
+        N, V = h2.shape[0], w.shape[0]
+        rows = min(N, _TORCH_CHUNK_ROWS)
+        z = torch.empty(rows, V, dtype=ct, device=h2.device)
+        dh = torch.empty(N, w.shape[1], dtype=ct, device=h2.device) if need_dh else None
+        dw = torch.zeros_like(w) if need_dw else None
+        for c0 in range(0, N, rows):
+            c = slice(c0, c0 + rows)
+            hc = h2[c].to(ct)
+            zc = z[: hc.shape[0]]
+            torch.mm(hc / tau, w.T, out=zc)
+            # dL/dz_j = g (1[j = y] - p_j), p = exp(z - lse)
+            zc.sub_(lse[c, None]).exp_().mul_(-g[c, None]).scatter_add_(1, safe[c, None], g[c, None])
+            if need_dh:
+                torch.mm(zc, w, out=dh[c]).div_(tau)
+            if need_dw:
+                dw.addmm_(zc.T, hc, alpha=1.0 / tau)
+        return (None if dh is None else dh.to(h2.dtype), None if dw is None else dw.to(weight.dtype),
+                None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -490,7 +555,7 @@ def token_logprobs(
     bool or None. Returns logp (...) float32 [and entropy (...) float32 of softmax(logits / temperature)].
     Both are differentiable in h and weight (the entropy too, on both paths); masked positions are 0 with
     zero gradient. A weight shared with the embedding gets its gradient accumulated by autograd as usual.
-    Triton when use_triton(h), else logprob_ref in checkpointed chunks of rows.
+    Triton when use_triton(h), else the torch path in chunks of rows (see the module docstring).
     """
     assert h.shape[-1] == weight.shape[1], f"h (..., {h.shape[-1]}) does not fit weight {tuple(weight.shape)}"
     assert targets.shape == h.shape[:-1], f"targets {tuple(targets.shape)} must be h.shape[:-1]"

@@ -199,6 +199,30 @@ def test_torch_path_chunked(monkeypatch):
         assert lp0.shape == ent0.shape == (0, 13)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_path_logprobs_only(monkeypatch, dtype):
+    """RLCD_KERNELS=torch without the entropy: the in-place chunked autograd function (_TorchLogprobs)
+    against the float64 reference, over several chunks (the last one short), with masked rows holding
+    -100, a temperature, and gradients asked of h alone or of W alone."""
+    monkeypatch.setenv("RLCD_KERNELS", "torch")
+    monkeypatch.setattr(lp_mod, "_TORCH_CHUNK_ROWS", 16)
+    h, W, y, mask = _inputs((5, 9), V=300, D=20, dtype=dtype, seed=12, masked=True)   # 45 rows: 16+16+13
+    g_lp = torch.randn(5, 9, generator=torch.Generator().manual_seed(13), dtype=torch.float64).to(DEVICE)
+    got = _run(token_logprobs, h, W, y, 0.7, mask, False, g_lp, None)
+    h64, W64 = (x.detach().double().requires_grad_() for x in (h, W))
+    want = _run(logprob_ref, h64, W64, y, 0.7, mask, False, g_lp, None)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for name, a, b in zip(("logp", "dh", "dW"), got, want):
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got[1].dtype == got[2].dtype == dtype
+    assert (got[0][~mask] == 0).all() and (got[1][~mask] == 0).all()   # masked rows: 0, no gradient
+    (dh_only,) = torch.autograd.grad((token_logprobs(h, W.detach(), y, 0.7, mask) * g_lp.to(dtype)).sum(), (h,))
+    torch.testing.assert_close(dh_only, got[1])
+    (dw_only,) = torch.autograd.grad((token_logprobs(h.detach(), W, y, 0.7, mask) * g_lp.to(dtype)).sum(), (W,))
+    torch.testing.assert_close(dw_only, got[2])
+
+
 def test_reference_against_naive():
     """logprob_ref itself, against F.cross_entropy (logp = -CE) and an explicit entropy."""
     g = torch.Generator().manual_seed(10)
