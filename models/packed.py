@@ -27,16 +27,22 @@ def worth_packing(weight: Tensor, rows: int) -> bool:
             and rows >= MIN_ROWS)
 
 
+def _key(weight: Tensor) -> tuple[int, int]:
+    # Storage and version counter: an in-place write (optimizer step, copy_) bumps the version. Tensors
+    # made under torch.inference_mode have no version counter; they are taken as unchanged.
+    return weight.data_ptr(), (-1 if weight.is_inference() else weight._version)
+
+
 class Packed:
     """`weight` (N, K) packed by MKL for products with exactly `rows` rows."""
 
     def __init__(self, weight: Tensor, rows: int):
         self.rows = rows
-        self.key = (weight.data_ptr(), weight._version)
+        self.key = _key(weight)
         self.data = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
 
     def fresh(self, weight: Tensor, rows: int) -> bool:
-        return self.rows == rows and self.key == (weight.data_ptr(), weight._version)
+        return self.rows == rows and self.key == _key(weight)
 
 
 def repack(packed: Packed | None, weight: Tensor, rows: int) -> Packed | None:

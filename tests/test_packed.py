@@ -37,6 +37,16 @@ def test_weight_changed_in_place_retires_its_pack():
     assert pk.repack(p, w, rows=4) is not p
 
 
+def test_weights_made_under_inference_mode_still_pack():
+    with torch.inference_mode():
+        w = torch.randn(64, 32)
+    p = pk.repack(None, w, rows=4)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pk.linear(x, w, p), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    assert pk.repack(p, w, rows=4) is p
+
+
 def test_no_pack_where_it_does_not_pay():
     w = torch.randn(64, 32)
     assert pk.repack(None, w, rows=1) is None                           # a single row: GEMV is as fast
