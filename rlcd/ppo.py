@@ -34,8 +34,6 @@ a GPU (no sync) and perf_counter on a CPU (where ops run synchronously).
 Value network (--value-model): "separate" (the paper: a second trunk with a scalar head, initialised
 from the preference model, trained jointly by the same optimiser) or "shared" (a zero-initialised
 scalar head on the policy's own trunk, as lm-human-preferences; one trunk forward and backward less).
-With --normalize-reward the separate value head starts on the normalised scale, (r - mean) / std, the
-scale of the scores its returns are made of (`value_net_on_reward_scale`).
 
 Run directory (see rlcd/runs.py): OUT/args.json, OUT/metrics.jsonl (one record per iteration, "step" is
 the iteration; sample responses every --sample-every), OUT/policy/ (a Hugging Face-format policy that
@@ -193,17 +191,6 @@ class ValueHead(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         with torch.autocast(h.device.type, enabled=False):
             return F.linear(h.float(), self.proj.weight, self.proj.bias).squeeze(-1)   # (..., D) -> (...)
-
-
-def value_net_on_reward_scale(value_net: RewardModel) -> None:
-    """Rescale a value network copied from the PM so that it starts predicting the normalised reward
-    (r - mean) / std that PPO scores with, instead of the PM's raw reward: head weight / std, bias
-    (bias - mean) / std. Raw rewards sit ~4 std away from 0 for the default model's PMs, and with the
-    value clip (0.2 per step) a head on the raw scale spends tens of iterations unlearning that offset,
-    its errors feeding noise into every advantage meanwhile."""
-    with torch.no_grad():
-        value_net.head.weight.div_(value_net.norm_std)
-        value_net.head.bias.sub_(value_net.norm_mean).div_(value_net.norm_std)
 
 
 def response_hidden(trunk: Transformer, seq: Tensor, start: Tensor, T_p: int) -> Tensor:
@@ -530,8 +517,6 @@ def main(argv: list[str] | None = None) -> int:
             # The value network starts as the preference model (paper), trained from there.
             value_net, _, _ = load_reward_model(args.pm, device, torch.float32)
             value_net.trunk.set_attn_impl(args.attn_impl)
-            if args.normalize_reward and value_net.norm_mean is not None:
-                value_net_on_reward_scale(value_net)      # a resumed run then loads its trained head
     except (CheckpointError, ValueError, OSError) as e:
         print(f"train.py ppo: {e}", file=sys.stderr)
         return 2
