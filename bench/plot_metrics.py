@@ -1,6 +1,6 @@
 """Line plots of a run's metrics.jsonl as a standalone SVG (no plotting library needed).
 
-    python bench/plot_metrics.py runs/harmless/ppo/metrics.jsonl --keys score kl --out docs/ppo_curves.svg
+    python bench/plot_metrics.py --log runs/harmless/ppo/metrics.jsonl --keys score kl --out docs/ppo_curves.svg
 
 One panel per key, side by side, x = "step" (the PPO iteration). Records without the key (sample logs,
 checkpoint timings) are skipped. A thin line shows each value, a thick one its running mean over

@@ -300,9 +300,9 @@ class Transformer(nn.Module):
 
     def pack_weights(self, rows: int) -> None:
         """Pack every matrix for products with `rows` rows (a decoding step's batch), where that pays:
-        CPU, fp32, MKL present (see models/packed.py). Packs still fresh are kept; costs ~0.2 s for the
-        default model and about the weights' size again in memory."""
-        for m in self.modules():
+        CPU, fp32, MKL present (see models/packed.py). Packs still fresh are kept. For the default model
+        this takes ~0.2 s and 760 MB of resident memory (540 MB of weights), kept while the model lives."""
+        for m in self.layers.modules():           # the head (tied or not) is packed once, below
             if isinstance(m, Linear):
                 m.packed = pk.repack(m.packed, m.weight, rows)
         self.head_packed = pk.repack(self.head_packed, self.output_weight, rows)
