@@ -53,12 +53,14 @@ def test_no_pack_where_it_does_not_pay():
     assert pk.repack(None, w.double(), rows=8) is None                  # fp32 only
 
 
-def test_generation_with_packed_weights_matches_plain(monkeypatch):
-    model = make_tiny_model()
+@pytest.mark.parametrize("tied", [True, False])
+def test_generation_with_packed_weights_matches_plain(monkeypatch, tied):
+    model = make_tiny_model(tie_embeddings=tied)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12], [13, 14, 15]]
     params = SamplingParams(max_new_tokens=10, temperature=0.8)
     packed = generate(model, prompts, params, [], 0, torch.Generator().manual_seed(0))
     assert model.layers[0].attention.wqkv.packed is not None and model.head_packed is not None
+    assert tied or model.output.packed is None                          # the untied head: packed once
     monkeypatch.setattr(pk, "AVAILABLE", False)
     model.pack_weights(len(prompts))                                    # now drops every pack
     assert model.layers[0].feed_forward.w2.packed is None and model.head_packed is None
