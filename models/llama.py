@@ -298,14 +298,17 @@ class Transformer(nn.Module):
         """Final hidden states (..., D) -> logits (..., V) in the model's dtype."""
         return pk.linear(h, self.output_weight, self.head_packed)
 
-    def pack_weights(self, rows: int) -> None:
+    def pack_weights(self, rows: int | None) -> None:
         """Pack every matrix for products with `rows` rows (a decoding step's batch), where that pays:
-        CPU, fp32, MKL present (see models/packed.py). Packs still fresh are kept. For the default model
-        this takes ~0.2 s and 760 MB of resident memory (540 MB of weights), kept while the model lives."""
+        CPU, fp32, MKL present (see models/packed.py); rows=None drops every pack. `setup_cache` packs
+        and `clear_cache` drops, so packs live for one generation call: not every in-place writer bumps
+        a weight's version counter (the fused AdamW does not), so a pack kept across training steps
+        could not be trusted. For the default model a pack costs ~0.2 s and 760 MB of resident memory
+        (540 MB of weights)."""
         for m in self.layers.modules():           # the head (tied or not) is packed once, below
             if isinstance(m, Linear):
-                m.packed = pk.repack(m.packed, m.weight, rows)
-        self.head_packed = pk.repack(self.head_packed, self.output_weight, rows)
+                m.packed = None if rows is None else pk.repack(m.packed, m.weight, rows)
+        self.head_packed = None if rows is None else pk.repack(self.head_packed, self.output_weight, rows)
 
     def set_attn_impl(self, impl: str) -> None:
         if impl not in ATTN_IMPLS:
@@ -336,12 +339,13 @@ class Transformer(nn.Module):
         self.pack_weights(batch)
 
     def clear_cache(self, keep: bool = False) -> None:
-        """Detach the KV cache, so that later forwards are plain full forwards; keep=True puts it
-        aside for the next `setup_cache` of the same shape."""
+        """Detach the KV cache (and drop the packed weights), so that later forwards are plain full
+        forwards; keep=True puts the cache aside for the next `setup_cache` of the same shape."""
         self._kept_cache = [layer.attention.cache for layer in self.layers] if keep else None
         for layer in self.layers:
             layer.attention.cache = None
         self.cache_len = None
+        self.pack_weights(None)
 
     def rope(self, T: int, pos: int | Tensor, start: Tensor | None) -> tuple[Tensor, Tensor]:
         # Each token's position is its column minus the row's left padding: (B or 1, 1, T, hd).

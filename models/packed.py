@@ -4,13 +4,14 @@ Decoding multiplies the same weight matrices by a few rows (one per sequence) at
 plain GEMM re-packs the weight panel into its blocked layout on every call, which dominates at 4-64
 rows; its packed API (`cblas_sgemm_pack`, which PyTorch exposes as `torch.ops.mkl._mkl_linear`, the op
 inductor's freezing pass emits) packs once for a fixed row count. On the 2-core AVX-512 machine this
-makes the default model's decode-step GEMMs 1.5-2x faster at 4-32 rows (`bench/bench_gemm.py`).
+makes the default model's decode-step GEMMs 1.3-1.8x faster at 4-64 rows (`bench/bench_gemm.py`).
 
 `Packed` holds one weight's packed copy; `linear` uses it when it applies (no autograd, the row count it
-was packed for, the weight unchanged since) and falls back to `F.linear` otherwise, so a stale or
-mismatched pack can cost speed but never change a result. Under torch.compile it stands aside (inductor
-packs weights itself when asked to freeze them). An optimizer step or `load_state_dict`
-writes weights in place, which bumps their version counter and so retires their packs.
+was packed for, the weight's storage and version counter unchanged since) and falls back to `F.linear`
+otherwise. The version check is only a guard: the fused AdamW writes parameters in place without
+bumping their version counter, which is why the model packs in `setup_cache` and drops the packs in
+`clear_cache`, so that a pack lives for one generation call and never outlasts a training step. Under
+torch.compile it stands aside (inductor packs weights itself when asked to freeze them).
 """
 from __future__ import annotations
 

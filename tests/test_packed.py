@@ -58,12 +58,34 @@ def test_generation_with_packed_weights_matches_plain(monkeypatch, tied):
     model = make_tiny_model(tie_embeddings=tied)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12], [13, 14, 15]]
     params = SamplingParams(max_new_tokens=10, temperature=0.8)
-    packed = generate(model, prompts, params, [], 0, torch.Generator().manual_seed(0))
+    model.setup_cache(len(prompts), 16)                                 # what generate does first
     assert model.layers[0].attention.wqkv.packed is not None and model.head_packed is not None
     assert tied or model.output.packed is None                          # the untied head: packed once
-    monkeypatch.setattr(pk, "AVAILABLE", False)
-    model.pack_weights(len(prompts))                                    # now drops every pack
+    model.clear_cache()
     assert model.layers[0].feed_forward.w2.packed is None and model.head_packed is None
+    packed = generate(model, prompts, params, [], 0, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(pk, "AVAILABLE", False)
     plain = generate(model, prompts, params, [], 0, torch.Generator().manual_seed(0))
     assert torch.equal(packed.tokens, plain.tokens)
     torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_no_pack_outlives_a_training_step(monkeypatch):
+    """The fused AdamW writes weights without bumping their version counter, so a pack kept from one
+    generation call to the next would serve the old weights: generation after a step must match
+    plain products on the new weights."""
+    model = make_tiny_model()
+    prompts = [[5, 6, 7], [8, 9, 10]]
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    generate(model, prompts, params, [], 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    w = model.layers[0].feed_forward.w13.weight
+    version = w._version
+    model.train()
+    model(torch.tensor(prompts)).logsumexp(-1).sum().backward()
+    opt.step()
+    model.eval()
+    assert w._version == version                      # the premise: no version bump
+    after = generate(model, prompts, params, [], 0).tokens
+    monkeypatch.setattr(pk, "AVAILABLE", False)
+    assert torch.equal(after, generate(model, prompts, params, [], 0).tokens)
