@@ -20,7 +20,6 @@ from models.generation import SamplingParams, generate_texts
 from rlcd.cli import parse_args
 
 
-
 @dataclass
 class Args:
     model: str = "smollm2-135m-instruct"   # model name, checkpoint directory or run directory

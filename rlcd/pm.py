@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models import CheckpointError, Tokenizer, Transformer, load_model
+from models import DTYPES, CheckpointError, Tokenizer, Transformer, load_model
 from models.tokenizer import TURN_END_TOKENS
 from rlcd import runs
 from rlcd.jsonl import read_objects
@@ -398,11 +398,11 @@ class AgreementArgs:
 
 def agreement_main(argv: list[str] | None = None) -> int:
     args = parse_args(AgreementArgs, argv, prog="eval.py pm-agreement", description=AgreementArgs.__doc__)
-    if args.dtype not in runs.DTYPES:
-        raise SystemExit(f"eval.py pm-agreement: --dtype must be one of {sorted(runs.DTYPES)}")
+    if args.dtype not in DTYPES:
+        raise SystemExit(f"eval.py pm-agreement: --dtype must be one of {sorted(DTYPES)}")
     try:
         recs = read_pairs(args.pairs, format_override=args.format)
-        pm, tok, meta = load_reward_model(args.pm, args.device, runs.DTYPES[args.dtype])
+        pm, tok, meta = load_reward_model(args.pm, args.device, DTYPES[args.dtype])
     except (CheckpointError, PairsError) as e:
         print(f"eval.py pm-agreement: {e}", file=sys.stderr)
         return 2

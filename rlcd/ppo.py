@@ -298,15 +298,13 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
         # 2. Score: the PM reads prompt + response + stop token (its training input, rlcd/pm.py) at the
         #    last column; a response cut off at max_new_tokens then gets no_stop_score instead.
         with timer("score"), amp:
-            last = T_p + gen.lengths - 1                                                   # (B,) column
+            seq_pm, last = seq, T_p + gen.lengths - 1                                      # (B,) column
             if ppo.end_id is not None:
                 # A cut-off response gets the end marker appended in one extra column, so the PM reads
                 # the input it was trained and normalised on (rlcd.pm.encode_input always ends with it).
-                seq_pm = F.pad(seq, (0, 1), value=ppo.pad_id)                                 # (B, T + 1)
                 last = last + (~gen.finished).long()                                          # (B,)
-                seq_pm = seq_pm.scatter(1, last[:, None], ppo.end_id)                         # marker at `last`
-            pm_score = score_tokens(pm, seq_pm if ppo.end_id is not None else seq, start, last,
-                                    normalize=a.normalize_reward)                             # (B,)
+                seq_pm = F.pad(seq, (0, 1), value=ppo.pad_id).scatter(1, last[:, None], ppo.end_id)  # (B, T + 1)
+            pm_score = score_tokens(pm, seq_pm, start, last, normalize=a.normalize_reward)    # (B,)
             score = apply_missing_stop(pm_score.float(), gen.finished, a.no_stop_score)    # (B,)
 
         # 3. Reference log-probs (frozen initial policy), old log-probs and values.

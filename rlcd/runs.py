@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from models import DTYPES, CheckpointError, Tokenizer, Transformer, save_model  # noqa: F401 (DTYPES: --dtype names)
+from models import CheckpointError, Tokenizer, Transformer, save_model
 from models.checkpoint import replace_dir
 from rlcd.cli import save_config
 
