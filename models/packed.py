@@ -56,11 +56,11 @@ def repack(packed: Packed | None, weight: Tensor, rows: int) -> Packed | None:
     return Packed(weight, rows)
 
 
-def linear(x: Tensor, weight: Tensor, packed: Packed | None) -> Tensor:
-    """x (..., K) @ weight (N, K).T, through `packed` when it applies."""
+def linear(x: Tensor, weight: Tensor, packed: Packed | None, bias: Tensor | None = None) -> Tensor:
+    """x (..., K) @ weight (N, K).T (+ bias (N,)), through `packed` when it applies."""
     if packed is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
             and x.dtype == torch.float32 and x.numel() == packed.rows * x.shape[-1] \
             and packed.fresh(weight, packed.rows):
-        y = torch.ops.mkl._mkl_linear(x.reshape(packed.rows, -1), packed.data, weight, None, packed.rows)
+        y = torch.ops.mkl._mkl_linear(x.reshape(packed.rows, -1), packed.data, weight, bias, packed.rows)
         return y.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight)
+    return F.linear(x, weight, bias)
