@@ -156,7 +156,8 @@ def convert_gguf(gguf_path: Path, out: Path, source: str, max_shard_bytes: int =
     tokens = field["tokenizer.ggml.tokens"].contents()
     types = field["tokenizer.ggml.token_type"].contents()
     merges = field["tokenizer.ggml.merges"].contents()
-    tokenizer = build_bpe_tokenizer(tokens, types, merges, meta.get("tokenizer.ggml.pre"))
+    pre = field["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in field else None
+    tokenizer = build_bpe_tokenizer(tokens, types, merges, pre)
     tokenizer.save(str(out / "tokenizer.json"))
 
     def tok(key):
