@@ -1,11 +1,13 @@
-"""Sample from a LLaMA checkpoint.
+"""Sample from a LLaMA or Qwen2 checkpoint.
 
     python generate.py --prompt "What is the capital of France?"
+    python generate.py --model qwen2.5-coder-0.5b-instruct --prompt "What is the capital of France?"
     python generate.py --model runs/harmless/ppo --prompts-file prompts.jsonl --out answers.jsonl
     python generate.py --raw --prompt "Once upon a time" --temperature 0.8 --top-p 0.9
 
---model takes the built-in name (smollm2-135m-instruct), a Hugging Face-format checkpoint directory,
-or a run directory written by train.py. Prompts are wrapped in the checkpoint's chat template unless
+--model takes a built-in name (smollm2-135m-instruct, the default; qwen2.5-coder-0.5b-instruct;
+qwen2.5-coder-1.5b-instruct: see models.checkpoint.BUILTIN_MODELS), a Hugging Face-format checkpoint
+directory, or a run directory written by train.py. Prompts are wrapped in the checkpoint's chat template unless
 --raw. A prompts file is JSONL ({"prompt": ...} or {"messages": [...]}) or plain text, one prompt a line.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from rlcd.cli import parse_args
 
 @dataclass
 class Args:
-    model: str = "smollm2-135m-instruct"   # model name, checkpoint directory or run directory
+    model: str = "smollm2-135m-instruct"   # built-in model name, checkpoint directory or run directory
     prompt: str | None = None              # a single prompt (printed answer)
     prompts_file: str | None = None        # JSONL or text file of prompts (one per line)
     out: str | None = None                 # write JSONL results here (default: print)

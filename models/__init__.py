@@ -1,4 +1,4 @@
-"""The model side: a hand-written LLaMA, HF-format checkpoints, the tokenizer, and generation."""
+"""The model side: a hand-written LLaMA (and Qwen2), HF-format checkpoints, the tokenizer, and generation."""
 from models.checkpoint import DTYPES, CheckpointError, load_model, save_model
 from models.llama import ModelArgs, Transformer
 from models.tokenizer import Tokenizer
