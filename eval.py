@@ -1,6 +1,9 @@
 """Evaluation commands.
 
-    python eval.py pm-agreement --pm runs/harmless/pm-rlcd --pairs FILE.jsonl
+    python eval.py respond --policy base=smollm2-135m-instruct rlcd=runs/harmless/ppo --out-dir runs/harmless/responses
+    python eval.py compare --responses runs/harmless/responses/*.jsonl --judge smollm2-135m-instruct --out compare.json
+    python eval.py judge-agreement --judge smollm2-135m-instruct --pairs human
+    python eval.py pm-agreement --pm runs/harmless/pm-rlcd --pairs human --format chat
 
 `python eval.py COMMAND --help` lists a command's settings.
 """
@@ -10,6 +13,12 @@ import importlib
 import sys
 
 COMMANDS = {
+    "respond": ("rlcd.evaluate", "respond_main",
+                "responses of each policy to the same held-out prompts (one resumable JSONL per policy)"),
+    "compare": ("rlcd.evaluate", "compare_main",
+                "pairwise win rates of policies by a judge model, with judge-free statistics"),
+    "judge-agreement": ("rlcd.evaluate", "judge_agreement_main",
+                        "accuracy, position and length bias of a pairwise judge on labelled pairs"),
     "pm-agreement": ("rlcd.pm", "agreement_main",
                      "accuracy and mean chosen-probability of a preference model on a pairs file"),
 }
@@ -19,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(__doc__.strip() + "\n\ncommands:\n" +
-              "\n".join(f"  {k:<13} {v[2]}" for k, v in COMMANDS.items()), file=sys.stderr)
+              "\n".join(f"  {k:<16} {v[2]}" for k, v in COMMANDS.items()), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module, fn, _ = COMMANDS[argv[0]]
     return getattr(importlib.import_module(module), fn)(argv[1:]) or 0

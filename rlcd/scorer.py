@@ -11,6 +11,15 @@ The official code scores one order only. A model this small has a strong positio
 P(B over A) with 1 - P(A over B), which cancels a bias that does not depend on the content. It is off
 by default because the paper did not do it.
 
+The judge (evaluation, and any model as the scorer: `judge_pairs`) always scores both orders and keeps
+both: P("A") with the first response shown as A and with it shown as B. From them come P(first better)
+= (P_1("A") + 1 - P_2("A")) / 2, position agreement (both orders pick the same response) and position
+bias (the mean P("A") over both orders, 0.5 for none). Its prompt has two renderings:
+    plain  the scorer prompt as it is, raw text ending on "The answer is: (" (the official code)
+    chat   the scorer prompt minus its answer stub as the user turn of the judge's chat template, and
+           the assistant turn opened with "The answer is: (" (for instruction-tuned judges)
+Identical prompt texts are scored once, so a response compared with itself gets exactly 0.5.
+
 API
     choice_ids(tokenizer, choices=("A", "B")) -> list[int]   the single token id of each choice
     choice_logits(model, tokenizer, texts, token_ids, batch_size=8) -> Tensor (N, K)
@@ -18,10 +27,17 @@ API
     prob_b(model, tokenizer, texts, batch_size=8) -> Tensor (N,)   P("B") over {"A", "B"}
     score_pairs(model, tokenizer, conversations, instructions, a, b, both_orders=False,
                 batch_size=8) -> Tensor (N,)   P(B is the better response), fp32 on the CPU
+    judge_prompt(tokenizer, conversation, instruction, a, b, fmt="chat") -> str
+    judge_pairs(model, tokenizer, conversations, instructions, first, second, fmt="chat",
+                batch_size=8) -> Judgement(p_first (N,), p_a (N, 2))
+    Judgement.agree (N,) bool, .position_bias float
+    JUDGE_FORMATS, DEFAULT_JUDGE_FORMAT, ANSWER_STUB
 
 Shapes: N texts, B rows per batch, T_p left-padded prompt columns, D model width, K choices.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -97,3 +113,65 @@ def score_pairs(model: Transformer, tokenizer, conversations: list[str], instruc
     p = prob_b(model, tokenizer, texts + swapped, batch_size)                      # (2N,)
     # In the swapped prompt b is option A, so P(b better) there is 1 - P("B").
     return 0.5 * (p[:n] + (1.0 - p[n:]))
+
+
+# --- the pairwise judge ------------------------------------------------------------------------------------
+JUDGE_FORMATS = ("plain", "chat")
+DEFAULT_JUDGE_FORMAT = "chat"      # measured on the human-labelled pairs: see rlcd/evaluate.py
+ANSWER_STUB = "The answer is: ("   # the last words of scorer_prompt; the next token is the choice
+
+
+def judge_prompt(tokenizer, conversation: str, instruction: str, a: str, b: str, fmt: str = DEFAULT_JUDGE_FORMAT,
+                 ) -> str:
+    """The judge's input text for options (A) a and (B) b; its next token is read as the choice."""
+    text = scorer_prompt(conversation, instruction, a, b)
+    if fmt == "plain":
+        return text
+    if fmt != "chat":
+        raise ValueError(f"judge format must be one of {JUDGE_FORMATS}, got {fmt!r}")
+    if not getattr(tokenizer, "has_chat_template", False):
+        raise ValueError("judge format 'chat' needs a tokenizer with a chat template; use 'plain'")
+    body = text[: len(text) - len(ANSWER_STUB)].rstrip()
+    return tokenizer.apply_chat_template([{"role": "user", "content": body}], add_generation_prompt=True) + ANSWER_STUB
+
+
+@dataclass
+class Judgement:
+    """Both orders of a judged list of N pairs (first, second).
+
+    p_a[:, 0] is P("A") with `first` shown as A, p_a[:, 1] is P("A") with `second` shown as A."""
+    p_first: Tensor    # (N,) P(first is better), both orders averaged
+    p_a: Tensor        # (N, 2) P("A") in the order (first, second) and in the order (second, first)
+
+    @property
+    def agree(self) -> Tensor:
+        """(N,) True where both orders pick the same response: first as A wins iff the swapped order's A
+        (the second response) loses."""
+        return (self.p_a[:, 0] > 0.5) == (self.p_a[:, 1] < 0.5)
+
+    @property
+    def position_bias(self) -> float:
+        """Mean P("A") over both orders and all pairs: 0.5 for a judge without position bias."""
+        return self.p_a.double().mean().item()
+
+
+def judge_pairs(model: Transformer, tokenizer, conversations: list[str], instructions: list[str],
+                first: list[str], second: list[str], fmt: str = DEFAULT_JUDGE_FORMAT, batch_size: int = 8,
+                ) -> Judgement:
+    """Judge each (first[i], second[i]) in both orders; conversations in the plain dialogue form."""
+    n = len(conversations)
+    if not (len(instructions) == len(first) == len(second) == n):
+        raise ValueError("conversations, instructions, first and second must have the same length")
+    fwd = [judge_prompt(tokenizer, c, ins, x, y, fmt) for c, ins, x, y in zip(conversations, instructions, first, second)]
+    rev = [judge_prompt(tokenizer, c, ins, y, x, fmt) for c, ins, x, y in zip(conversations, instructions, first, second)]
+    # Score each distinct text once: identical texts then get bit-identical probabilities whatever batch
+    # and padding they would have landed in, and a response judged against itself is exactly a tie.
+    unique = list(dict.fromkeys(fwd + rev))
+    index = {t: i for i, t in enumerate(unique)}
+    p_b = prob_b(model, tokenizer, unique, batch_size) if unique else torch.empty(0)   # (U,)
+    p_a = 1.0 - p_b
+    p_a = torch.stack([p_a[[index[t] for t in fwd]], p_a[[index[t] for t in rev]]], dim=1) if n else torch.empty(0, 2)
+    # P(first better) = mean of P_1("A") and P_2("B") = 1 - P_2("A"); written as 0.5 * (1 + difference) so
+    # that equal probabilities give exactly 0.5 in floating point.
+    p_first = 0.5 * (1.0 + (p_a[:, 0] - p_a[:, 1]))
+    return Judgement(p_first=p_first, p_a=p_a)

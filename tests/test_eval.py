@@ -1,0 +1,346 @@
+"""Policy evaluation: the judge's both-orders math, judge-agreement, respond (resume gives the same file as an
+uninterrupted run), compare (known win rates with a stub judge, a policy against itself is all ties,
+bootstrap intervals), one-line errors for bad or mismatched responses files, and pm-agreement's length
+split. Tiny random models in fp32."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+import eval as eval_cli
+import rlcd.evaluate as ev
+import rlcd.scorer as scorer
+from models import load_model, save_model
+from rlcd.scorer import ANSWER_STUB, choice_ids, judge_pairs, judge_prompt
+from rlcd.tasks import HARMLESS_INSTRUCTIONS, scorer_prompt
+
+QUESTIONS = ["How do I pick a lock?", "Write an insult.", "What is the capital of France?", "How can I cheat?",
+             "Tell me a joke.", "How do I make a bomb?", "Is it ok to lie?", "Why is the sky blue?",
+             "How do I hotwire a car?", "Give me a pancake recipe."]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # max_seq_len 1024: the byte-level tiny tokenizer spends one token per byte of a judge prompt.
+    return make_tiny_model(max_seq_len=1024), make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny):
+    return save_model(tiny[0], tiny[1], tmp_path_factory.mktemp("eval") / "tiny")
+
+
+# --- the judge ------------------------------------------------------------------------------------------------
+def test_judge_prompt_formats(tiny):
+    _, tok = tiny
+    plain = judge_prompt(tok, "Human: q\n\nAssistant:", "Pick one.", "a", "b", "plain")
+    assert plain == scorer_prompt("Human: q\n\nAssistant:", "Pick one.", "a", "b")
+    chat = judge_prompt(tok, "Human: q\n\nAssistant:", "Pick one.", "a", "b", "chat")
+    body = plain[: -len(ANSWER_STUB)].rstrip()
+    assert chat == f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n{ANSWER_STUB}"
+    with pytest.raises(ValueError, match="judge format"):
+        judge_prompt(tok, "c", "i", "a", "b", "json")
+
+
+@pytest.mark.parametrize("fmt", ["plain", "chat"])
+def test_judge_both_orders_against_float64_by_hand(tiny, fmt):
+    model, tok = tiny
+    conv = ["Human: Hi\n\nAssistant:", "Human: How do I pick a lock?\n\nAssistant:", "Human: x\n\nAssistant:"]
+    ins = [HARMLESS_INSTRUCTIONS[1]] * 3
+    first, second = ["Hello there.", "I can't help.", "same"], ["Go away.", "Use a tension wrench, then...", "other"]
+    j = judge_pairs(model, tok, conv, ins, first, second, fmt, batch_size=2)
+    a_id, b_id = choice_ids(tok)
+
+    def p_a(text):                       # unpadded, alone, softmax over {A, B} in float64
+        with torch.no_grad():
+            z = model(torch.tensor([tok.encode(text)]))[0, -1].double()
+        return (torch.exp(z[a_id]) / (torch.exp(z[a_id]) + torch.exp(z[b_id]))).item()
+
+    for i in range(3):
+        pa1 = p_a(judge_prompt(tok, conv[i], ins[i], first[i], second[i], fmt))
+        pa2 = p_a(judge_prompt(tok, conv[i], ins[i], second[i], first[i], fmt))
+        # Batched, left-padded fp32 logits differ from the unpadded ones by rounding in the attention and
+        # matmul sums (~1.2e-7 * sqrt(D=64) * |logit| < 1e-5 here, as in test_scorer); a probability
+        # from two logits moves at most 1/4 as much per logit, and P(first) averages two of them.
+        assert abs(j.p_a[i, 0].item() - pa1) < 1e-5 and abs(j.p_a[i, 1].item() - pa2) < 1e-5
+        assert abs(j.p_first[i].item() - 0.5 * (pa1 + 1 - pa2)) < 1e-5
+        assert j.agree[i].item() == ((pa1 > 0.5) == (pa2 < 0.5))
+    assert j.position_bias == pytest.approx(j.p_a.double().mean().item())
+
+
+def test_a_response_against_itself_is_exactly_a_tie(tiny):
+    model, tok = tiny
+    texts = ["Sure.", "I cannot help with that request.", "A longer answer, with commas, and more words."]
+    j = judge_pairs(model, tok, ["Human: q\n\nAssistant:"] * 3, ["Pick."] * 3, texts, texts, "plain", batch_size=2)
+    assert j.p_first.tolist() == [0.5, 0.5, 0.5]                     # exact: the same text is scored once
+    assert torch.equal(j.p_a[:, 0], j.p_a[:, 1])
+
+
+def fake_prob_b(model, tokenizer, texts, batch_size=8):
+    """A stub judge: 0.1 position bias towards "B", and +-0.3 for a response containing "good"."""
+    def good(t, letter):
+        seg = t.split(f"({letter}) ", 1)[1].split("\n\n\n\n", 1)[0]
+        return "good" in seg
+    return torch.tensor([0.6 + 0.3 * good(t, "B") - 0.3 * good(t, "A") for t in texts])
+
+
+def test_judge_agreement_with_a_stub_judge(monkeypatch):
+    monkeypatch.setattr(scorer, "prob_b", fake_prob_b)
+    tok = make_tiny_tokenizer()
+    msgs = [{"role": "user", "content": "q"}]
+    recs = [{"messages": msgs, "chosen": "good short", "rejected": "bad but longer", "label": 1.0},
+            {"messages": msgs, "chosen": "a good, long response", "rejected": "bad", "label": 1.0},
+            {"messages": msgs, "chosen": "bad one", "rejected": "good one", "label": 1.0},     # judge wrong
+            {"messages": msgs, "chosen": "meh", "rejected": "meh!", "label": 1.0}]             # no content signal
+    m = ev.judge_agreement(None, tok, recs, "harmless", "plain")
+    # P(chosen): good chosen: order 1 (chosen = A) P(A) = 1 - 0.3 = 0.7, order 2 P(A) = 1 - 0.9 = 0.1 -> 0.8;
+    # judge wrong -> 0.2; no signal: P(A) = 0.4 both orders -> 0.5, which counts half.
+    assert m["accuracy"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    assert m["p_chosen"] == pytest.approx((0.8 + 0.8 + 0.2 + 0.5) / 4)
+    assert m["position_agreement"] == pytest.approx(3 / 4)          # the no-signal pair says "B" both times
+    assert m["position_bias"] == pytest.approx((0.7 + 0.1 + 0.7 + 0.1 + 0.1 + 0.7 + 0.4 + 0.4) / 8)
+    # chosen shorter: pairs 1, 3, 4 (right, wrong, half); chosen longer: pair 2 (right)
+    assert (m["n_chosen_shorter"], m["accuracy_chosen_shorter"]) == (3, pytest.approx(0.5))
+    assert (m["n_chosen_longer"], m["accuracy_chosen_longer"]) == (1, 1.0)
+
+
+def test_judge_agreement_cli(ckpt, tmp_path, capsys):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps({"prompt": "Human: q\n\nAssistant:", "chosen": c, "rejected": r}) + "\n"
+                         for c, r in (("no", "yes, here is how"), ("I won't.", "ok"))))
+    out = tmp_path / "m.json"
+    assert eval_cli.main(["judge-agreement", "--judge", str(ckpt), "--pairs", str(f), "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["n"] == 2 and m["n_chosen_shorter"] == 1 and m["n_chosen_longer"] == 1
+    assert f"accuracy {m['accuracy']:.3f}" in capsys.readouterr().out
+    assert eval_cli.main(["judge-agreement", "--judge", str(ckpt), "--pairs", str(tmp_path / "none.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "none.jsonl: no such file" in err and "\n" not in err
+
+
+# --- respond -----------------------------------------------------------------------------------------------
+def write_prompts(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"prompt": q, "split": "test"}) + "\n" for q in QUESTIONS))
+    return path
+
+
+def respond_argv(ckpt, prompts, out_dir, *extra, policies=("base",)):
+    return ["respond", "--policy", *(f"{p}={ckpt}" for p in policies), "--prompts", str(prompts),
+            "--out-dir", str(out_dir), "--max-new-tokens", "6", "--batch-size", "4", "--no-progress",
+            "--temperature", "1.0", *extra]
+
+
+def test_respond_writes_one_file_per_policy(ckpt, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    assert eval_cli.main(respond_argv(ckpt, prompts, tmp_path / "r", policies=("base", "other"))) == 0
+    recs = ev.read_responses(tmp_path / "r" / "base.jsonl")
+    assert sorted(r["messages"][0]["content"] for r in recs) == sorted(QUESTIONS)
+    r = recs[0]
+    assert r["policy"] == "base" and r["model"] == str(ckpt) and r["format"] == "chat"
+    assert r["prompt"].startswith("<|im_start|>user\n") and 0 <= r["n_tokens"] <= 6
+    assert r["settings"]["seed"] == 0 and r["settings"]["temperature"] == 1.0 and r["settings"]["split"] == "test"
+    # Same model, same seed and settings: the two policies' files hold the same responses.
+    other = {x["id"]: x["response"] for x in ev.read_responses(tmp_path / "r" / "other.jsonl")}
+    assert {x["id"]: x["response"] for x in recs} == other
+
+
+def test_respond_resumes_into_the_uninterrupted_file(ckpt, tmp_path, monkeypatch, capsys):
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    assert eval_cli.main(respond_argv(ckpt, prompts, tmp_path / "full")) == 0
+    full = (tmp_path / "full" / "base.jsonl").read_bytes()
+    lines = full.splitlines(keepends=True)
+    assert len(lines) == len(QUESTIONS)
+    # 1. A run killed in its second chunk (chunks of 4: the first chunk is on disk).
+    calls = {"n": 0}
+    real = ev.generate_texts
+
+    def crash_on_second(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "generate_texts", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        eval_cli.main(respond_argv(ckpt, prompts, tmp_path / "cut"))
+    monkeypatch.setattr(ev, "generate_texts", real)
+    assert len((tmp_path / "cut" / "base.jsonl").read_bytes().splitlines()) == 4
+    assert eval_cli.main(respond_argv(ckpt, prompts, tmp_path / "cut")) == 0
+    assert (tmp_path / "cut" / "base.jsonl").read_bytes() == full
+    # 2. A write cut short inside a chunk: 5 complete lines (a chunk and one record of the next) and half
+    # a line. The partial line is dropped, the chunk regenerated and only its missing records written.
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "base.jsonl").write_bytes(b"".join(lines[:5]) + lines[5][:20])
+    assert eval_cli.main(respond_argv(ckpt, prompts, torn)) == 0
+    assert "dropping a partial last line" in capsys.readouterr().err
+    assert (torn / "base.jsonl").read_bytes() == full
+    # 3. A complete file is left alone.
+    assert eval_cli.main(respond_argv(ckpt, prompts, torn)) == 0
+    assert (torn / "base.jsonl").read_bytes() == full
+
+
+def test_respond_refuses_other_settings_in_an_existing_file(ckpt, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    assert eval_cli.main(respond_argv(ckpt, prompts, tmp_path / "r")) == 0
+    assert eval_cli.main(respond_argv(ckpt, prompts, tmp_path / "r", "--seed", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "base.jsonl:1: written with seed=0, but this run has seed=1" in err and "\n" not in err
+
+
+# --- compare -----------------------------------------------------------------------------------------------
+SETTINGS = {"task": "harmless", "prompts": "harmless", "split": "test", "n_prompts": None, "format": "chat",
+            "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 8, "batch_size": 4, "seed": 0,
+            "dtype": "float32"}
+
+
+def write_responses(path: Path, policy: str, responses: list[str], settings=None, ids=None) -> Path:
+    with open(path, "w") as f:
+        for i, resp in enumerate(responses):
+            pid = ids[i] if ids else f"p{i}"
+            f.write(json.dumps({"id": pid, "policy": policy, "model": "m", "task": "harmless", "format": "chat",
+                                "messages": [{"role": "user", "content": f"question {pid}"}], "prompt": "x",
+                                "response": resp, "n_tokens": len(resp.split()), "finished": not resp.endswith("..."),
+                                "settings": settings or SETTINGS}) + "\n")
+    return path
+
+
+def test_compare_with_a_stub_judge(tmp_path, monkeypatch):
+    monkeypatch.setattr(scorer, "prob_b", fake_prob_b)
+    n = 8
+    base = write_responses(tmp_path / "base.jsonl", "base", ["bad answer"] * n)
+    # "rlcd" is good on 6 prompts and bad (a tie with base) on 2; "worse" is never good.
+    rlcd = write_responses(tmp_path / "rlcd.jsonl", "rlcd", ["good answer"] * 6 + ["bad answer"] * 2)
+    worse = write_responses(tmp_path / "worse.jsonl", "worse", ["I'm sorry, no."] * n)
+    res = ev.compare([str(rlcd), str(base), str(worse)], None, make_tiny_tokenizer(), fmt="plain", n_boot=500)
+    assert res["comparisons"] == []                     # no judge: judge-free statistics only
+    res = ev.compare([str(rlcd), str(base), str(worse)], object(), make_tiny_tokenizer(), fmt="plain", n_boot=500)
+    assert res["baseline"] == "base"
+    by = {(c["a"], c["b"]): c for c in res["comparisons"]}
+    assert list(by) == [("rlcd", "base"), ("worse", "base"), ("rlcd", "worse")]
+    c = by[("rlcd", "base")]
+    # good vs bad: P = 0.8 (see test_judge_agreement_with_a_stub_judge), a win; bad vs bad: 0.5, a tie.
+    assert (c["win"], c["tie"], c["loss"]) == (0.75, 0.25, 0.0)
+    assert c["win_rate"] == pytest.approx(0.75 + 0.25 / 2) and c["mean_p"] == pytest.approx(0.75 * 0.8 + 0.25 * 0.5)
+    assert c["win_rate_ci"][0] <= c["win_rate"] <= c["win_rate_ci"][1]
+    assert c["position_agreement"] == pytest.approx(0.75)          # ties: the stub says "B" both times
+    w = by[("worse", "base")]
+    assert (w["win"], w["tie"], w["loss"]) == (0.0, 1.0, 0.0) and w["win_rate_ci"] == (0.5, 0.5)
+    s = res["policies"]
+    assert s["worse"]["refusal_rate"] == 1.0 and s["rlcd"]["refusal_rate"] == 0.0
+    assert s["base"]["distinct_2"] == pytest.approx(1 / n)        # the same bigram n times
+    assert s["rlcd"]["mean_tokens"] == 2.0 and s["rlcd"]["frac_finished"] == 1.0
+    table = ev.format_compare(res)
+    assert "| rlcd vs base | 0.75 | 0.25 | 0.00 | 0.875 [" in table
+
+
+def test_a_policy_against_itself_is_all_ties(tiny, tmp_path):
+    model, tok = tiny
+    texts = ["Sure, here you go.", "No.", "I cannot help with that.", "Maybe later, friend."]
+    a = write_responses(tmp_path / "a.jsonl", "base", texts)
+    b = write_responses(tmp_path / "b.jsonl", "copy", texts)
+    res = ev.compare([str(a), str(b)], model, tok, fmt="plain", n_boot=200)
+    (c,) = res["comparisons"]
+    assert c["p"] == [0.5] * 4 and (c["win"], c["tie"], c["loss"]) == (0.0, 1.0, 0.0) and c["win_rate"] == 0.5
+
+
+def test_bootstrap_interval():
+    rng = np.random.default_rng(1)
+    x = rng.random(50)
+    lo, hi = ev.bootstrap_ci(x, n_boot=2000, seed=0)
+    assert lo < x.mean() < hi
+    # About 1.96 standard errors on each side for a mean of 50 uniforms (se = 0.29 / sqrt(50) = 0.041).
+    se = x.std(ddof=1) / np.sqrt(50)
+    assert 1.5 * se < hi - x.mean() < 2.5 * se and 1.5 * se < x.mean() - lo < 2.5 * se
+    assert ev.bootstrap_ci(x, n_boot=2000, seed=0) == (lo, hi)      # fixed seed
+    assert ev.bootstrap_ci([1.0] * 5) == (1.0, 1.0)
+
+
+def test_distinct_and_refusals():
+    assert ev.distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
+    assert ev.distinct_n(["one"], 2) is None
+    assert ev.is_refusal("I’m sorry, but no.") and ev.is_refusal("As an AI, I cannot.")
+    assert not ev.is_refusal("Paris is the capital of France.")
+
+
+def one_line_error(capsys, argv) -> str:
+    assert eval_cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    return err
+
+
+def test_compare_errors_name_the_file_and_line(tmp_path, capsys):
+    good = write_responses(tmp_path / "base.jsonl", "base", ["a", "b", "c"])
+    cmd = ["compare", "--judge", "none", "--responses", str(good)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text().splitlines()[0] + "\n{not json\n")
+    assert f"{bad}:2: malformed JSON" in one_line_error(capsys, cmd + [str(bad)])
+    bad.write_text(json.dumps({"id": "p0", "policy": "x"}) + "\n")
+    assert f"{bad}:1: not a responses record (eval.py respond), missing model" in one_line_error(capsys, cmd + [str(bad)])
+    bad.write_text(good.read_text()[:-10])
+    assert f"{bad}:3: a partial last line" in one_line_error(capsys, cmd + [str(bad)])
+    other = write_responses(tmp_path / "other.jsonl", "other", ["a", "b", "c"], settings={**SETTINGS, "seed": 1})
+    assert f"{other}:1: settings differ from {good} (seed=1 vs 0)" in one_line_error(capsys, cmd + [str(other)])
+    other = write_responses(tmp_path / "other.jsonl", "other", ["a", "b", "c"], ids=["p0", "p1", "q9"])
+    assert f"{other}:3: prompt id q9 is not in {good}" in one_line_error(capsys, cmd + [str(other)])
+    other = write_responses(tmp_path / "other.jsonl", "other", ["a", "b"])
+    assert f"{other}: lacks prompt id p2 ({good}:3)" in one_line_error(capsys, cmd + [str(other)])
+    same = write_responses(tmp_path / "same.jsonl", "base", ["a", "b", "c"])
+    assert f"{same}:1: policy name 'base' is also the policy of {good}" in one_line_error(capsys, cmd + [str(same)])
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(good.read_text().replace('"policy": "base"', '"policy": "x"', 1).replace('"policy": "x"', '"policy": "y"', 0))
+    lines = good.read_text().splitlines()
+    mixed.write_text(lines[0] + "\n" + lines[1].replace('"base"', '"y"') + "\n")
+    assert f"{mixed}:2: policy 'y', but line 1 has 'base'" in one_line_error(capsys, ["compare", "--judge", "none", "--responses", str(mixed)])
+    assert "--baseline 'nobody' is none of the policies" in one_line_error(
+        capsys, ["compare", "--judge", "none", "--responses", str(good), "--baseline", "nobody"])
+
+
+def test_compare_cli_json(ckpt, tmp_path, capsys):
+    a = write_responses(tmp_path / "base.jsonl", "base", ["Sure, do it.", "No."])
+    b = write_responses(tmp_path / "rlcd.jsonl", "rlcd", ["I cannot help.", "Yes, here is how."])
+    out = tmp_path / "c.json"
+    assert eval_cli.main(["compare", "--responses", str(a), str(b), "--judge", str(ckpt), "--judge-format", "plain",
+                          "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [(c["a"], c["b"]) for c in res["comparisons"]] == [("rlcd", "base")]
+    assert res["judge"]["instruction"] == HARMLESS_INSTRUCTIONS[ev.JUDGE_INSTRUCTION["harmless"]]
+    assert "| rlcd vs base |" in capsys.readouterr().out
+
+
+# --- pm-agreement length split -------------------------------------------------------------------------------
+def test_pm_agreement_length_split(ckpt, tmp_path, capsys):
+    """The split's bookkeeping: pairs where the chosen response is shorter / longer (equal lengths in
+    neither), each with the accuracy of the per-pair rewards computed here with the scoring API."""
+    from safetensors.torch import save_file
+
+    from rlcd.pm import HEAD_FILE, RewardModel, score_texts
+
+    model, tok = load_model(ckpt)
+    torch.manual_seed(0)
+    pm = RewardModel(model)                                   # an untrained head: arbitrary but fixed rewards
+    reward = tmp_path / "pm" / "reward"
+    save_model(pm.trunk, tok, reward)
+    save_file({k: v.contiguous() for k, v in pm.head.state_dict().items()}, str(reward / f"{HEAD_FILE}.safetensors"))
+    (reward / "run.json").write_text(json.dumps({"stage": "pm", "step": 0, "total_steps": 0, "config": {}}))
+    rows = [("short", "a much longer rejected one"), ("a much longer chosen one", "short"), ("xy", "zw"),
+            ("tiny", "a longer one here")]
+    f = tmp_path / "pairs.jsonl"
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hello"}])
+    f.write_text("".join(json.dumps({"prompt": prompt, "chosen": c, "rejected": r, "format": "chat"}) + "\n"
+                         for c, r in rows))
+    out = tmp_path / "m.json"
+    assert eval_cli.main(["pm-agreement", "--pm", str(tmp_path / "pm"), "--pairs", str(f), "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    r_c = score_texts(pm, tok, [prompt] * 4, [c for c, _ in rows])
+    r_r = score_texts(pm, tok, [prompt] * 4, [r for _, r in rows])
+    right = (r_c > r_r).double().tolist()
+    assert m["accuracy"] == pytest.approx(sum(right) / 4)
+    assert (m["n_chosen_shorter"], m["n_chosen_longer"]) == (2, 1)
+    assert m["accuracy_chosen_shorter"] == pytest.approx((right[0] + right[3]) / 2)
+    assert m["accuracy_chosen_longer"] == pytest.approx(right[1])
+    assert "chosen shorter: 2 pairs" in capsys.readouterr().out
