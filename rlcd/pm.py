@@ -387,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
 class AgreementArgs:
     """Accuracy and mean chosen-probability of a preference model on a pairs file (eval.py pm-agreement)."""
     pm: str                            # preference-model run directory (OUT of train.py pm) or its reward/
-    pairs: list[str]                   # JSONL file(s) with prompt, chosen, rejected (chosen = the preferred one)
-    format: str | None = None          # chat or plain for every record (default: each record's, else chat)
+    pairs: list[str]                   # JSONL file(s) with prompt, chosen, rejected (chosen = the preferred one); "human": the PyRIT pairs
+    format: str | None = None          # chat or plain for every record, its prompt re-rendered from its messages with the PM's tokenizer (default: each record's own)
     batch_size: int = 16               # sequences per forward
     max_length: int = 512              # tokens per sequence (the start of the prompt is cut beyond)
     device: str = "cpu"                # cpu or cuda
@@ -397,22 +397,43 @@ class AgreementArgs:
 
 
 def agreement_main(argv: list[str] | None = None) -> int:
+    from rlcd.evaluate import length_split, resolve_pairs
+    from rlcd.tasks import format_prompt
+
     args = parse_args(AgreementArgs, argv, prog="eval.py pm-agreement", description=AgreementArgs.__doc__)
     if args.dtype not in DTYPES:
         raise SystemExit(f"eval.py pm-agreement: --dtype must be one of {sorted(DTYPES)}")
     try:
-        recs = read_pairs(args.pairs, format_override=args.format)
+        paths = resolve_pairs(args.pairs)
+        recs = read_pairs(paths, format_override=args.format)
         pm, tok, meta = load_reward_model(args.pm, args.device, DTYPES[args.dtype])
     except (CheckpointError, PairsError) as e:
         print(f"eval.py pm-agreement: {e}", file=sys.stderr)
         return 2
+    if args.format:
+        # A forced format re-renders the prompt where the record carries its conversation (the human pairs
+        # are stored in plain form; a PM trained on chat pairs should see them in its own template).
+        recs = [{**r, "prompt": format_prompt(r["messages"], args.format, tok)} if r.get("messages") else r
+                for r in recs]
     max_length = min(args.max_length, pm.trunk.args.max_seq_len)
     chosen, rejected, n_cut = _encode_pairs(recs, tok, max_length)
     labels = torch.tensor([r["label"] for r in recs])
-    m = evaluate_pairs(pm, chosen, rejected, labels, tok.pad_id, args.batch_size)
+    r = score_ids(pm, chosen + rejected, tok.pad_id, args.batch_size)       # (2B,) as evaluate_pairs
+    r_c, r_r = r[:len(chosen)], r[len(chosen):]
+    m = {k: float(v) for k, v in {"loss": bt_loss(r_c.double(), r_r.double(), labels.double()),
+                                  **pair_metrics(r_c, r_r, labels)}.items()} | {"n": len(chosen)}
+    # Per-pair correctness as pair_metrics counts it, split by whether the chosen response is the shorter
+    # or the longer one: a PM that only prefers brevity (refusals are short) shows up there.
+    d = r_c - r_r
+    right = torch.where(labels > 0.5, (d > 0).float(), torch.where(labels < 0.5, (d < 0).float(), 0.5))
+    m |= length_split(recs, right.tolist())
+    f = lambda v: "-" if v is None else f"{v:.4f}"   # noqa: E731
     print(f"{args.pm}: {m['n']} pairs  accuracy {m['accuracy']:.4f}  mean P(chosen) {m['p_chosen']:.4f}  "
           f"mean margin {m['margin']:.4f}  loss {m['loss']:.4f}" + (f"  ({n_cut} cut to {max_length} tokens)"
-                                                                     if n_cut else ""))
+                                                                     if n_cut else "")
+          + f"\n  chosen shorter: {m['n_chosen_shorter']} pairs, accuracy {f(m['accuracy_chosen_shorter'])}; "
+          f"chosen longer: {m['n_chosen_longer']} pairs, accuracy {f(m['accuracy_chosen_longer'])}")
     if args.out:
-        runs.write_json_atomic(Path(args.out), {**m, "pm": args.pm, "pairs": args.pairs, "step": meta.get("step")})
+        runs.write_json_atomic(Path(args.out), {**m, "pm": args.pm, "pairs": paths, "step": meta.get("step"),
+                                                "format": args.format})
     return 0
