@@ -48,6 +48,7 @@ API (for train.py pipeline)
     compare(paths, model, tok, baseline=None, fmt=..., instruction=None, tie=..., ...) -> dict
     pm_rewards(responses, pm_run, device="cpu") -> dict
     format_compare(result) -> str                     the stdout table
+    run_judge_agreement(JudgeAgreementArgs) -> dict; run_compare(CompareArgs) -> dict   the commands, minus printing
     respond_main / compare_main / judge_agreement_main(argv)   the eval.py commands
 """
 from __future__ import annotations
@@ -176,24 +177,30 @@ class JudgeAgreementArgs:
     out: str | None = None             # also write the metrics as JSON here
 
 
+def run_judge_agreement(args: JudgeAgreementArgs) -> dict:
+    """Load the judge and the pairs, judge them; the metrics of judge_agreement plus judge, pairs, seconds."""
+    from rlcd.pm import read_pairs
+
+    if args.judge_format not in JUDGE_FORMATS:
+        raise ValueError(f"--judge-format must be one of {JUDGE_FORMATS}, got {args.judge_format!r}")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
+    paths = resolve_pairs(args.pairs)
+    recs = read_pairs(paths)
+    recs = recs[:args.limit] if args.limit is not None else recs
+    model, tok = load_model(args.judge, device=args.device, dtype=DTYPES[args.dtype])
+    t0 = time.perf_counter()
+    m = judge_agreement(model, tok, recs, args.task, args.judge_format, args.instruction, args.batch_size)
+    return {"judge": args.judge, "pairs": paths, **m, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def judge_agreement_main(argv: list[str] | None = None) -> int:
     args = parse_args(JudgeAgreementArgs, argv, prog="eval.py judge-agreement", description=JudgeAgreementArgs.__doc__)
-    from rlcd.pm import PairsError, read_pairs
     try:
-        if args.judge_format not in JUDGE_FORMATS:
-            raise ValueError(f"--judge-format must be one of {JUDGE_FORMATS}, got {args.judge_format!r}")
-        if args.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
-        paths = resolve_pairs(args.pairs)
-        recs = read_pairs(paths)
-        recs = recs[:args.limit] if args.limit is not None else recs
-        model, tok = load_model(args.judge, device=args.device, dtype=DTYPES[args.dtype])
-        t0 = time.perf_counter()
-        m = judge_agreement(model, tok, recs, args.task, args.judge_format, args.instruction, args.batch_size)
-    except (PairsError, CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
+        m = run_judge_agreement(args)
+    except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:   # PairsError is a ValueError
         print(f"eval.py judge-agreement: {e}", file=sys.stderr)
         return 2
-    m = {"judge": args.judge, "pairs": paths, **m, "seconds": round(time.perf_counter() - t0, 1)}
     f = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
     print(f"judge {args.judge} ({args.judge_format}) on {m['n']} pairs: accuracy {m['accuracy']:.3f} "
           f"(se {f(m['accuracy_se'])})  mean P(chosen) {m['p_chosen']:.3f}  position agreement "
@@ -618,23 +625,30 @@ class CompareArgs:
     out: str | None = None                # also write the result as JSON here
 
 
+def run_compare(args: CompareArgs) -> dict:
+    """compare() and, with args.pm, pm_rewards() for the files of args.responses; the result as a dict
+    (what --out writes). The files are read and checked before any model is loaded."""
+    if args.judge_format not in JUDGE_FORMATS:
+        raise ValueError(f"--judge-format must be one of {JUDGE_FORMATS}, got {args.judge_format!r}")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
+    files = {p: read_responses(p) for p in args.responses}
+    check_responses(files)
+    model = tok = None
+    if args.judge:
+        model, tok = load_model(args.judge, device=args.device, dtype=DTYPES[args.dtype])
+    result = compare(args.responses, model, tok, args.baseline, args.judge_format, args.instruction, args.tie,
+                     args.n_boot, args.seed, args.batch_size, judge_name=args.judge)
+    del model
+    if args.pm:
+        result["pm"] = pm_rewards({recs[0]["policy"]: recs for recs in files.values()}, args.pm, args.device)
+    return result
+
+
 def compare_main(argv: list[str] | None = None) -> int:
     args = parse_args(CompareArgs, argv, prog="eval.py compare", description=CompareArgs.__doc__)
     try:
-        if args.judge_format not in JUDGE_FORMATS:
-            raise ValueError(f"--judge-format must be one of {JUDGE_FORMATS}, got {args.judge_format!r}")
-        if args.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
-        # Read and check the files before loading any model: a bad file fails in a second.
-        files = {p: read_responses(p) for p in args.responses}
-        check_responses(files)
-        model = tok = None
-        if args.judge:
-            model, tok = load_model(args.judge, device=args.device, dtype=DTYPES[args.dtype])
-        result = compare(args.responses, model, tok, args.baseline, args.judge_format, args.instruction, args.tie,
-                         args.n_boot, args.seed, args.batch_size, judge_name=args.judge)
-        if args.pm:
-            result["pm"] = pm_rewards({recs[0]["policy"]: recs for recs in files.values()}, args.pm, args.device)
+        result = run_compare(args)
     except (ResponsesError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"eval.py compare: {e}", file=sys.stderr)
         return 2

@@ -313,20 +313,48 @@ def test_compare_cli_json(ckpt, tmp_path, capsys):
 
 
 # --- pm-agreement length split -------------------------------------------------------------------------------
-def test_pm_agreement_length_split(ckpt, tmp_path, capsys):
-    """The split's bookkeeping: pairs where the chosen response is shorter / longer (equal lengths in
-    neither), each with the accuracy of the per-pair rewards computed here with the scoring API."""
+def write_tiny_pm(ckpt, run_dir: Path, reward_norm=None):
+    """A preference-model run directory with an untrained head (arbitrary but fixed rewards)."""
     from safetensors.torch import save_file
 
-    from rlcd.pm import HEAD_FILE, RewardModel, score_texts
+    from rlcd.pm import HEAD_FILE, RewardModel
 
     model, tok = load_model(ckpt)
     torch.manual_seed(0)
-    pm = RewardModel(model)                                   # an untrained head: arbitrary but fixed rewards
-    reward = tmp_path / "pm" / "reward"
+    pm = RewardModel(model)
+    reward = run_dir / "reward"
     save_model(pm.trunk, tok, reward)
     save_file({k: v.contiguous() for k, v in pm.head.state_dict().items()}, str(reward / f"{HEAD_FILE}.safetensors"))
-    (reward / "run.json").write_text(json.dumps({"stage": "pm", "step": 0, "total_steps": 0, "config": {}}))
+    meta = {"stage": "pm", "step": 0, "total_steps": 0, "config": {}}
+    if reward_norm:
+        meta["reward_norm"] = reward_norm
+    (reward / "run.json").write_text(json.dumps(meta))
+    pm.norm_mean, pm.norm_std = (reward_norm or {}).get("mean"), (reward_norm or {}).get("std")
+    return pm, tok
+
+
+def test_compare_with_a_preference_model(ckpt, tmp_path, capsys):
+    from rlcd.pm import score_texts
+
+    pm, tok = write_tiny_pm(ckpt, tmp_path / "pm", {"mean": 0.25, "std": 2.0})
+    a = write_responses(tmp_path / "base.jsonl", "base", ["Sure, do it.", "No."])
+    b = write_responses(tmp_path / "rlcd.jsonl", "rlcd", ["I cannot help.", "Yes, here is how."])
+    out = tmp_path / "c.json"
+    assert eval_cli.main(["compare", "--responses", str(a), str(b), "--judge", "none", "--pm", str(tmp_path / "pm"),
+                          "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"question p{i}"}]) for i in range(2)]
+    want = score_texts(pm, tok, prompts, ["I cannot help.", "Yes, here is how."], normalize=True).mean().item()
+    assert res["pm"]["normalized"] and res["pm"]["policies"]["rlcd"]["mean_reward"] == pytest.approx(want, abs=1e-6)
+    assert "not an independent judge" in capsys.readouterr().out
+
+
+def test_pm_agreement_length_split(ckpt, tmp_path, capsys):
+    """The split's bookkeeping: pairs where the chosen response is shorter / longer (equal lengths in
+    neither), each with the accuracy of the per-pair rewards computed here with the scoring API."""
+    from rlcd.pm import score_texts
+
+    pm, tok = write_tiny_pm(ckpt, tmp_path / "pm")
     rows = [("short", "a much longer rejected one"), ("a much longer chosen one", "short"), ("xy", "zw"),
             ("tiny", "a longer one here")]
     f = tmp_path / "pairs.jsonl"
