@@ -167,7 +167,7 @@ class JudgeAgreementArgs:
     """Accuracy, position and length bias of a pairwise judge on labelled pairs (eval.py judge-agreement)."""
     pairs: list[str]                   # pairs JSONL file(s) (chosen = preferred), or "human" for the PyRIT pairs
     judge: str = "smollm2-135m-instruct"  # judge model: a name, checkpoint directory or run directory
-    task: str = "harmless"             # whose judging principle to use
+    task: str | None = None            # whose judging principle to use (default: the records' task, else harmless)
     judge_format: str = DEFAULT_JUDGE_FORMAT  # plain (raw scorer prompt) or chat (through the judge's template)
     instruction: int | None = None     # index of the task's principle (default: JUDGE_INSTRUCTION[task])
     limit: int | None = None           # only the first N pairs
@@ -188,9 +188,11 @@ def run_judge_agreement(args: JudgeAgreementArgs) -> dict:
     paths = resolve_pairs(args.pairs)
     recs = read_pairs(paths)
     recs = recs[:args.limit] if args.limit is not None else recs
+    tasks = {r.get("task") for r in recs}
+    task = args.task or (tasks.pop() if len(tasks) == 1 and tasks <= set(TASKS) else "harmless")
     model, tok = load_model(args.judge, device=args.device, dtype=DTYPES[args.dtype])
     t0 = time.perf_counter()
-    m = judge_agreement(model, tok, recs, args.task, args.judge_format, args.instruction, args.batch_size)
+    m = judge_agreement(model, tok, recs, task, args.judge_format, args.instruction, args.batch_size)
     return {"judge": args.judge, "pairs": paths, **m, "seconds": round(time.perf_counter() - t0, 1)}
 
 
