@@ -1,5 +1,6 @@
-"""Every training stage of RLCD, one sub-command each.
+"""Every training stage of RLCD, one sub-command each, and the whole pipeline.
 
+    python train.py pipeline --task harmless --budget quick --out runs/pipeline-harmless
     python train.py simulate --task harmless --method rlcd --n-prompts 256 --out runs/harmless/pairs-rlcd.jsonl
     python train.py stats runs/harmless/pairs-rlcd.jsonl
     python train.py pm  --pairs runs/harmless/pairs-rlcd.jsonl --out runs/harmless/pm-rlcd
@@ -15,6 +16,7 @@ import importlib
 import sys
 
 STAGES = {
+    "pipeline": ("rlcd.pipeline", "every stage below plus evaluation and a report, resumable (the main job)"),
     "simulate": ("rlcd.simulate", "simulate preference pairs (rlcd, rlaif, rlcd-rescore)"),
     "stats": ("rlcd.simulate", "summarise a pairs file"),
     "pm": ("rlcd.pm", "train a Bradley-Terry preference model on pairs"),

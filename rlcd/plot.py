@@ -1,6 +1,7 @@
-"""Line plots of a run's metrics.jsonl as a standalone SVG (no plotting library needed).
+"""Line plots of a run's metrics.jsonl as a standalone SVG (no plotting library needed): `render` for the
+pipeline's report, and a command line.
 
-    python bench/plot_metrics.py --log runs/harmless/ppo/metrics.jsonl --keys score kl --out docs/ppo_curves.svg
+    python -m rlcd.plot --log runs/harmless/ppo/metrics.jsonl --keys score kl --out docs/ppo_curves.svg
 
 One panel per key, side by side, x = "step" (the PPO iteration). Records without the key (sample logs,
 checkpoint timings) are skipped. A thin line shows each value, a thick one its running mean over
@@ -10,13 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rlcd.cli import parse_args  # noqa: E402
+from rlcd.cli import parse_args
 
 W, H = 360, 240                      # one panel, pixels
 ML, MR, MT, MB = 56, 12, 28, 36      # margins: left (y labels), right, top (title), bottom (x labels)
@@ -83,14 +81,14 @@ def render(records: list[dict], keys: list[str], smooth: int = 5, title: str = "
     for i, k in enumerate(keys):
         rows = [r for r in records if isinstance(r.get(k), (int, float)) and "step" in r]
         if not rows:
-            raise SystemExit(f"plot_metrics.py: no record has {k!r}")
+            raise ValueError(f"no record has {k!r}")
         parts.append(panel([r["step"] for r in rows], [float(r[k]) for r in rows], k, i * W, smooth))
     parts += ["</g>", "</svg>"]
     return "\n".join(parts) + "\n"
 
 
 def main() -> None:
-    a = parse_args(Args, prog="plot_metrics.py")
+    a = parse_args(Args, prog="python -m rlcd.plot")
     records = [json.loads(line) for line in Path(a.log).read_text().splitlines() if line.strip()]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(render(records, a.keys, a.smooth, a.title))

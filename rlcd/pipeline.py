@@ -1,0 +1,265 @@
+"""The main job: RLCD end to end for one task, in one run directory (train.py pipeline).
+
+    python train.py pipeline --task harmless --budget quick --out runs/pipeline-harmless
+    python train.py pipeline --task harmless --budget cpu --judge qwen2.5-coder-0.5b-instruct --out runs/cpu
+    python train.py pipeline --simulator qwen2.5-coder-0.5b-instruct ...   # the paper's larger-simulator row
+
+Each stage is one of the project's own commands, run in this process with the budget's settings; the
+exact command lines are written to OUT/commands.sh, so any stage can be rerun or changed by hand:
+
+     stage            command                                         output
+  1. pairs-rlcd       train.py simulate --method rlcd                 OUT/pairs-rlcd.jsonl
+  2. pairs-rlaif      train.py simulate --method rlaif (same prompts) OUT/pairs-rlaif.jsonl
+  3. pm-rlcd          train.py pm on 1                                OUT/pm-rlcd/
+  4. pm-rlaif         train.py pm on 2                                OUT/pm-rlaif/
+  5. sft              train.py sft on 1's o+ (context distillation)   OUT/sft/
+  6. ppo-rlcd         train.py ppo against 3                          OUT/ppo-rlcd/
+  7. ppo-rlaif        train.py ppo against 4                          OUT/ppo-rlaif/
+  8. agreement        eval.py pm-agreement of 3 and 4 on human pairs  OUT/agreement-{rlcd,rlaif}.json
+  9. respond          eval.py respond: base, rlcd, rlaif, cd          OUT/responses/<policy>.jsonl
+ 10. compare          eval.py compare with the judge                  OUT/compare.json
+ 11. report           the tables below, curves as SVG                 OUT/report.md
+
+Resuming. A stage that finished writes OUT/stages/<stage>.json (its time and result); a rerun skips it.
+A stage that was interrupted is run again and resumes from its own partial output: simulate and respond
+complete their JSONL files chunk by chunk, pm/sft/ppo continue from their last checkpoint (--resume,
+restored bit for bit), the evaluation stages recompute. So the same command after a kill at any moment
+finishes the job with nothing repeated that was complete and nothing lost.
+
+Budgets (--budget): `quick` is what `make run` runs, sized to finish in about half an hour on the slower
+of the project's 2-core CPUs; `cpu` is an overnight run on such a machine; `paper` is the paper's
+settings (arXiv 2307.12950, Appendix) for a GPU.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEFAULT_POLICY = "smollm2-135m-instruct"
+# The judge the pipeline uses unless told otherwise: the strongest local judge measured on the
+# human-labelled pairs (README, "Judges").
+DEFAULT_JUDGE = "qwen2.5-coder-0.5b-instruct"
+POLICIES = ("base", "rlcd", "rlaif", "cd")       # cd = context distillation (SFT on o+)
+
+# Settings per budget. Each stage's flags; anything not listed is that command's default.
+BUDGETS: dict[str, dict[str, dict]] = {
+    # ~30 min on a 2-core AMD EPYC (AVX2): a smoke run of the whole method, too small to align anything.
+    "quick": {
+        "simulate": dict(n_prompts=32, max_new_tokens=48, batch_size=16),
+        "pm": dict(train_layers=4, epochs=2, batch_size=8, micro_batch=8, lr=5e-5, dev=4, eval_every=0,
+                   norm_samples=16, norm_max_new_tokens=48, save_every=0),
+        "sft": dict(train_layers=4, epochs=1, batch_size=8, micro_batch=8, lr=2e-5, dev=4, eval_every=0,
+                    save_every=0),
+        "ppo": dict(iterations=4, batch_size=8, micro_batch=8, max_new_tokens=48, lr=1e-5, kl_coef=0.02,
+                    train_layers=4, no_stop_score="none", save_every=2, sample_every=0),
+        "respond": dict(n_prompts=24, max_new_tokens=48, batch_size=12),
+        "agreement": dict(batch_size=8),
+        "compare": dict(batch_size=8),
+    },
+    # One night on the same machine: the README's measured settings (rlcd/PM.md, rlcd/PPO.md).
+    "cpu": {
+        "simulate": dict(n_prompts=640, max_new_tokens=64, batch_size=32),
+        "pm": dict(train_layers=4, epochs=2, batch_size=16, micro_batch=8, lr=5e-5, dev=64, eval_every=0,
+                   norm_samples=64, norm_max_new_tokens=64, save_every=20),
+        "sft": dict(train_layers=0, epochs=3, batch_size=32, micro_batch=8, lr=2e-5, dev=64, eval_every=0,
+                    save_every=20),
+        "ppo": dict(iterations=40, batch_size=16, micro_batch=16, max_new_tokens=64, lr=1e-5, kl_coef=0.02,
+                    no_stop_score="none", save_every=5, sample_every=10),
+        "respond": dict(n_prompts=None, max_new_tokens=64, batch_size=16),
+        "agreement": dict(batch_size=16),
+        "compare": dict(batch_size=8),
+    },
+    # The paper's settings (RLCD.md: temperature 1, 300 tokens, full fine-tunes, 512 rollouts) on a GPU.
+    "paper": {
+        "simulate": dict(n_prompts=None, max_new_tokens=300, temperature=1.0, top_p=1.0, batch_size=64,
+                         device="cuda", dtype="bfloat16"),
+        "pm": dict(epochs=1, batch_size=16, micro_batch=8, lr=3e-6, dev=500, eval_every=50, norm_samples=256,
+                   norm_max_new_tokens=300, save_every=100, device="cuda"),
+        "sft": dict(epochs=3, batch_size=128, micro_batch=16, lr=2e-5, dev=0.05, save_every=100, device="cuda"),
+        "ppo": dict(preset="paper", device="cuda", save_every=5),
+        "respond": dict(n_prompts=None, max_new_tokens=300, temperature=1.0, top_p=1.0, batch_size=64,
+                        device="cuda", dtype="bfloat16"),
+        "agreement": dict(batch_size=32, device="cuda"),
+        "compare": dict(batch_size=16, device="cuda", dtype="bfloat16"),
+    },
+}
+
+
+@dataclass
+class Args:
+    """RLCD end to end for one task: pairs, preference models, SFT, PPO, evaluation, report (train.py pipeline)."""
+    out: str                                  # run directory; rerun the same command to resume it
+    task: str = "harmless"                    # harmless, helpful or outlines
+    budget: str = "quick"                     # quick (~30 min on 2 CPU cores), cpu (overnight), paper (GPU)
+    policy: str = DEFAULT_POLICY              # the model aligned (and the trunk of the preference models)
+    simulator: str | None = None              # the model that simulates pairs (default: the policy)
+    judge: str = DEFAULT_JUDGE                # the pairwise judge of the final policies
+    prompts: str | None = None                # a prompts file instead of the task's built-in set
+    human_pairs: str = "human"                # labelled pairs for pm-agreement ("human": PyRIT's allowed half)
+    seed: int = 0                             # every stage's seed
+    set: list[str] | None = None              # override a budget setting: STAGE.FLAG=VALUE ... (e.g. ppo.iterations=8)
+    progress: bool = True                     # each stage's progress bar
+
+
+STAGES = ("pairs-rlcd", "pairs-rlaif", "pm-rlcd", "pm-rlaif", "sft", "ppo-rlcd", "ppo-rlaif", "agreement",
+          "respond", "compare", "report")
+
+
+def argv_of(settings: dict) -> list[str]:
+    """{"n_prompts": 32, "progress": False, "pairs": [a]} -> ["--n-prompts", "32", "--no-progress", "--pairs", a]."""
+    argv: list[str] = []
+    for k, v in settings.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif v is None:
+            continue
+        elif isinstance(v, (list, tuple)):
+            argv += [flag, *map(str, v)]
+        else:
+            argv += [flag, str(v)]
+    return argv
+
+
+def budget_settings(budget: str, overrides: list[str] | None) -> dict[str, dict]:
+    """The budget's per-stage settings with --set STAGE.FLAG=VALUE overrides (VALUE read as JSON when it
+    parses, e.g. 8, 0.5, null, true; else as a string)."""
+    b = {stage: dict(v) for stage, v in BUDGETS[budget].items()}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        stage, dot, flag = key.partition(".")
+        if not (sep and dot and flag) or stage not in b:
+            raise ValueError(f"--set {item!r}: expected STAGE.FLAG=VALUE with STAGE one of {sorted(b)}")
+        try:
+            b[stage][flag.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            b[stage][flag.replace("-", "_")] = value
+    return b
+
+
+def plan(args: Args) -> dict[str, list[list[str]]]:
+    """The command lines (argv after `train.py` / `eval.py`) of every stage, in order."""
+    if args.budget not in BUDGETS:
+        raise ValueError(f"--budget must be one of {sorted(BUDGETS)}, got {args.budget!r}")
+    if args.task not in ("harmless", "helpful", "outlines"):
+        raise ValueError(f"--task must be harmless, helpful or outlines, got {args.task!r}")
+    b, out = budget_settings(args.budget, args.set), Path(args.out)
+    common = dict(seed=args.seed, progress=args.progress)
+    prompts = args.prompts or args.task
+    sim = dict(task=args.task, prompts=args.prompts, model=args.simulator or args.policy, **b["simulate"], **common)
+    train = dict(model=args.policy, **common)
+    ppo = dict(policy=args.policy, prompts=prompts, **b["ppo"], seed=args.seed)      # ppo prints a line per iteration
+    cmds: dict[str, list[list[str]]] = {
+        "pairs-rlcd": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlcd.jsonl", method="rlcd", **sim))]],
+        "pairs-rlaif": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlaif.jsonl", method="rlaif", **sim))]],
+        "pm-rlcd": [["train.py", "pm", *argv_of(dict(out=out / "pm-rlcd", pairs=[out / "pairs-rlcd.jsonl"],
+                                                     **train, **b["pm"]))]],
+        "pm-rlaif": [["train.py", "pm", *argv_of(dict(out=out / "pm-rlaif", pairs=[out / "pairs-rlaif.jsonl"],
+                                                      **train, **b["pm"]))]],
+        "sft": [["train.py", "sft", *argv_of(dict(out=out / "sft", pairs=[out / "pairs-rlcd.jsonl"], field="chosen",
+                                                  **train, **b["sft"]))]],
+        "ppo-rlcd": [["train.py", "ppo", *argv_of(dict(out=out / "ppo-rlcd", pm=out / "pm-rlcd", **ppo))]],
+        "ppo-rlaif": [["train.py", "ppo", *argv_of(dict(out=out / "ppo-rlaif", pm=out / "pm-rlaif", **ppo))]],
+        "agreement": [["eval.py", "pm-agreement", *argv_of(dict(pm=out / f"pm-{m}", pairs=[args.human_pairs],
+                                                                out=out / f"agreement-{m}.json", **b["agreement"]))]
+                      for m in ("rlcd", "rlaif")],
+        "respond": [["eval.py", "respond", *argv_of(dict(
+            policy=[f"base={args.policy}", f"rlcd={out / 'ppo-rlcd'}", f"rlaif={out / 'ppo-rlaif'}",
+                    f"cd={out / 'sft'}"],
+            out_dir=out / "responses", task=args.task, prompts=args.prompts, split="test", **b["respond"],
+            **common))]],
+        "compare": [["eval.py", "compare", *argv_of(dict(
+            responses=[out / "responses" / f"{p}.jsonl" for p in POLICIES], judge=args.judge, baseline="base",
+            pm=out / "pm-rlcd", out=out / "compare.json", seed=args.seed, **b["compare"]))]],
+    }
+    return cmds
+
+
+def _run_command(argv: list[str]) -> int:
+    """Run one of the project's commands in this process: ["train.py", stage, ...] or ["eval.py", cmd, ...]."""
+    try:
+        if argv[0] == "train.py":
+            import train
+            return train.main(argv[1:])
+        import eval as eval_cli
+        return eval_cli.main(argv[1:])
+    except SystemExit as e:                   # argparse and the stages' own checks exit
+        return e.code if isinstance(e.code, int) else 2
+
+
+def _resumable(argv: list[str]) -> list[str]:
+    """A training stage whose run directory holds a checkpoint is continued with --resume."""
+    if argv[0] != "train.py" or argv[1] not in ("pm", "sft", "ppo"):
+        return argv
+    from rlcd import runs
+    out = Path(argv[argv.index("--out") + 1])
+    ckpt = out / runs.CKPT_DIRS[argv[1]] / runs.RUN_JSON
+    return argv + ["--resume"] if ckpt.is_file() else argv
+
+
+def _log(msg: str) -> None:
+    print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: Args) -> Path:
+    """Run (or resume) every stage; returns the report's path."""
+    out = Path(args.out)
+    cmds = plan(args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stages").mkdir(exist_ok=True)
+    config = out / "pipeline.json"
+    if config.is_file():
+        saved = json.loads(config.read_text())
+        now = {k: v for k, v in asdict(args).items() if k != "progress"}
+        changed = sorted(k for k in now if saved.get(k) != now[k])
+        if changed:
+            raise ValueError(f"{out}: a pipeline with other settings is there ({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in changed)}); "
+                             f"choose another --out")
+    else:
+        from rlcd.runs import write_json_atomic
+        write_json_atomic(config, {k: v for k, v in asdict(args).items() if k != "progress"})
+    lines = ["#!/usr/bin/env bash", "# The commands train.py pipeline runs, in order (each resumes when rerun).",
+             "set -euo pipefail"]
+    for stage, argvs in cmds.items():
+        lines += [f"# {stage}"] + [".venv/bin/python " + shlex.join(a) for a in argvs]
+    (out / "commands.sh").write_text("\n".join(lines) + "\n")
+
+    t_all = time.perf_counter()
+    for stage in STAGES:
+        marker = out / "stages" / f"{stage}.json"
+        if marker.is_file():
+            _log(f"{stage}: done before ({json.loads(marker.read_text())['seconds']:.0f} s), skipped")
+            continue
+        _log(f"{stage}: start")
+        t0 = time.perf_counter()
+        if stage == "report":
+            from rlcd.report import write_report
+            write_report(out, args, cmds)
+        else:
+            for argv in cmds[stage]:
+                rc = _run_command(_resumable(argv))
+                if rc != 0:
+                    raise RuntimeError(f"stage {stage} failed (exit {rc}): {shlex.join(argv)}")
+        seconds = time.perf_counter() - t0
+        from rlcd.runs import write_json_atomic
+        write_json_atomic(marker, {"stage": stage, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+        _log(f"{stage}: done in {seconds:.0f} s")
+    _log(f"all stages done ({time.perf_counter() - t_all:.0f} s in this invocation); report: {out / 'report.md'}")
+    return out / "report.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlcd.cli import parse_args
+
+    args = parse_args(Args, argv, prog="train.py pipeline", description=Args.__doc__)
+    try:
+        report = run(args)
+    except (ValueError, RuntimeError) as e:
+        print(f"train.py pipeline: {e}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0

@@ -1,0 +1,146 @@
+"""OUT/report.md of a pipeline run: settings, each stage's headline figures, PPO curves, win rates, samples.
+
+Everything is read back from the files the stages wrote (pairs, metrics.jsonl, agreement-*.json,
+compare.json, responses/), so the report can be rebuilt at any time with
+`python -c "from rlcd.report import main; main()" OUT` (or by deleting OUT/stages/report.json and
+rerunning the pipeline).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _f(v, d: int = 3) -> str:
+    return "-" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _pairs_section(out: Path, tok) -> list[str]:
+    from rlcd.simulate import pair_stats
+
+    lines = ["## 1. Simulated pairs", "",
+             "| method | pairs | mean tokens chosen | mean tokens rejected | identical | word overlap | "
+             "ended | mean label |", "|---|---|---|---|---|---|---|---|"]
+    for m in ("rlcd", "rlaif"):
+        recs = _jsonl(out / f"pairs-{m}.jsonl")
+        if not recs:
+            continue
+        s = pair_stats(recs, tok)
+        lines.append(f"| {m} | {s['pairs']} | {_f(s['mean_tokens_chosen'], 1)} | {_f(s['mean_tokens_rejected'], 1)} "
+                     f"| {_f(s['frac_identical'], 2)} | {_f(s['mean_word_overlap'], 2)} | {_f(s['frac_ended'], 2)} "
+                     f"| {_f(s['mean_label'])} |")
+    return lines + ["", "RLCD labels are 1 by construction (o+ preferred); RLAIF labels are the simulator's own "
+                    "P(better) as a scorer.", ""]
+
+
+def _pm_section(out: Path) -> list[str]:
+    lines = ["## 2. Preference models", "",
+             "| PM | train pairs | dev pairs | dev accuracy | dev mean P(chosen) | human-pairs accuracy | "
+             "mean P(human-preferred) | acc. where preferred is shorter | acc. where preferred is longer |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in ("rlcd", "rlaif"):
+        summ = next((r for r in reversed(_jsonl(out / f"pm-{m}" / "metrics.jsonl")) if r.get("summary")), {})
+        run = out / f"pm-{m}" / "reward" / "run.json"
+        meta = json.loads(run.read_text()) if run.is_file() else {}
+        ag_file = out / f"agreement-{m}.json"
+        ag = json.loads(ag_file.read_text()) if ag_file.is_file() else {}
+        ls = ag.get("length_split", {})
+        lines.append(f"| {m} | {meta.get('n_train', '-')} | {meta.get('n_dev', '-')} | {_f(summ.get('dev_accuracy'))} "
+                     f"| {_f(summ.get('dev_p_chosen'))} | {_f(ag.get('accuracy'))} | {_f(ag.get('p_chosen'))} | "
+                     f"{_f(ls.get('shorter', {}).get('accuracy'))} (n={ls.get('shorter', {}).get('n', '-')}) | "
+                     f"{_f(ls.get('longer', {}).get('accuracy'))} (n={ls.get('longer', {}).get('n', '-')}) |")
+    return lines + ["", "Dev: held-out simulated pairs of the PM's own kind. Human pairs: PyRIT's human-scored "
+                    "responses to harmful requests (the allowed half; rlcd/human_pairs.py); the paper's figures on "
+                    "2000 HH pairs are 52.4% (RLCD-7B) and 35.6% (RLAIF-7B).", ""]
+
+
+def _ppo_section(out: Path) -> list[str]:
+    from rlcd.plot import render
+
+    lines = ["## 3. PPO", "", "| run | iterations | score, first quarter | score, last quarter | KL, last | "
+             "response tokens, last |", "|---|---|---|---|---|---|"]
+    figs = []
+    for m in ("rlcd", "rlaif"):
+        recs = [r for r in _jsonl(out / f"ppo-{m}" / "metrics.jsonl") if "score" in r]
+        if not recs:
+            continue
+        q = max(1, len(recs) // 4)
+        mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)   # noqa: E731
+        last = recs[-1]
+        lines.append(f"| ppo-{m} | {len(recs)} | {_f(mean(recs[:q], 'score'))} | {_f(mean(recs[-q:], 'score'))} | "
+                     f"{_f(last.get('kl'))} | {_f(last.get('response_length'), 1)} |")
+        svg = out / f"ppo-{m}.svg"
+        keys = [k for k in ("score", "kl", "entropy") if k in recs[0]]
+        svg.write_text(render(recs, keys, smooth=max(1, min(5, len(recs) // 4)), title=f"PPO against pm-{m}"))
+        figs.append(f"![PPO against pm-{m}]({svg.name})")
+    return lines + ["", "Score: the PM's normalised reward of the rollouts; KL: per response, to the frozen base "
+                    "model.", "", *figs, ""]
+
+
+def _compare_section(out: Path) -> list[str]:
+    from rlcd.evaluate import format_compare
+
+    f = out / "compare.json"
+    if not f.is_file():
+        return []
+    res = json.loads(f.read_text())
+    lines = ["## 4. Policies on held-out prompts", "",
+             "Policies: base (the initial model), rlcd (PPO against the RLCD PM), rlaif (PPO against the RLAIF "
+             "PM), cd (context distillation: SFT on the RLCD o+ responses).", "", format_compare(res), ""]
+    return lines
+
+
+def _samples_section(out: Path, n: int = 3) -> list[str]:
+    from rlcd.pipeline import POLICIES
+
+    resp = {p: {r["id"]: r for r in _jsonl(out / "responses" / f"{p}.jsonl")} for p in POLICIES}
+    ids = sorted(set.intersection(*(set(v) for v in resp.values()))) if all(resp.values()) else []
+    if not ids:
+        return []
+    lines = ["## 5. Samples (the first prompts by id)", ""]
+    for i in ids[:n]:
+        msgs = resp["base"][i]["messages"]
+        lines += [f"**Prompt:** {msgs[-1]['content'].strip()}", "", "| policy | response |", "|---|---|"]
+        for p in POLICIES:
+            text = resp[p][i]["response"].strip().replace("\n", " ").replace("|", "\\|")
+            lines.append(f"| {p} | {text[:400]}{'…' if len(text) > 400 else ''} |")
+        lines.append("")
+    return lines
+
+
+def write_report(out: Path, args, cmds: dict) -> Path:
+    """Build OUT/report.md (and its SVG curves) from the stage outputs."""
+    from models.checkpoint import resolve
+    from models.tokenizer import Tokenizer
+
+    out = Path(out)
+    tok = Tokenizer.from_dir(resolve(args.policy))
+    stages = {p.stem: json.loads(p.read_text()) for p in sorted((out / "stages").glob("*.json"))}
+    lines = [f"# RLCD pipeline report: {args.task}, budget {args.budget}", "",
+             f"Policy `{args.policy}`, simulator `{args.simulator or args.policy}`, judge `{args.judge}`, "
+             f"seed {args.seed}. Every command is in `commands.sh`; the settings in `pipeline.json`.", "",
+             "| stage | seconds |", "|---|---|"]
+    lines += [f"| {s} | {v['seconds']:.0f} |" for s, v in stages.items()]
+    lines += [""]
+    lines += _pairs_section(out, tok) + _pm_section(out) + _ppo_section(out) + _compare_section(out) \
+        + _samples_section(out)
+    report = out / "report.md"
+    tmp = report.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlcd.pipeline import Args, plan
+
+    out = Path((argv or sys.argv[1:])[0])
+    cfg = json.loads((out / "pipeline.json").read_text())
+    args = Args(**cfg)
+    print(write_report(out, args, plan(args)))
+    return 0
