@@ -120,7 +120,9 @@ def write_report(out: Path, args, cmds: dict) -> Path:
 
     out = Path(out)
     tok = Tokenizer.from_dir(resolve(args.policy))
-    stages = {p.stem: json.loads(p.read_text()) for p in sorted((out / "stages").glob("*.json"))}
+    from rlcd.pipeline import STAGES
+    stages = {s: json.loads((out / "stages" / f"{s}.json").read_text()) for s in STAGES
+              if (out / "stages" / f"{s}.json").is_file()}
     lines = [f"# RLCD pipeline report: {args.task}, budget {args.budget}", "",
              f"Policy `{args.policy}`, simulator `{args.simulator or args.policy}`, judge `{args.judge}`, "
              f"seed {args.seed}. Every command is in `commands.sh`; the settings in `pipeline.json`.", "",

@@ -309,9 +309,13 @@ def simulate(args: Args) -> dict:
         items.append((rec, cp))
         if args.n_prompts is not None and len(items) == args.n_prompts:
             break
-    todo = [it for it in items if it[0]["id"] not in done]
-    # Similar lengths in a chunk waste less padding in its generation batches.
-    todo.sort(key=lambda it: len(tok.encode(it[1].plus)))
+    # Chunks of similar lengths (less padding in their generation batches), fixed by the prompts alone:
+    # each chunk's sampling is seeded from its ids, so a resumed run regenerates a chunk that a kill cut
+    # short exactly as an uninterrupted run would, and writes only its missing records.
+    items.sort(key=lambda it: (len(tok.encode(it[1].plus)), it[0]["id"]))
+    chunks = [items[lo:lo + args.batch_size] for lo in range(0, len(items), args.batch_size)]
+    chunks = [c for c in chunks if any(rec["id"] not in done for rec, _ in c)]
+    todo = [it for c in chunks for it in c if it[0]["id"] not in done]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     save_config(args, out.with_name(out.name + ".config.json"))
@@ -321,9 +325,10 @@ def simulate(args: Args) -> dict:
                dynamic_ncols=True)
     written, n_tokens, t0 = 0, 0, time.perf_counter()
     with open(out, "a", encoding="utf-8") as f:
-        for lo in range(0, len(todo), args.batch_size):
-            chunk = todo[lo:lo + args.batch_size]
+        tried = 0
+        for chunk in chunks:
             recs, toks = make_pairs(model, tok, chunk, args)
+            recs = [r for r in recs if r["id"] not in done]
             for r in recs:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
             # Flush and fsync per chunk: after a crash at most the chunk in flight is lost.
@@ -331,9 +336,11 @@ def simulate(args: Args) -> dict:
             os.fsync(f.fileno())
             written += len(recs)
             n_tokens += toks
-            bar.update(len(chunk))
+            n_new = sum(rec["id"] not in done for rec, _ in chunk)
+            tried += n_new
+            bar.update(n_new)
             per_min = 60 * written / (time.perf_counter() - t0)
-            bar.set_postfix(kept=written, dropped=lo + len(chunk) - written, pairs_per_min=f"{per_min:.1f}")
+            bar.set_postfix(kept=written, dropped=tried - written, pairs_per_min=f"{per_min:.1f}")
     bar.close()
     seconds = time.perf_counter() - t0
     return {"out": str(out), "method": args.method, "format": args.format, "prompts": len(items),

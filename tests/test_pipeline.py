@@ -1,0 +1,167 @@
+"""train.py pipeline on a tiny random model: the whole job end to end, its report, and SIGKILL during
+every stage followed by the same command, which must finish with the same stage outputs as an
+uninterrupted run."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+from safetensors.torch import load_file
+
+from models import save_model
+from rlcd import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny settings for every stage. Temperature 1 without a nucleus: the random tiny model's sharpest token
+# is a newline, which a cooler sampler repeats until a response cleans to nothing.
+TINY = ["simulate.n_prompts=12", "simulate.max_new_tokens=16", "simulate.batch_size=4", "simulate.max_tries=3",
+        "simulate.temperature=1.0", "simulate.top_p=1.0",
+        "pm.train_layers=0", "pm.epochs=1", "pm.batch_size=4", "pm.micro_batch=4", "pm.lr=1e-4", "pm.dev=2",
+        "pm.norm_samples=4", "pm.norm_max_new_tokens=8", "pm.save_every=1",
+        "sft.train_layers=0", "sft.epochs=1", "sft.batch_size=4", "sft.micro_batch=4", "sft.dev=2",
+        "sft.save_every=1",
+        "ppo.iterations=3", "ppo.batch_size=4", "ppo.micro_batch=4", "ppo.max_new_tokens=8", "ppo.train_layers=0",
+        "ppo.lr=1e-4", "ppo.save_every=1",
+        "respond.n_prompts=6", "respond.max_new_tokens=16", "respond.batch_size=3", "respond.temperature=1.0",
+        "respond.top_p=1.0", "compare.batch_size=4", "compare.n_boot=200"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipeline")
+    tok = make_tiny_tokenizer()
+    # max_seq_len 1024: the byte-level tokenizer spends a token per byte of a judge prompt.
+    policy = save_model(make_tiny_model(0, max_seq_len=1024), tok, d / "policy")
+    rng = random.Random(0)
+    prompts = d / "prompts.txt"
+    prompts.write_text("".join("how do I " + "".join(rng.choice("bcdfgaeiou ") for _ in range(12)) + "?\n"
+                               for _ in range(80)))
+    human = d / "human.jsonl"
+    human.write_text("".join(json.dumps({
+        "prompt": tok.apply_chat_template([{"role": "user", "content": f"q{i}"}]), "chosen": "no" * (i + 1),
+        "rejected": "yes, here is how", "id": f"h{i}"}) + "\n" for i in range(6)))
+    return policy, prompts, human
+
+
+def command(setup, out) -> list[str]:
+    policy, prompts, human = setup
+    return [sys.executable, str(ROOT / "train.py"), "pipeline", "--out", str(out), "--policy", str(policy),
+            "--judge", str(policy), "--prompts", str(prompts), "--human-pairs", str(human), "--no-progress",
+            "--set", *TINY]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}      # the reference run and the resumed one alike
+
+
+def run_to_end(setup, out) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(setup, out), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def kill_during(setup, out, stage: str, after: float) -> bool:
+    """Start the pipeline and SIGKILL it `after` seconds into `stage`; False if it ended first."""
+    p = subprocess.Popen(command(setup, out), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    try:
+        for line in p.stderr:
+            if f"] {stage}: start" in line:
+                time.sleep(after)
+                if p.poll() is None:
+                    p.send_signal(signal.SIGKILL)
+                    p.wait(timeout=60)
+                    return True
+                return False
+            assert time.monotonic() < deadline, f"the pipeline never reached {stage}"
+        return False
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def _records(path: Path) -> dict[str, dict]:
+    # "model" names the run directory a response came from, which differs between the two runs.
+    return {r["id"]: {k: v for k, v in r.items() if k != "model"} for r in map(json.loads, path.read_text().splitlines())}
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    for name in ("pairs-rlcd.jsonl", "pairs-rlaif.jsonl", *(f"responses/{p}.jsonl" for p in pipeline.POLICIES)):
+        assert _records(a / name) == _records(b / name), name
+    for run, sub in (("pm-rlcd", "reward"), ("pm-rlaif", "reward"), ("sft", "policy"), ("ppo-rlcd", "policy"),
+                     ("ppo-rlaif", "policy")):
+        ta, tb = _tensors(a / run / sub), _tensors(b / run / sub)
+        assert ta.keys() == tb.keys() and ta, run
+        for k in ta:   # resume restores weights, optimiser and RNG bit for bit (rlcd/runs.py)
+            assert torch.equal(ta[k], tb[k]), f"{run}: {k}"
+        norm_a = json.loads((a / run / sub / "run.json").read_text()).get("reward_norm", {})
+        norm_b = json.loads((b / run / sub / "run.json").read_text()).get("reward_norm", {})
+        assert {k: v for k, v in norm_a.items() if k != "seconds"} == \
+               {k: v for k, v in norm_b.items() if k != "seconds"}, run
+    for m in ("rlcd", "rlaif"):
+        ga, gb = (json.loads((d / f"agreement-{m}.json").read_text()) for d in (a, b))
+        assert ga["accuracy"] == gb["accuracy"] and ga["p_chosen"] == gb["p_chosen"]
+    ca, cb = (json.loads((d / "compare.json").read_text()) for d in (a, b))
+    assert ca["policies"] == cb["policies"]
+    assert [c["p"] for c in ca["comparisons"]] == [c["p"] for c in cb["comparisons"]]
+
+
+def test_budget_overrides_and_plan():
+    b = pipeline.budget_settings("quick", ["ppo.iterations=8", "simulate.prompts=x.txt", "respond.n_prompts=null"])
+    assert b["ppo"]["iterations"] == 8 and b["simulate"]["prompts"] == "x.txt" and b["respond"]["n_prompts"] is None
+    assert pipeline.BUDGETS["quick"]["ppo"]["iterations"] != 8          # the preset itself is not changed
+    with pytest.raises(ValueError, match="STAGE.FLAG=VALUE"):
+        pipeline.budget_settings("quick", ["iterations=8"])
+    cmds = pipeline.plan(pipeline.Args(out="o", simulator="big", policy="small"))
+    assert list(cmds) == [s for s in pipeline.STAGES if s != "report"]
+    sim = cmds["pairs-rlcd"][0]
+    assert sim[sim.index("--model") + 1] == "big"                                   # simulator vs policy
+    pm = cmds["pm-rlcd"][0]
+    assert pm[pm.index("--model") + 1] == "small" and "--method" not in pm
+    assert pipeline.argv_of({"a_b": True, "c": False, "d": None, "e": [1, 2]}) == ["--a-b", "--no-c", "--e", "1", "2"]
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_and_killed_during_every_stage(setup, tmp_path):
+    ref = tmp_path / "uninterrupted"
+    proc = run_to_end(setup, ref)
+    report = (ref / "report.md").read_text()
+    assert proc.stdout.strip().endswith("report.md")
+    for heading in ("Simulated pairs", "Preference models", "PPO", "Policies on held-out prompts", "Samples"):
+        assert heading in report, heading
+    assert (ref / "ppo-rlcd.svg").read_text().startswith("<svg") and (ref / "commands.sh").is_file()
+    seconds = {s: json.loads((ref / "stages" / f"{s}.json").read_text())["seconds"] for s in pipeline.STAGES}
+
+    out = tmp_path / "killed"
+    killed = 0
+    for stage in pipeline.STAGES[:-1]:
+        # Halfway into the stage as the reference run timed it: past loading, inside its own work.
+        killed += kill_during(setup, out, stage, after=0.5 * seconds[stage])
+    assert killed >= len(pipeline.STAGES) // 2, f"only {killed} kills landed inside a stage"
+    proc = run_to_end(setup, out)
+    assert "done before" in proc.stderr
+    assert_same_outputs(ref, out)
+
+
+def test_changed_settings_are_refused(setup, tmp_path):
+    out = tmp_path / "run"
+    (out / "stages").mkdir(parents=True)
+    (out / "pipeline.json").write_text(json.dumps({"task": "helpful"}))
+    proc = subprocess.run(command(setup, out), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "a pipeline with other settings is there" in proc.stderr
