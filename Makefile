@@ -1,6 +1,7 @@
 # Two entry points (see README):
 #   make run   -- set up .venv, fetch the default model, answer a prompt (later: the whole RLCD pipeline)
 #   make test  -- set up .venv and run the test suite
+#   make test-portable -- the fast tests again under lower CPU instruction sets (what the next machine may have)
 # Both create or reuse .venv and install only what is missing.
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -10,7 +11,15 @@ PY     := $(VENV)/bin/python
 # is reinstalled.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv run test bench clean
+# Machines of this project's kind are an Intel Xeon (AVX-512) or an AMD EPYC (AVX2 only): MKL and ATen pick
+# other kernels, so fp32 results differ in the last bits. test-portable reruns the tests that need no real
+# model with the kernels of lower instruction sets (MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY), so that
+# a tolerance that holds only for this machine's rounding fails here, not on the next machine, and writes
+# how much of each assert_close tolerance was used to .margins-<isa>.txt (tests/numerics.py).
+PORTABLE_ISAS ?= default:SSE4_2 avx2:AVX2
+PORTABLE_MARKS ?= not slow and not network
+
+.PHONY: venv run test test-portable bench clean
 
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +35,17 @@ run: venv
 test: venv
 	$(PY) -m pytest -q tests
 
+test-portable: venv
+	@set -e; for isa in $(PORTABLE_ISAS); do \
+	  aten=$${isa%%:*}; mkl=$${isa##*:}; \
+	  echo "== ATEN_CPU_CAPABILITY=$$aten MKL_ENABLE_INSTRUCTIONS=$$mkl"; \
+	  ATEN_CPU_CAPABILITY=$$aten MKL_ENABLE_INSTRUCTIONS=$$mkl \
+	    $(PY) -m pytest -q -p no:cacheprovider -m "$(PORTABLE_MARKS)" --margins .margins-$$aten.txt tests; \
+	  head -6 .margins-$$aten.txt; \
+	done
+
 bench: venv
 	$(PY) bench/bench_generate.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .margins-*.txt

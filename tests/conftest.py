@@ -12,6 +12,21 @@ import pytest  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+# --- margins report (make test-portable) -----------------------------------------------------------------
+def pytest_addoption(parser):
+    parser.addoption("--margins", metavar="FILE", default=None,
+                     help="record, for every torch.testing.assert_close call site, the largest fraction of "
+                          "its tolerance that was used, and write the table to FILE (see tests/numerics.py)")
+
+
+def pytest_configure(config):
+    path = config.getoption("--margins", default=None)
+    if path:
+        import numerics
+
+        numerics.record_margins(path)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real default model and tokenizer (fetched and converted once into $RLCD_HOME)."""

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
+from numerics import NET_TOL
 
 from models import load_model, save_model
 from models.llama import ModelArgs, rope_inv_freq
@@ -25,7 +26,7 @@ def test_incremental_decode_matches_full_forward(overrides, impl):
             steps.append(model(tokens[:, t:t + 1], pos=t))
         model.clear_cache()
     inc = torch.cat(steps, dim=1)
-    torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inc, full, **NET_TOL)
 
 
 @pytest.mark.parametrize("impl", ["naive", "sdpa"])
@@ -47,8 +48,8 @@ def test_left_padded_batch_matches_each_prompt_alone(impl):
         model.clear_cache()
         for b, p in enumerate(prompts):
             alone = model(torch.cat([p, nxt[b]])[None])[0]
-            torch.testing.assert_close(out[b, T - len(p):], alone[:len(p)], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(dec[b], alone[len(p):], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out[b, T - len(p):], alone[:len(p)], **NET_TOL)
+            torch.testing.assert_close(dec[b], alone[len(p):], **NET_TOL)
         # Padded positions are well-defined (finite), never NaN.
         assert torch.isfinite(out).all()
 
@@ -59,7 +60,7 @@ def test_naive_and_sdpa_agree_with_padding():
     start = torch.tensor([0, 5, 16])
     with torch.no_grad():
         a, b = naive(tokens, start=start, return_hidden=True), sdpa(tokens, start=start, return_hidden=True)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, b, **NET_TOL)
 
 
 def test_hidden_states_and_logits_agree():

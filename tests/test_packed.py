@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny_model
+from numerics import NET_TOL
 
 from models import packed as pk
 from models.generation import SamplingParams, generate
@@ -17,7 +18,7 @@ def test_packed_product_matches_linear_and_only_for_its_row_count():
     assert p is not None and pk.repack(p, w, rows=8) is p            # still fresh: kept
     x = torch.randn(8, 1, 40)
     with torch.no_grad():
-        torch.testing.assert_close(pk.linear(x, w, p), F.linear(x, w), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pk.linear(x, w, p), F.linear(x, w), **NET_TOL)
         x3 = torch.randn(3, 40)                                        # another row count: plain GEMM
         assert torch.equal(pk.linear(x3, w, p), F.linear(x3, w))
     # With autograd on, the packed op (which has no backward) stands aside.
@@ -43,7 +44,7 @@ def test_weights_made_under_inference_mode_still_pack():
     p = pk.repack(None, w, rows=4)
     x = torch.randn(4, 32)
     with torch.no_grad():
-        torch.testing.assert_close(pk.linear(x, w, p), F.linear(x, w), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pk.linear(x, w, p), F.linear(x, w), **NET_TOL)
     assert pk.repack(p, w, rows=4) is p
 
 
@@ -67,7 +68,7 @@ def test_generation_with_packed_weights_matches_plain(monkeypatch, tied):
     monkeypatch.setattr(pk, "AVAILABLE", False)
     plain = generate(model, prompts, params, [], 0, torch.Generator().manual_seed(0))
     assert torch.equal(packed.tokens, plain.tokens)
-    torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.logprobs, plain.logprobs, **NET_TOL)
 
 
 def test_no_pack_outlives_a_training_step(monkeypatch):

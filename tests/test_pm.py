@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
+from numerics import NET_TOL
 from safetensors.torch import load_file
 
 import eval as eval_cli
@@ -73,14 +74,14 @@ def test_last_token_pooling_left_and_right_padding():
 
     for pad_id in (0, 2, 300):                   # a pad equal to the end marker (SmolLM2 pads with <|im_end|>) too
         right, lengths = runs.right_pad(seqs, pad_id, "cpu")
-        torch.testing.assert_close(pm(right, lengths - 1), alone, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(pm_mod.score_ids(pm, seqs, pad_id, batch_size=2), alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pm(right, lengths - 1), alone, **NET_TOL)
+        torch.testing.assert_close(pm_mod.score_ids(pm, seqs, pad_id, batch_size=2), alone, **NET_TOL)
         left, start = left_pad(seqs, pad_id, "cpu")
         last = torch.full((3,), left.shape[1] - 1)
-        torch.testing.assert_close(pm(left, last, start=start), alone, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(score_tokens(pm, left, start, last), alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pm(left, last, start=start), alone, **NET_TOL)
+        torch.testing.assert_close(score_tokens(pm, left, start, last), alone, **NET_TOL)
         # per-position values agree with the pooled reward at the last column
-        torch.testing.assert_close(pm.values(left, start)[:, -1], alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pm.values(left, start)[:, -1], alone, **NET_TOL)
     # reading a padding column instead would give something else
     right, lengths = runs.right_pad(seqs, 0, "cpu")
     assert not torch.allclose(pm(right, torch.full((3,), right.shape[1] - 1)), alone, atol=1e-3)
@@ -173,7 +174,7 @@ def test_scoring_api_and_normalisation(trained):
     # token level, left-padded as PPO's rollouts are: the same numbers
     seqs = [encode_input(tok, prompt, x, "chat") for x in ("ab#cd", "abecd")]
     ids, start = left_pad(seqs, tok.pad_id, "cpu")
-    torch.testing.assert_close(score_tokens(pm, ids, start, torch.full((2,), ids.shape[1] - 1)), r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(score_tokens(pm, ids, start, torch.full((2,), ids.shape[1] - 1)), r, **NET_TOL)
 
 
 def test_train_layers_leaves_frozen_weights_bit_identical(tiny_dir, marker_pairs, tmp_path):

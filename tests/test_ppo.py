@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import make_tiny_model, make_tiny_tokenizer
+from numerics import NET_TOL
 from safetensors.torch import load_file
 
 import train as train_cli
@@ -81,7 +82,7 @@ def test_sampling_logprobs_are_what_ppo_recomputes():
     with torch.no_grad():
         h = ppo_mod.response_hidden(model, gen.sequences, gen.start, gen.prompt_len)       # (B, T_r, D)
         logp = token_logprobs(h, model.output_weight, gen.tokens, 0.7, mask)
-    torch.testing.assert_close(logp, gen.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logp, gen.logprobs, **NET_TOL)
     assert torch.all(logp[~mask] == 0)
 
 
@@ -99,7 +100,7 @@ def test_the_pm_reads_what_it_was_trained_on():
         prompt = gen.sequences[b, gen.start[b]:gen.prompt_len].tolist()
         response = gen.tokens[b, :gen.lengths[b]].tolist()
         seqs.append(prompt + response + ([] if gen.finished[b] else [run.end_id]))
-    torch.testing.assert_close(score, score_ids(run.pm, seqs, tok.pad_id), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(score, score_ids(run.pm, seqs, tok.pad_id), **NET_TOL)
 
 
 def test_first_update_starts_at_ratio_one_and_moves_the_policy():

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
+from numerics import NET_TOL
 
 import rlcd.scorer as scorer
 from rlcd.scorer import choice_ids, choice_logits, prob_b, score_pairs
@@ -53,7 +54,7 @@ def test_choice_logits_equal_the_full_head(tiny):
     for i, t in enumerate(texts):
         with torch.no_grad():
             full = model(torch.tensor([tok.encode(t)]))[0, -1]                 # (V,)
-        torch.testing.assert_close(got[i], full[ids].float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[i], full[ids].float(), **NET_TOL)
 
 
 def test_score_pairs_reads_the_official_prompt(tiny):
