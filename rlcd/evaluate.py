@@ -35,6 +35,17 @@ agreement, position bias (mean P("A") over both orders; 0.5 = none), and accurac
 chosen response is the shorter or the longer one (in characters, so the split does not depend on the
 judge's tokenizer). `--pairs human` is the PyRIT human-labelled pairs (rlcd.human_pairs).
 
+Measured (2026-11-28, smollm2-135m-instruct as the judge, fp32, principle HARMLESS_INSTRUCTIONS[1], the 156
+allowed PyRIT pairs, 124 of them with the shorter response chosen; a 2-core AMD EPYC shared with other
+jobs, so the times are loose: 58-72% of the CPU was ours):
+    format  accuracy (se)   P(chosen)  position agreement  P("A")  chosen shorter / longer   time
+    chat    0.622 (0.039)   0.515      0.212               0.444   0.677 (124) / 0.406 (32)  982 s
+    plain   0.378 (0.039)   0.490      0.064               0.648   0.339 (124) / 0.531 (32)  837 s
+The chat rendering is the default: it is the only one above chance (3 standard errors), while the plain
+prompt is as far below it. Both are weak judges: in 4 pairs of 5 the 135M model picks the same letter in
+both orders, so its content signal is the small difference that survives the averaging, and part of it is
+a preference for the shorter response (accuracy 0.41 where the chosen response is the longer).
+
 API (for train.py pipeline)
     judge_agreement(model, tok, records, task="harmless", fmt=DEFAULT_JUDGE_FORMAT, instruction=None,
                     batch_size=8) -> dict
@@ -68,6 +79,7 @@ import torch
 from models import DTYPES, CheckpointError, load_model
 from models.generation import SamplingParams, generate_texts
 from rlcd.cli import parse_args, save_config
+from rlcd.jsonl import read_objects
 from rlcd.prompts import DataError, load_prompts
 from rlcd.scorer import DEFAULT_JUDGE_FORMAT, JUDGE_FORMATS, judge_pairs
 from rlcd.tasks import FORMATS, TASKS, format_prompt
@@ -264,31 +276,16 @@ def _settings(args: RespondArgs) -> dict:
 def _read_lines(path: Path) -> tuple[list[tuple[int, dict]], int]:
     """(line number, record) of every complete line of a responses file and the byte offset past the last
     one. A last line without its newline is a write cut short: left out here. Anything else unreadable
-    is a ResponsesError naming the file and line."""
-    if not path.is_file():
-        raise ResponsesError(f"{path}: no such file")
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    out = []
-    for lineno, raw in enumerate(data[:end].split(b"\n")[:-1], 1):
-        if not raw.strip():
-            continue
+    is a ResponsesError naming the file and line (rlcd.jsonl.read_objects with partial_ok)."""
+    lines, end = read_objects(path, ResponsesError, partial_ok=True)
+    for lineno, rec in lines:
         where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ResponsesError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise ResponsesError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise ResponsesError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         missing = [k for k in RESPONSE_FIELDS if k not in rec]
         if missing:
             raise ResponsesError(f"{where}: not a responses record (eval.py respond), missing {', '.join(missing)}")
         if not isinstance(rec["response"], str) or not isinstance(rec["settings"], dict):
             raise ResponsesError(f"{where}: 'response' must be a string and 'settings' an object")
-        out.append((lineno, rec))
-    return out, end
+    return lines, end
 
 
 def _chunks(items: list[tuple[dict, str, int]], batch_size: int) -> list[list[tuple[dict, str, int]]]:

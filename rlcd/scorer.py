@@ -117,7 +117,8 @@ def score_pairs(model: Transformer, tokenizer, conversations: list[str], instruc
 
 # --- the pairwise judge ------------------------------------------------------------------------------------
 JUDGE_FORMATS = ("plain", "chat")
-DEFAULT_JUDGE_FORMAT = "chat"      # measured on the human-labelled pairs: see rlcd/evaluate.py
+# chat: accuracy 0.62 on the human-labelled pairs with the 135M model, plain 0.38 (rlcd/evaluate.py)
+DEFAULT_JUDGE_FORMAT = "chat"
 ANSWER_STUB = "The answer is: ("   # the last words of scorer_prompt; the next token is the choice
 
 
