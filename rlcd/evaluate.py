@@ -506,7 +506,7 @@ def outcome_stats(p, tie: float = TIE_MARGIN, n_boot: int = N_BOOT, seed: int = 
 
 def compare(paths: list[str], model, tok, baseline: str | None = None, fmt: str = DEFAULT_JUDGE_FORMAT,
             instruction: int | None = None, tie: float = TIE_MARGIN, n_boot: int = N_BOOT, seed: int = 0,
-            batch_size: int = 8, judge_name: str | None = None) -> dict:
+            batch_size: int = 8, judge_name: str | None = None, focus: str | None = None) -> dict:
     """Judge every pair of policies (files written by respond) on their common prompts; see the module
     docstring. model/tok is the judge (None for judge-free statistics only)."""
     files = {str(p): read_responses(p) for p in paths}
@@ -524,9 +524,16 @@ def compare(paths: list[str], model, tok, baseline: str | None = None, fmt: str 
               "policies": {n: policy_stats(list(by_policy[n].values())) for n in names}, "comparisons": []}
     if model is None or len(names) < 2:
         return result
-    # Every policy against the baseline (baseline second), then every other two in the given order.
-    order = [(n, baseline) for n in names if n != baseline]
-    order += [(a, b) for a, b in combinations([n for n in names if n != baseline], 2)]
+    if focus is not None:
+        # Only `focus` against every other policy (focus first): the paper's "RLCD vs each baseline", at
+        # a judge cost linear rather than quadratic in the number of policies.
+        if focus not in names:
+            raise ResponsesError(f"--focus {focus!r} is none of the policies ({', '.join(names)})")
+        order = [(focus, n) for n in names if n != focus]
+    else:
+        # Every policy against the baseline (baseline second), then every other two in the given order.
+        order = [(n, baseline) for n in names if n != baseline]
+        order += [(a, b) for a, b in combinations([n for n in names if n != baseline], 2)]
     conv0 = [format_prompt(by_policy[baseline][i]["messages"], "plain") for i in ids]
     ins = _instruction(task, instruction)
     conv, first, second = [], [], []
@@ -614,6 +621,7 @@ class CompareArgs:
     judge_format: str = DEFAULT_JUDGE_FORMAT  # plain (raw scorer prompt) or chat (through the judge's template)
     instruction: int | None = None        # index of the task's principle (default: JUDGE_INSTRUCTION[task])
     baseline: str | None = None           # the policy every other is compared with (default: base, else the first)
+    focus: str | None = None              # judge only this policy against every other (default: every two)
     pm: str | None = None                 # also score every response with this preference-model run
     tie: float = TIE_MARGIN               # |P - 0.5| below this is a tie
     n_boot: int = N_BOOT                  # bootstrap resamples
@@ -637,7 +645,7 @@ def run_compare(args: CompareArgs) -> dict:
     if args.judge:
         model, tok = load_model(args.judge, device=args.device, dtype=DTYPES[args.dtype])
     result = compare(args.responses, model, tok, args.baseline, args.judge_format, args.instruction, args.tie,
-                     args.n_boot, args.seed, args.batch_size, judge_name=args.judge)
+                     args.n_boot, args.seed, args.batch_size, judge_name=args.judge, focus=args.focus)
     del model
     if args.pm:
         result["pm"] = pm_rewards({recs[0]["policy"]: recs for recs in files.values()}, args.pm, args.device)
@@ -653,6 +661,9 @@ def compare_main(argv: list[str] | None = None) -> int:
         return 2
     print(format_compare(result))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")          # atomic: a kill never leaves half a file
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out)
     return 0

@@ -21,8 +21,10 @@ API
                                              .values(tokens, start=None) -> (N, T), for PPO's value net
     bt_loss(r_chosen, r_rejected, label, margin=0.0, center_coef=0.0) -> scalar loss
     pair_metrics(r_chosen, r_rejected, label) -> {"accuracy", "p_chosen", "margin"}
-    read_pairs(paths, default_format="chat") -> list[dict]    validated records; PairsError names the line
-    end_marker(tok, fmt), encode_input(tok, prompt, response, fmt, max_length) -> list[int]
+    read_pairs, PairsError                   from rlcd/pairs.py (validated records; the error names the line)
+    end_marker(tok, fmt), encode_parts(tok, prompt, response, fmt) -> (ids, prompt length)
+    encode_input(tok, prompt, response, fmt, max_length) -> list[int]
+    fp32_head(h, head) -> (...)              a scalar head in fp32 under autocast (also PPO's value head)
     score_texts(pm, tok, prompts, responses, fmt="chat", batch_size=16, ...) -> (N,) float32 rewards
     score_tokens(pm, tokens, start, last_index, normalize=False) -> (N,)    token level, for PPO
     load_reward_model(run_dir, device="cpu", dtype=float32) -> (RewardModel, Tokenizer, meta)
@@ -50,15 +52,22 @@ from torch import Tensor
 from models import DTYPES, CheckpointError, Tokenizer, Transformer, load_model
 from models.tokenizer import TURN_END_TOKENS
 from rlcd import runs
-from rlcd.jsonl import read_objects
 from rlcd.cli import parse_args
-
-FORMATS = ("chat", "plain")
+from rlcd.pairs import PairsError, read_pairs
+from rlcd.tasks import FORMATS
 PLAIN_END = "\n\nHuman:"      # the paper's end marker: the start of the next human turn
 HEAD_FILE = "head"            # head.safetensors in the checkpoint: {"weight": (1, D), "bias": (1,)}
 
 
 # --- the model -------------------------------------------------------------------------------------------
+def fp32_head(h: Tensor, head: nn.Linear) -> Tensor:
+    """A scalar linear head (the reward head here, PPO's shared value head) on hidden states h (..., D),
+    in fp32 even under bf16 autocast: one D-vector dot product per row is free, and rewards and values
+    are compared by differences, where bf16's 3 significant digits would show. Returns (...) fp32."""
+    with torch.autocast(h.device.type, enabled=False):
+        return F.linear(h.float(), head.weight, head.bias).squeeze(-1)
+
+
 class RewardModel(nn.Module):
     """A Transformer trunk and a scalar linear head on its final (normed) hidden states."""
 
@@ -75,23 +84,17 @@ class RewardModel(nn.Module):
         self.norm_mean: float | None = None
         self.norm_std: float | None = None
 
-    def _head(self, h: Tensor) -> Tensor:
-        # The head runs in fp32 even under bf16 autocast: one D-vector dot product per row is free, and
-        # rewards are compared by differences, where bf16's 3 significant digits would show.
-        with torch.autocast(h.device.type, enabled=False):
-            return F.linear(h.float(), self.head.weight, self.head.bias).squeeze(-1)
-
     def forward(self, tokens: Tensor, last: Tensor, start: Tensor | None = None) -> Tensor:
         """tokens (N, T), last (N,) column of each row's last real token, start (N,) first real column
         for left padding (None for right padding). Returns rewards (N,) in fp32."""
         h = self.trunk(tokens, start=start, return_hidden=True)                 # (N, T, D)
         h_last = h[torch.arange(h.shape[0], device=h.device), last]            # (N, D)
-        return self._head(h_last)                                              # (N,)
+        return fp32_head(h_last, self.head)                                            # (N,)
 
     def values(self, tokens: Tensor, start: Tensor | None = None) -> Tensor:
         """The head at every position: (N, T) fp32. PPO's value network (initialised from the preference
         model, as in the official code) reads V(s_t) here; padded positions hold garbage to be masked."""
-        return self._head(self.trunk(tokens, start=start, return_hidden=True))   # (N, T)
+        return fp32_head(self.trunk(tokens, start=start, return_hidden=True), self.head)   # (N, T)
 
 
 def bt_loss(r_chosen: Tensor, r_rejected: Tensor, label: Tensor | float, margin: Tensor | float = 0.0,
@@ -116,38 +119,7 @@ def pair_metrics(r_chosen: Tensor, r_rejected: Tensor, label: Tensor) -> dict[st
     return {"accuracy": right.mean(), "p_chosen": torch.sigmoid(d).mean(), "margin": d.mean()}
 
 
-# --- pairs files and inputs ------------------------------------------------------------------------------
-class PairsError(ValueError):
-    """A pairs file that cannot be used; the message names the file and line."""
-
-
-def read_pairs(paths: list[str] | str, default_format: str = "chat", format_override: str | None = None,
-               ) -> list[dict]:
-    """Read JSONL pairs: each line needs string fields prompt, chosen, rejected; optional label (float in
-    [0, 1], default 1.0), format ("chat" | "plain", default `default_format`) and id (default: the prompt).
-    Returns records with those six keys filled in (plus the file's other fields)."""
-    recs: list[dict] = []
-    for path in [paths] if isinstance(paths, str) else paths:
-        n_file = 0
-        for n, rec in read_objects(path, PairsError):
-            for k in ("prompt", "chosen", "rejected"):
-                if k not in rec:
-                    raise PairsError(f"{path}:{n}: missing field {k!r} (a pair needs prompt, chosen, rejected)")
-                if not isinstance(rec[k], str):
-                    raise PairsError(f"{path}:{n}: field {k!r} must be a string, got {type(rec[k]).__name__}")
-            label = rec.get("label", 1.0)
-            if not isinstance(label, (int, float)) or isinstance(label, bool) or not 0.0 <= label <= 1.0:
-                raise PairsError(f"{path}:{n}: label must be a number in [0, 1], got {label!r}")
-            fmt = format_override or rec.get("format") or default_format
-            if fmt not in FORMATS:
-                raise PairsError(f"{path}:{n}: format must be one of {FORMATS}, got {fmt!r}")
-            recs.append({**rec, "label": float(label), "format": fmt, "id": str(rec.get("id", rec["prompt"]))})
-            n_file += 1
-        if n_file == 0:
-            raise PairsError(f"{path}: no pairs (empty file)")
-    return recs
-
-
+# --- inputs ----------------------------------------------------------------------------------------------
 def end_marker(tok: Tokenizer, fmt: str) -> str:
     """What closes a response in the preference model's input: the turn-end token the policy stops on
     (chat), or the next human turn "\\n\\nHuman:" (plain, as in the paper)."""
@@ -161,16 +133,21 @@ def end_marker(tok: Tokenizer, fmt: str) -> str:
     raise ValueError("the tokenizer has no turn-end or EOS token to end a chat response with; use format 'plain'")
 
 
-def encode_input(tok: Tokenizer, prompt: str, response: str, fmt: str, max_length: int | None = None,
-                 ) -> list[int]:
-    """Token ids of prompt + response + end marker. The three parts are encoded separately, the way the
-    policy sees them (prompt ids, then generated ids, then its stop token), so no BPE merge crosses the
-    prompt/response boundary. Over max_length, the start of the prompt is cut: the reward is read at
-    the end and both sides of a pair share the prompt."""
+def encode_parts(tok: Tokenizer, prompt: str, response: str, fmt: str) -> tuple[list[int], int]:
+    """(token ids of prompt + response + end marker, number of prompt ids): the input of the preference
+    model and of SFT. The three parts are encoded separately, the way the policy sees them (prompt ids,
+    then generated ids, then its stop token), so no BPE merge crosses the prompt/response boundary."""
     # The paper joins plain prompts and outputs with a space ("Assistant:" + " " + output).
     sep = " " if fmt == "plain" and prompt and not prompt[-1].isspace() else ""
-    ids = (tok.encode(prompt) + tok.encode(sep + response, add_bos=False)
-           + tok.encode(end_marker(tok, fmt), add_bos=False))
+    p = tok.encode(prompt)
+    return p + tok.encode(sep + response, add_bos=False) + tok.encode(end_marker(tok, fmt), add_bos=False), len(p)
+
+
+def encode_input(tok: Tokenizer, prompt: str, response: str, fmt: str, max_length: int | None = None,
+                 ) -> list[int]:
+    """The preference model's input, `encode_parts` ids. Over max_length, the start of the prompt is cut:
+    the reward is read at the end and both sides of a pair share the prompt."""
+    ids, _ = encode_parts(tok, prompt, response, fmt)
     return ids[-max_length:] if max_length and len(ids) > max_length else ids
 
 

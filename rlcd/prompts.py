@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from models.hub import fetch_wheel, rlcd_home
+from rlcd.jsonl import read_objects
 
 TASK_NAMES = ("harmless", "helpful", "outlines")
 SPLITS = ("train", "dev", "test")
@@ -312,7 +313,7 @@ def _cached_task(task: str) -> list[dict]:
         except (ValueError, KeyError):
             current = False
         if current:
-            return _read_jsonl(path, path.read_text(encoding="utf-8"), default_task=task)
+            return _read_jsonl(path, default_task=task)
     records = build_task(task)
     data.mkdir(parents=True, exist_ok=True)
     # Write to a temporary name and rename, so a crash never leaves a truncated cache behind.
@@ -351,18 +352,11 @@ def _messages_from(obj: dict, where: str) -> list[dict]:
     raise DataError(f"{where}: the record has neither 'messages' nor 'prompt'")
 
 
-def _read_jsonl(path: Path, text: str, default_task: str) -> list[dict]:
+def _read_jsonl(path: Path, default_task: str) -> list[dict]:
     records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    lines, _ = read_objects(path, DataError)
+    for lineno, obj in lines:
         where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         messages = _messages_from(obj, where)
         task = str(obj.get("task", default_task))
         pid = str(obj["id"]) if obj.get("id") is not None else prompt_id(task, messages)
@@ -391,7 +385,7 @@ def _read_file(path: Path) -> list[dict]:
     first = next(line for line in text.splitlines() if line.strip()).lstrip()
     is_jsonl = path.suffix.lower() in (".jsonl", ".json") or (
         path.suffix.lower() != ".txt" and first.startswith("{"))
-    records = _read_jsonl(path, text, "custom") if is_jsonl else _read_text(path, text, "custom")
+    records = _read_jsonl(path, "custom") if is_jsonl else _read_text(path, text, "custom")
     return _dedup(records)
 
 

@@ -35,9 +35,10 @@ from torch import Tensor
 from kernels import token_logprobs
 from models import CheckpointError, Tokenizer, load_model
 from rlcd import runs
-from rlcd.jsonl import read_objects
 from rlcd.cli import parse_args
-from rlcd.pm import PairsError, end_marker
+from rlcd.jsonl import read_objects
+from rlcd.pairs import PairsError, check_format
+from rlcd.pm import encode_parts
 
 
 @dataclass(kw_only=True)
@@ -56,19 +57,16 @@ def read_examples(paths: list[str], field: str) -> list[dict]:
     """(prompt, response, format, id) records from JSONL; errors name the file and line."""
     out: list[dict] = []
     for path in paths:
-        n_file = 0
-        for n, rec in read_objects(path, PairsError):
+        lines, _ = read_objects(path, PairsError)
+        for n, rec in lines:
             key = field if field in rec else "response" if "response" in rec else field
             for k in ("prompt", key):
                 if not isinstance(rec.get(k), str):
                     raise PairsError(f"{path}:{n}: missing string field {k!r}")
-            fmt = rec.get("format") or "chat"
-            if fmt not in ("chat", "plain"):
-                raise PairsError(f"{path}:{n}: format must be 'chat' or 'plain', got {fmt!r}")
+            fmt = check_format(rec.get("format") or "chat", f"{path}:{n}")
             out.append({"prompt": rec["prompt"], "response": rec[key], "format": fmt,
                         "id": str(rec.get("id", rec["prompt"]))})
-            n_file += 1
-        if n_file == 0:
+        if not lines:
             raise PairsError(f"{path}: no examples (empty file)")
     return out
 
@@ -77,13 +75,12 @@ def encode_example(tok: Tokenizer, prompt: str, response: str, fmt: str, max_len
                    ) -> tuple[list[int], int] | None:
     """(ids of prompt + response + end marker, prompt length), right-truncated to max_length; None when
     the prompt leaves no room for a response token. Parts are encoded separately, as the policy sees
-    them at generation time (prompt ids, then its own tokens, then the stop token)."""
-    sep = " " if fmt == "plain" and prompt and not prompt[-1].isspace() else ""
-    p = tok.encode(prompt)
-    ids = p + tok.encode(sep + response, add_bos=False) + tok.encode(end_marker(tok, fmt), add_bos=False)
-    if len(p) >= max_length:
+    them at generation time (prompt ids, then its own tokens, then the stop token): rlcd.pm.encode_parts,
+    the preference model's input."""
+    ids, p = encode_parts(tok, prompt, response, fmt)
+    if p >= max_length:
         return None
-    return ids[:max_length], len(p)
+    return ids[:max_length], p
 
 
 def response_mask(prompt_len: Tensor, seq_len: Tensor, T: int) -> Tensor:

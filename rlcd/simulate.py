@@ -56,6 +56,8 @@ from models.checkpoint import resolve
 from models.generation import SamplingParams, generate_texts
 from models.tokenizer import Tokenizer
 from rlcd.cli import parse_args, save_config
+from rlcd.jsonl import read_objects
+from rlcd.pairs import PairsError
 from rlcd.prompts import DataError, load_prompts
 from rlcd.scorer import score_pairs
 from rlcd.tasks import FORMATS, TASKS, ContrastivePair, contrastive_pair, format_prompt, postprocess
@@ -66,10 +68,6 @@ REQUIRED = ("id", "task", "method", "format", "messages", "prompt", "chosen", "r
             "affix_index", "p_plus", "p_minus", "settings", "model", "seed")
 # A record made with different values of these cannot share a file with this run's records.
 RUN_KEYS = ("task", "method", "format", "model", "seed")
-
-
-class PairsError(ValueError):
-    """A pairs file that cannot be read or resumed; the message is one line naming the file and line."""
 
 
 @dataclass
@@ -101,43 +99,25 @@ class Args:
 # ---------------------------------------------------------------------------------------------
 # reading a pairs file
 
-def read_pairs(path: str | Path) -> tuple[list[dict], int]:
+def read_records(path: str | Path) -> tuple[list[dict], int]:
     """The records of a pairs file and the byte offset just past its last complete line.
 
-    A last line without a newline is left out (records are written as one `json + "\\n"` each, so a
-    missing newline means the write was cut short); any other line that is not a JSON object with the
-    REQUIRED fields raises PairsError naming the file and line.
+    A last line without a newline is left out (rlcd.jsonl.read_objects with partial_ok); any other line
+    that is not a JSON object with the REQUIRED fields raises PairsError naming the file and line.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise PairsError(f"{path}: no such file")
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1                      # 0 if there is no complete line at all
-    records = []
-    for lineno, raw in enumerate(data[:end].split(b"\n")[:-1], 1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise PairsError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise PairsError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise PairsError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    lines, end = read_objects(path, PairsError, partial_ok=True)
+    for n, rec in lines:
         missing = [k for k in REQUIRED if k not in rec]
         if missing:
-            raise PairsError(f"{where}: not a pairs record, missing {', '.join(missing)}")
-        records.append(rec)
-    return records, end
+            raise PairsError(f"{path}:{n}: not a pairs record, missing {', '.join(missing)}")
+    return [rec for _, rec in lines], end
 
 
 def _resume(path: Path, args: Args) -> set[str]:
     """Ids already in `path` (after cutting off a partial last line); checks they came from this run."""
     if not path.exists():
         return set()
-    records, end = read_pairs(path)
+    records, end = read_records(path)
     size = path.stat().st_size
     if end < size:
         print(f"simulate: {path}: dropping a partial last line ({size - end} bytes, from an interrupted "
@@ -459,7 +439,7 @@ def stats_main(argv: list[str] | None = None) -> int:
         columns, examples = [], []
         models: dict[str, tuple] = {}
         for path in args.files:
-            records, end = read_pairs(path)
+            records, end = read_records(path)
             if end < Path(path).stat().st_size:
                 print(f"stats: {path}: ignoring a partial last line (an interrupted run)", file=sys.stderr)
             records = records[:args.limit] if args.limit is not None else records

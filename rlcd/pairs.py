@@ -1,0 +1,48 @@
+"""Pairs files: the JSONL records `train.py simulate` writes (its docstring has the full schema) and the
+preference model, SFT and the evaluations read. One error type, PairsError, whose message is one line
+naming the file and line; the lines themselves are read by rlcd.jsonl.read_objects.
+
+    read_pairs(paths, default_format="chat", format_override=None) -> list[dict]   validated records
+    check_format(fmt, where) -> fmt                                              "chat" or "plain"
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlcd.jsonl import read_objects
+from rlcd.tasks import FORMATS
+
+
+class PairsError(ValueError):
+    """A pairs file that cannot be read, used or resumed; the message is one line naming the file and line."""
+
+
+def check_format(fmt: str, where: str) -> str:
+    """`fmt` if it is a prompt format (rlcd.tasks.FORMATS), else a PairsError at `where` (file:line)."""
+    if fmt not in FORMATS:
+        raise PairsError(f"{where}: format must be one of {FORMATS}, got {fmt!r}")
+    return fmt
+
+
+def read_pairs(paths: list[str] | str, default_format: str = "chat", format_override: str | None = None,
+               ) -> list[dict]:
+    """Read JSONL pairs: each line needs string fields prompt, chosen, rejected; optional label (float in
+    [0, 1], default 1.0), format ("chat" | "plain", default `default_format`) and id (default: the prompt).
+    Returns records with those six keys filled in (plus the file's other fields)."""
+    recs: list[dict] = []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        lines, _ = read_objects(path, PairsError)
+        for n, rec in lines:
+            for k in ("prompt", "chosen", "rejected"):
+                if k not in rec:
+                    raise PairsError(f"{path}:{n}: missing field {k!r} (a pair needs prompt, chosen, rejected)")
+                if not isinstance(rec[k], str):
+                    raise PairsError(f"{path}:{n}: field {k!r} must be a string, got {type(rec[k]).__name__}")
+            label = rec.get("label", 1.0)
+            if not isinstance(label, (int, float)) or isinstance(label, bool) or not 0.0 <= label <= 1.0:
+                raise PairsError(f"{path}:{n}: label must be a number in [0, 1], got {label!r}")
+            fmt = check_format(format_override or rec.get("format") or default_format, f"{path}:{n}")
+            recs.append({**rec, "label": float(label), "format": fmt, "id": str(rec.get("id", rec["prompt"]))})
+        if not lines:
+            raise PairsError(f"{path}: no pairs (empty file)")
+    return recs
