@@ -164,7 +164,10 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
                                                   **train, **b["sft"]))]],
         "ppo-rlcd": [["train.py", "ppo", *argv_of(dict(out=out / "ppo-rlcd", pm=out / "pm-rlcd", **ppo))]],
         "ppo-rlaif": [["train.py", "ppo", *argv_of(dict(out=out / "ppo-rlaif", pm=out / "pm-rlaif", **ppo))]],
+        # The human pairs are stored as plain dialogue; the PMs were trained on pairs in the simulator's
+        # format (chat unless --set simulate.format=plain), so their prompts are re-rendered in it.
         "agreement": [["eval.py", "pm-agreement", *argv_of(dict(pm=out / f"pm-{m}", pairs=[args.human_pairs],
+                                                                format=b["simulate"].get("format", "chat"),
                                                                 out=out / f"agreement-{m}.json", **b["agreement"]))]
                       for m in ("rlcd", "rlaif")],
         "respond": [["eval.py", "respond", *argv_of(dict(
@@ -174,7 +177,7 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
             **common))]],
         "compare": [["eval.py", "compare", *argv_of(dict(
             responses=[out / "responses" / f"{p}.jsonl" for p in POLICIES], judge=args.judge, baseline="base",
-            pm=out / "pm-rlcd", out=out / "compare.json", seed=args.seed, **b["compare"]))]],
+            focus="rlcd", pm=out / "pm-rlcd", out=out / "compare.json", seed=args.seed, **b["compare"]))]],
     }
     return cmds
 

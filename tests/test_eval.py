@@ -235,6 +235,13 @@ def test_compare_with_a_stub_judge(tmp_path, monkeypatch):
     assert s["rlcd"]["mean_tokens"] == 2.0 and s["rlcd"]["frac_finished"] == 1.0
     table = ev.format_compare(res)
     assert "| rlcd vs base | 0.75 | 0.25 | 0.00 | 0.875 [" in table
+    # focus: only that policy against every other, with the same numbers for the pairs both orders share
+    f = ev.compare([str(rlcd), str(base), str(worse)], object(), make_tiny_tokenizer(), fmt="plain", n_boot=500,
+                   focus="rlcd")
+    assert [(c["a"], c["b"]) for c in f["comparisons"]] == [("rlcd", "base"), ("rlcd", "worse")]
+    assert f["comparisons"][0]["p"] == c["p"]
+    with pytest.raises(ev.ResponsesError, match="--focus 'nobody'"):
+        ev.compare([str(rlcd), str(base)], object(), make_tiny_tokenizer(), fmt="plain", focus="nobody")
 
 
 def test_a_policy_against_itself_is_all_ties(tiny, tmp_path):
