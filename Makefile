@@ -1,5 +1,5 @@
 # Two entry points (see README):
-#   make run   -- set up .venv, fetch the default model, answer a prompt (later: the whole RLCD pipeline)
+#   make run   -- set up .venv and run the main job: the whole RLCD pipeline at the quick budget
 #   make test  -- set up .venv and run the test suite
 #   make test-portable -- the fast tests again under lower CPU instruction sets (what the next machine may have)
 # Both create or reuse .venv and install only what is missing.
@@ -29,8 +29,12 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
+# The main job: RLCD end to end (pairs, preference models, SFT, PPO, evaluation, report) at the quick budget;
+# rerunning it resumes where it stopped. RUN_ARGS adds or overrides pipeline flags.
+RUN_OUT  ?= runs/quick-harmless
+RUN_ARGS ?=
 run: venv
-	$(PY) generate.py --prompt "What is the capital of France?"
+	$(PY) train.py pipeline --task harmless --budget quick --out $(RUN_OUT) $(RUN_ARGS)
 
 test: venv
 	$(PY) -m pytest -q tests
