@@ -86,17 +86,13 @@ def bench_mode(a: Args, mode: str, device: torch.device) -> tuple[dict[str, floa
                     iterations=1000, normalize_reward=False, no_stop_score=None, value_model=mode,
                     device=str(device), attn_impl=a.attn_impl)
     run = ppo.build(args, prompts, policy, ref, pm, value_net, stop_ids=[], pad_id=0, device=device)
-    timer = ppo.PhaseTimer(device)
-    totals: dict[str, float] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for it in range(a.warmup + a.iters):
-        stats, _, _ = ppo.iteration(run, it, timer)
+
+    def check(stats: dict[str, torch.Tensor]) -> None:
         assert torch.isfinite(torch.stack(list(stats.values()))).all()
-        times = timer.read()
-        if it >= a.warmup:
-            for k, v in times.items():
-                totals[k] = totals.get(k, 0.0) + v / a.iters
+
+    totals = ppo.timed_iterations(run, a.warmup, a.iters, check)
     peak = ppo.peak_memory(device)
     del run, policy, ref, pm, value_net
     gc.collect()

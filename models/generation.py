@@ -37,7 +37,8 @@ class Generation:
     tokens: Tensor           # (B, T_n) response ids; the stop token is kept, pad_id after it
     lengths: Tensor          # (B,) response length, stop token included
     finished: Tensor         # (B,) True if the row ended with a stop token
-    logprobs: Tensor | None  # (B, T_n) fp32 log p(token) under softmax(logits / temperature), 0 on pad
+    logprobs: Tensor | None  # (B, T_n) fp32 log p(token) under softmax(logits / temperature), 0 on pad;
+                             # None from generate(..., logprobs=False)
 
     @property
     def response_mask(self) -> Tensor:
@@ -75,22 +76,25 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """One token per row from (B, V) fp32 logits. Returns ids (B,) and their log-probs (B,) under
-    softmax(logits / temperature): the full tempered distribution, which is what PPO recomputes
-    (exactly the sampling distribution when top_k = 0 and top_p = 1)."""
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
+           logprobs: bool = True) -> tuple[Tensor, Tensor | None]:
+    """One token per row from (B, V) fp32 logits. Returns ids (B,) and, with `logprobs`, their log-probs
+    (B,) under softmax(logits / temperature): the full tempered distribution, which is what PPO
+    recomputes (exactly the sampling distribution when top_k = 0 and top_p = 1); else None, which saves
+    a (B, V) log-softmax per step. The ids do not depend on `logprobs` (it draws no random numbers)."""
     if params.temperature <= 0:
         ids = logits.argmax(dim=-1)
-        return ids, torch.zeros(ids.shape, device=logits.device)
+        return ids, torch.zeros(ids.shape, device=logits.device) if logprobs else None
     scaled = logits / params.temperature
-    logp_full = scaled.log_softmax(dim=-1)                                   # (B, V)
     probs = filter_logits(scaled, params.top_k, params.top_p).softmax(dim=-1)
     # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) is a draw from p, with no host sync.
     # E = -log U with U ~ Uniform[0, 1): the same Exp(1) noise as Tensor.exponential_, ~6x cheaper on
     # CPU at (16, 49152); U = 0 gives E = inf, i.e. p / E = 0, a token that cannot win the race.
     noise = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
     ids = (probs / noise).argmax(dim=-1)                                     # (B,)
-    return ids, logp_full.gather(-1, ids[:, None]).squeeze(-1)
+    if not logprobs:
+        return ids, None
+    return ids, scaled.log_softmax(dim=-1).gather(-1, ids[:, None]).squeeze(-1)   # (B, V) -> (B,)
 
 
 def compiled_decode_step(model: Transformer):
@@ -113,8 +117,11 @@ def compiled_decode_step(model: Transformer):
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int],
              pad_id: int, generator: torch.Generator | None = None, sync_every: int | None = None,
-             compile: bool = False) -> Generation:
+             compile: bool = False, logprobs: bool = True) -> Generation:
     """Sample continuations of a batch of token-id prompts until a stop token or max_new_tokens.
+
+    logprobs=False leaves Generation.logprobs None and skips a (B, V) log-softmax per step (`sample`);
+    the tokens are the same.
 
     compile=True decodes with `compiled_decode_step` (first call per batch size and cache length pays
     the compilation; the cache length is rounded up to a multiple of 64 to limit recompiles).
@@ -133,7 +140,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     sync_every = sync_every or (1 if device.type == "cpu" else 8)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     tokens = torch.full((B, T_n), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros((B, T_n), dtype=torch.float32, device=device)
+    lp_all = torch.zeros((B, T_n), dtype=torch.float32, device=device) if logprobs else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), T_n, dtype=torch.long, device=device)
     model.setup_cache(B, cache_len)          # also packs the weights for B-row products (CPU fp32)
@@ -141,15 +148,17 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
         h = model(ids, pos=0, start=start, return_hidden=True)[:, -1]       # (B, D) prefill
         logits = model.logits(h).float()                                     # (B, V)
         for t in range(T_n):
-            nxt, lp = sample(logits, params, generator)
+            nxt, lp = sample(logits, params, generator, logprobs)
             nxt = torch.where(done, pad_id, nxt)
             tokens[:, t] = nxt
-            logprobs[:, t] = torch.where(done, 0.0, lp)
+            if lp_all is not None:
+                lp_all[:, t] = torch.where(done, 0.0, lp)
             stopped = ~done & torch.isin(nxt, stops)
             lengths = torch.where(stopped, t + 1, lengths)
             done = done | stopped
             if t == T_n - 1 or ((t + 1) % sync_every == 0 and bool(done.all())):
-                tokens, logprobs = tokens[:, :t + 1], logprobs[:, :t + 1]
+                tokens = tokens[:, :t + 1]
+                lp_all = lp_all[:, :t + 1] if lp_all is not None else None
                 break
             if compile:
                 pos = torch.full((1,), T_p + t, dtype=torch.long, device=device)
@@ -160,7 +169,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     finally:
         model.clear_cache(keep=compile)     # a compiled step keeps its cache buffers for the next call
     return Generation(sequences=torch.cat([ids, tokens], dim=1), start=start, prompt_len=T_p,
-                      tokens=tokens, lengths=lengths, finished=done, logprobs=logprobs)
+                      tokens=tokens, lengths=lengths, finished=done, logprobs=lp_all)
 
 
 def generate_texts(model: Transformer, tokenizer, prompts: list[str], params: SamplingParams,
@@ -187,7 +196,7 @@ def generate_texts(model: Transformer, tokenizer, prompts: list[str], params: Sa
     for lo in range(0, len(order), batch_size):
         idx = order[lo:lo + batch_size]
         out = generate(model, [encoded[i] for i in idx], params, tokenizer.stop_ids, tokenizer.pad_id, gen,
-                       compile=compile)
+                       compile=compile, logprobs=False)
         toks, lens, fin = out.tokens.tolist(), out.lengths.tolist(), out.finished.tolist()
         for j, i in enumerate(idx):
             ids = toks[j][:lens[j] - (1 if fin[j] else 0)]

@@ -52,6 +52,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -63,7 +64,7 @@ from models import CheckpointError, Tokenizer, Transformer, load_model
 from models.generation import Generation, SamplingParams, generate
 from rlcd import runs
 from rlcd.cli import parse_args
-from rlcd.pm import RewardModel, end_marker, load_reward_model, score_tokens
+from rlcd.pm import RewardModel, end_marker, fp32_head, load_reward_model, score_tokens
 from rlcd.ppo_core import (KL_ESTIMATORS, KLController, apply_missing_stop, explained_variance, gae,
                            kl_per_token, masked_mean, masked_whiten, policy_loss, shape_rewards, value_loss)
 
@@ -88,7 +89,7 @@ class Args:
     temperature: float = 1.0          # sampling temperature; log-probs are taken at the same one (paper: 1)
     top_p: float = 1.0                # nucleus sampling (1 = off; anything else costs a policy forward per iteration)
     top_k: int = 0                    # top-k sampling (0 = off; same cost)
-    max_prompt_len: int = 192         # prompts over this many tokens are dropped (paper: 192)
+    max_prompt_tokens: int = 192      # prompts over this many tokens are dropped (paper: 192; as simulate's)
     # 2. score
     normalize_reward: bool = True     # (r - mean) / std with the PM's statistics on base-policy samples
     no_stop_score: float | None = -1.0  # score of a response without the stop token (paper, N+: -1; none = keep)
@@ -165,6 +166,22 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Old flag names still accepted, with a warning: {old: new}.
+DEPRECATED_FLAGS = {"--max-prompt-len": "--max-prompt-tokens"}
+
+
+def rename_deprecated(argv: list[str]) -> list[str]:
+    """argv with each deprecated flag (DEPRECATED_FLAGS) replaced by its new name, and a warning on stderr."""
+    out = []
+    for a in argv:
+        old = a.split("=", 1)[0]
+        if old in DEPRECATED_FLAGS:
+            print(f"train.py ppo: {old} is deprecated; use {DEPRECATED_FLAGS[old]}", file=sys.stderr)
+            a = DEPRECATED_FLAGS[old] + a[len(old):]
+        out.append(a)
+    return out
+
+
 def apply_preset(argv: list[str]) -> list[str]:
     """argv with the flags of its --preset (if any) put in front, so that explicit flags override them."""
     name = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), None)
@@ -189,26 +206,32 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, h: Tensor) -> Tensor:
-        with torch.autocast(h.device.type, enabled=False):
-            return F.linear(h.float(), self.proj.weight, self.proj.bias).squeeze(-1)   # (..., D) -> (...)
+        return fp32_head(h, self.proj)                                                 # (..., D) -> (...)
+
+
+def response_columns(x: Tensor, T_p: int) -> Tensor:
+    """(B, T, ...) -> (B, T_r, ...): the columns that predict the response tokens. Column T_p - 1 + t
+    holds the state s_t before response token t (the last prompt token for t = 0); the last column,
+    after the last response token, predicts nothing."""
+    return x[:, T_p - 1:-1]
 
 
 def response_hidden(trunk: Transformer, seq: Tensor, start: Tensor, T_p: int) -> Tensor:
-    """(B, T_r, D) final hidden states at the columns that predict the response tokens: column T_p - 1 + t
-    holds the state s_t before response token t (the last prompt token for t = 0)."""
-    return trunk(seq, start=start, return_hidden=True)[:, T_p - 1:-1]
+    """(B, T_r, D) final hidden states at the columns that predict the response tokens."""
+    return response_columns(trunk(seq, start=start, return_hidden=True), T_p)
 
 
 @dataclass
-class PPO:
-    """The models and the optimiser state one iteration works on (built by `build`, used by `iteration`)."""
+class PPORun:
+    """The state of a PPO run: the models and the optimiser state one iteration works on (built by
+    `build`, used by `iteration`)."""
     args: Args
     policy: Transformer
     ref: Transformer                      # the frozen initial policy
     pm: RewardModel                       # the frozen preference model
     value_net: RewardModel | None         # --value-model separate: a trainable copy of the PM
     value_head: ValueHead | None          # --value-model shared: a head on the policy's trunk
-    prompts: list[list[int]]              # encoded train prompts (<= max_prompt_len tokens)
+    prompts: list[list[int]]              # encoded train prompts (<= max_prompt_tokens tokens)
     stop_ids: list[int]
     pad_id: int
     optimizer: torch.optim.Optimizer
@@ -234,7 +257,7 @@ class PPO:
         if self.value_head is not None:
             values = self.value_head(h)                                                        # (b, T_r)
         else:
-            values = self.value_net.values(seq, start)[:, T_p - 1:-1]                          # (b, T_r)
+            values = response_columns(self.value_net.values(seq, start), T_p)                  # (b, T_r)
         return logp, ent, values
 
 
@@ -272,7 +295,7 @@ class PhaseTimer:
 
 
 # --- one iteration ------------------------------------------------------------------------------------------
-def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], Generation, Tensor]:
+def iteration(ppo: PPORun, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], Generation, Tensor]:
     """Iteration `it` (0-based): a batch of rollouts and the PPO epochs on it. Returns the diagnostics as
     0-d tensors (not synchronised), the rollouts and their scores. Sampling and shuffling draw from a
     generator seeded by (seed, it), so an iteration is a function of the weights, the optimiser state
@@ -282,7 +305,14 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
     amp = runs.autocast(a, dev)
     g = torch.Generator(dev).manual_seed(a.seed * 1_000_003 + it)
     beta = ppo.kl_ctl.value
-    fused = a.ppo_epochs == 1 and a.minibatches == 1 and a.micro_batch >= a.batch_size
+    # Old log-probs and values from the update's own forward (see the module docstring): possible when
+    # nothing is updated before that forward, i.e. one epoch of one minibatch in one micro-batch.
+    old_from_update = a.ppo_epochs == 1 and a.minibatches == 1 and a.micro_batch >= a.batch_size
+
+    # The sampling pass's log-probs serve as the old ones only with a separate value network whose values
+    # come from a forward at rollout, and when the sampled distribution is the full tempered one (below).
+    reuse_sampling_logp = (not old_from_update and ppo.value_head is None and a.top_k == 0
+                           and a.top_p == 1.0)
 
     # 1. Rollout: B prompts of this iteration (a pure function of seed and it), sampled in lock-step.
     with timer("generate"), amp:
@@ -290,7 +320,8 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
         batch = runs.batch_indices(len(ppo.prompts), a.batch_size, it, a.seed)
         params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                                 top_p=a.top_p)
-        gen = generate(policy, [ppo.prompts[i] for i in batch], params, ppo.stop_ids, ppo.pad_id, generator=g)
+        gen = generate(policy, [ppo.prompts[i] for i in batch], params, ppo.stop_ids, ppo.pad_id, generator=g,
+                       logprobs=reuse_sampling_logp)
         seq, start, T_p = gen.sequences, gen.start, gen.prompt_len         # (B, T), (B,), T_p
         tokens, mask = gen.tokens, gen.response_mask                       # (B, T_r) ids, (B, T_r) bool
 
@@ -313,14 +344,14 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
             ref_logp = token_logprobs(h_ref, ref.output_weight, tokens, a.temperature, mask)        # (B, T_r)
             del h_ref
         with timer("values"), amp:
-            if fused:
+            if old_from_update:
                 old_logp = old_values = None        # from the update's forward at the same weights (step 6)
             elif ppo.value_head is not None:
                 # Shared trunk: the forward that gives the values gives the old log-probs as well.
                 old_logp, _, old_values = ppo.values_and_logprobs(seq, start, T_p, tokens, mask)
             else:
-                old_values = ppo.value_net.values(seq, start)[:, T_p - 1:-1]                        # (B, T_r)
-                if a.top_k == 0 and a.top_p == 1.0:
+                old_values = response_columns(ppo.value_net.values(seq, start), T_p)                # (B, T_r)
+                if reuse_sampling_logp:
                     # The sampling pass's log-probs are of the full tempered distribution, which is the
                     # sampling distribution here: reuse them and save a policy forward. They come from
                     # the incremental decode, which differs from a full forward by float rounding
@@ -332,7 +363,7 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
                     h = response_hidden(policy, seq, start, T_p)
                     old_logp = token_logprobs(h, policy.output_weight, tokens, a.temperature, mask)
 
-        if not fused:
+        if not old_from_update:
             # 4. Per-token KL reward and 5. GAE (see `advantages`).
             with timer("advantages"):
                 adv, returns, kl = advantages(a, score, old_logp, ref_logp, old_values.float(), mask, beta)
@@ -342,10 +373,11 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
              ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "vf_clipfrac", "grad_norm")}
     n_steps = a.ppo_epochs * a.minibatches
     mb_size = a.batch_size // a.minibatches
+    lr = 0.0                # the learning rate the iteration's optimiser steps used, their mean
     with timer("update"):
         policy.train()
         for _ in range(a.ppo_epochs):
-            perm = torch.arange(a.batch_size, device=dev) if fused else \
+            perm = torch.arange(a.batch_size, device=dev) if old_from_update else \
                 torch.randperm(a.batch_size, generator=g, device=dev)                        # (B,)
             for mb in perm.split(mb_size):
                 n_tok = mask[mb].sum()                          # response tokens of the minibatch: the loss mean's denominator
@@ -353,7 +385,7 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
                     m = mask[mi]                                                             # (b, T_r)
                     with amp:
                         logp, ent, values = ppo.values_and_logprobs(seq[mi], start[mi], T_p, tokens[mi], m)
-                    if fused:
+                    if old_from_update:
                         # One epoch of one minibatch in one micro-batch (the default): nothing has been
                         # updated since the rollout, so this forward is the old policy and value network.
                         # Taking the old log-probs and values from it, then steps 4 and 5, saves the
@@ -375,6 +407,7 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
                 # clip_grad_norm_ with max_norm=inf only measures; it returns a tensor (no sync).
                 grad_norm = torch.nn.utils.clip_grad_norm_(ppo.params, a.grad_clip or float("inf"))
                 stats["grad_norm"] += grad_norm.float() / n_steps
+                lr += ppo.scheduler.get_last_lr()[0] / n_steps      # a Python float: no sync
                 ppo.optimizer.step()
                 ppo.scheduler.step()
                 ppo.optimizer.zero_grad(set_to_none=True)
@@ -392,7 +425,7 @@ def iteration(ppo: PPO, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], 
         "explained_variance": explained_variance(old_values, returns, mask),
         "value_mean": masked_mean(old_values, mask), "return_mean": masked_mean(returns, mask),
         "response_length": lengths.mean(), "finished": gen.finished.float().mean(),
-        "tokens": lengths.sum(),
+        "tokens": lengths.sum(), "lr": torch.tensor(lr, device=dev),
     }
     return stats, gen, score
 
@@ -442,7 +475,7 @@ def check_pm_matches(pm_tok: Tokenizer, tok: Tokenizer) -> int:
 
 def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transformer, pm: RewardModel,
           value_net: RewardModel | None, stop_ids: list[int], pad_id: int, device: torch.device,
-          end_id: int | None = None) -> PPO:
+          end_id: int | None = None) -> PPORun:
     """Freeze the reference and the PM, add the shared value head if asked, make the optimiser (one
     AdamW over policy and value, as the official code's actor-critic) and its schedule."""
     for m in (ref, pm):
@@ -454,13 +487,11 @@ def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transf
         value_net.trunk.gradient_checkpointing = args.grad_checkpointing
     policy.gradient_checkpointing = args.grad_checkpointing
     named = list(policy.named_parameters()) + list((value_net or value_head).named_parameters())
-    optimizer = runs.make_optimizer(named, args, device)  # type: ignore[arg-type]  (Args has its fields)
     total = args.iterations * args.ppo_epochs * args.minibatches
-    warm = round(args.warmup * total) if args.warmup < 1 else int(args.warmup)
-    scheduler = runs.cosine_schedule(optimizer, warm, total, args.min_lr_ratio)
+    optimizer, scheduler = runs.make_trainer(named, args, device, total)  # type: ignore[arg-type]  (has the fields)
     kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon)
-    return PPO(args, policy, ref, pm, value_net, value_head, prompts, stop_ids, pad_id, optimizer, scheduler,
-               kl_ctl, device, end_id)
+    return PPORun(args, policy, ref, pm, value_net, value_head, prompts, stop_ids, pad_id, optimizer, scheduler,
+                  kl_ctl, device, end_id)
 
 
 def phase_table(times: dict[str, float], peak_bytes: int | None, title: str = "") -> str:
@@ -494,7 +525,7 @@ def _line(it: int, total: int, r: dict) -> str:
 
 # --- main ----------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    argv = apply_preset(sys.argv[1:] if argv is None else list(argv))
+    argv = apply_preset(rename_deprecated(sys.argv[1:] if argv is None else list(argv)))
     args = parse_args(Args, argv, prog="train.py ppo", description=Args.__doc__)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -502,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32   # reference and scorer
     try:
         resume_from = None if args.profile else runs.prepare_run(
-            args, "ppo", may_change=frozenset({"sample_every", "n_samples", "profile"}))
+            args, "ppo", may_change=frozenset({"sample_every", "n_samples"}))
         from rlcd.prompts import load_prompts
         records = load_prompts(args.prompts, split="train")
         pm, pm_tok, _ = load_reward_model(args.pm, device, frozen_dtype)
@@ -523,9 +554,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py ppo: {args.pm} has no reward statistics (trained with --norm-samples 0); "
               f"pass --no-normalize-reward", file=sys.stderr)
         return 2
-    prompts, keys, n_long = encode_prompts(records, tok, args.max_prompt_len)
+    prompts, keys, n_long = encode_prompts(records, tok, args.max_prompt_tokens)
     if len(prompts) < args.batch_size:
-        print(f"train.py ppo: {len(prompts)} prompts of <= {args.max_prompt_len} tokens, fewer than "
+        print(f"train.py ppo: {len(prompts)} prompts of <= {args.max_prompt_tokens} tokens, fewer than "
               f"--batch-size {args.batch_size}", file=sys.stderr)
         return 2
     if max(map(len, prompts)) + args.max_new_tokens > policy.args.max_seq_len:
@@ -547,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         value = ppo.value_net if ppo.value_net is not None else ppo.value_head
         name = "value" if ppo.value_net is not None else "value_head"
         value.load_state_dict(load_file(str(resume_from / f"{name}.safetensors"), device=str(device)))
-    print(f"ppo: {len(prompts)} prompts ({n_long} over {args.max_prompt_len} tokens dropped), {args.batch_size} "
+    print(f"ppo: {len(prompts)} prompts ({n_long} over {args.max_prompt_tokens} tokens dropped), {args.batch_size} "
           f"rollouts x {args.max_new_tokens} tokens per iteration, {args.value_model} value network, "
           f"{meta['n_trainable'] / 1e6:.1f}M trainable parameters; iterations {start_it}..{args.iterations}",
           file=sys.stderr)
@@ -571,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = dict(zip(keys_, torch.stack(list(vals)).tolist()))
         times = timer.read()
         dt = time.perf_counter() - t0
-        rec = {"step": it + 1, "beta": ppo.kl_ctl.value, "lr": ppo.scheduler.get_last_lr()[0], **rec,
+        rec = {"step": it + 1, "beta": ppo.kl_ctl.value, **rec,
                "tokens_per_s": rec["tokens"] / dt, "iter_s": dt, **{f"t_{p}": times.get(p, 0.0) for p in PHASES}}
         bad = [k for k in ("score", "pm_score", "kl", "policy_loss", "value_loss", "entropy", "grad_norm")
                if not math.isfinite(rec[k])]
@@ -606,26 +637,36 @@ def sample_records(gen: Generation, score: Tensor, tok: Tokenizer, n: int) -> li
     return out
 
 
-def run_profile(ppo: PPO, out: Path, wait: int = 1, warmup: int = 1, active: int = 2) -> int:
+def timed_iterations(run: PPORun, warmup: int, iters: int,
+                     after: Callable[[dict[str, Tensor]], None] | None = None) -> dict[str, float]:
+    """Iterations 0 .. warmup + iters - 1; returns the mean seconds per phase of the last `iters` (the
+    warm-up ones, which pay for allocation, packing and compilation, are left out). `after(stats)` runs
+    after each iteration. What --profile and bench/bench_ppo.py time."""
+    timer = PhaseTimer(run.device)
+    totals: dict[str, float] = {}
+    for it in range(warmup + iters):
+        stats, _, _ = iteration(run, it, timer)
+        times = timer.read()
+        if it >= warmup:
+            for k, v in times.items():
+                totals[k] = totals.get(k, 0.0) + v / iters
+        if after is not None:
+            after(stats)
+    return totals
+
+
+def run_profile(ppo: PPORun, out: Path, wait: int = 1, warmup: int = 1, active: int = 2) -> int:
     """--profile: wait + warmup + active iterations under torch.profiler (its wait/warm-up/active
     schedule); writes OUT/profile/trace.json (chrome://tracing, Perfetto) and prints the phase table of
     the active iterations. Nothing is checkpointed."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    timer = PhaseTimer(ppo.device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ppo.device.type == "cuda" else [])
     trace = out / "profile" / "trace.json"
     trace.parent.mkdir(parents=True, exist_ok=True)
-    totals: dict[str, float] = {}
     with profile(activities=acts, schedule=schedule(wait=wait, warmup=warmup, active=active),
                  on_trace_ready=lambda p: p.export_chrome_trace(str(trace)), profile_memory=False) as prof:
-        for it in range(wait + warmup + active):
-            iteration(ppo, it, timer)
-            times = timer.read()
-            if it >= wait + warmup:
-                for k, v in times.items():
-                    totals[k] = totals.get(k, 0.0) + v / active
-            prof.step()
+        totals = timed_iterations(ppo, wait + warmup, active, lambda stats: prof.step())
     print(phase_table(totals, peak_memory(ppo.device),
                       f"PPO iteration, mean of {active} profiled ({ppo.args.value_model} value network, "
                       f"{ppo.args.batch_size} x {ppo.args.max_new_tokens} tokens, {ppo.device})"))

@@ -262,6 +262,14 @@ def make_optimizer(named_params: list[tuple[str, nn.Parameter]], args: TrainArgs
     return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=device.type in ("cuda", "cpu"))
 
 
+def make_trainer(named_params: list[tuple[str, nn.Parameter]], args: TrainArgs, device: torch.device,
+                 total_steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimiser (make_optimizer) and its schedule: --warmup steps, then cosine to the last step."""
+    optimizer = make_optimizer(named_params, args, device)
+    warm = round(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)   # a fraction, or a count
+    return optimizer, cosine_schedule(optimizer, warm, total_steps, args.min_lr_ratio)
+
+
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                     min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over `warmup_steps`, then cosine decay to min_lr_ratio at the last step (the
@@ -275,13 +283,11 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
-def schedule_length(args: TrainArgs, n_train: int) -> tuple[int, int]:
-    """(total optimiser steps, warm-up steps)."""
+def schedule_length(args: TrainArgs, n_train: int) -> int:
+    """The total number of optimiser steps."""
     if args.batch_size % args.micro_batch:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch}")
-    total = args.max_steps or max(1, math.ceil(args.epochs * n_train / args.batch_size))
-    warm = round(args.warmup * total) if args.warmup < 1 else int(args.warmup)
-    return total, warm
+    return args.max_steps or max(1, math.ceil(args.epochs * n_train / args.batch_size))
 
 
 def autocast(args: TrainArgs, device: torch.device) -> contextlib.AbstractContextManager:

@@ -47,6 +47,20 @@ def test_seed_reproduces_and_differs():
     assert not torch.equal(run(1), run(2))
 
 
+@pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=12, temperature=0.8),
+                                    SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9),
+                                    SamplingParams(max_new_tokens=12, temperature=0)])
+def test_logprobs_off_samples_the_same_tokens(params):
+    # logprobs=False only skips the per-step log-softmax: same seed, same tokens, lengths and stops
+    model = make_tiny_model()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    run = lambda lp: generate(model, prompts, params, [2, 3], 0, torch.Generator().manual_seed(4), logprobs=lp)
+    with_lp, without = run(True), run(False)
+    assert without.logprobs is None and with_lp.logprobs is not None
+    for k in ("sequences", "tokens", "lengths", "finished"):
+        assert torch.equal(getattr(with_lp, k), getattr(without, k)), k
+
+
 def test_greedy_matches_argmax_loop_and_logprobs_match_full_forward():
     model = make_tiny_model()
     prompts = [[5, 6, 7, 8, 9], [10, 11]]

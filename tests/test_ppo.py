@@ -3,6 +3,7 @@ the ones PPO recomputes, resume is exact, the NaN guard, presets, --profile, and
 real default model for one iteration. Tiny models in fp32 on CPU."""
 import copy
 import json
+import math
 import random
 
 import pytest
@@ -127,6 +128,13 @@ def test_fused_first_forward_equals_the_general_path(value_model):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     assert a["approx_kl"] == 0 and a["clipfrac"] == 0                       # the ratio is exactly 1
     assert t_fused.read()["values"] < 0.2 * t_general.read()["values"]      # no value forward at rollout
+
+
+def test_logged_lr_is_the_one_the_step_used():
+    # read before scheduler.step(), as runs.train_loop does: iteration 0 runs at f(0) = 1 (no warm-up)
+    run = tiny_run("shared", max_new_tokens=4, iterations=4)
+    lrs = [ppo_mod.iteration(run, it, ppo_mod.PhaseTimer(torch.device("cpu")))[0]["lr"].item() for it in range(2)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[1] == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi / 4)))
 
 
 def test_entropy_exact_with_a_bonus_estimated_without():
