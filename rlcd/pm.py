@@ -308,14 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     tr_y = torch.tensor([r["label"] for r in train], device=device)        # (n_train,)
     dv_y = torch.tensor([r["label"] for r in dev])
     lengths = [max(len(c), len(r)) for c, r in zip(tr_c, tr_r)]
-    total, warm = runs.schedule_length(args, len(train))
+    total = runs.schedule_length(args, len(train))
     print(f"pm: {len(train)} train / {len(dev)} dev pairs from {len(args.pairs)} file(s); {cut + cut_dev} "
           f"pairs over {max_length} tokens were cut at the start; mean length "
           f"{sum(lengths) / len(lengths):.0f} tokens; {total} steps of {args.batch_size} pairs", file=sys.stderr)
 
     params = [p for p in pm.parameters() if p.requires_grad]
-    optimizer = runs.make_optimizer(list(pm.named_parameters()), args, device)
-    scheduler = runs.cosine_schedule(optimizer, warm, total, args.min_lr_ratio)
+    optimizer, scheduler = runs.make_trainer(list(pm.named_parameters()), args, device, total)
     fingerprint = runs.data_fingerprint([r["id"] for r in train], args)
     start = 0 if resume_from is None else runs.load_trainer_state(resume_from, optimizer, scheduler, fingerprint)
     meta = runs.run_meta("pm", args, total, n_train=len(train), n_dev=len(dev), pairs=args.pairs,

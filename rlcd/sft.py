@@ -135,14 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     train, dev = [enc[i] for i in train_idx], [enc[i] for i in dev_idx]
     lengths = [len(ids) for ids, _ in train]
     n_resp = [len(ids) - p for ids, p in train]                          # loss positions per example
-    total, warm = runs.schedule_length(args, len(train))
+    total = runs.schedule_length(args, len(train))
     print(f"sft: {len(train)} train / {len(dev)} dev examples ({n_dropped} dropped: prompt over "
           f"{max_length} tokens); mean length {sum(lengths) / len(lengths):.0f} tokens; "
           f"{total} steps of {args.batch_size}", file=sys.stderr)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = runs.make_optimizer(list(model.named_parameters()), args, device)
-    scheduler = runs.cosine_schedule(optimizer, warm, total, args.min_lr_ratio)
+    optimizer, scheduler = runs.make_trainer(list(model.named_parameters()), args, device, total)
     fingerprint = runs.data_fingerprint([recs[i]["id"] for i in train_idx], args)
     start = 0 if resume_from is None else runs.load_trainer_state(resume_from, optimizer, scheduler, fingerprint)
     meta = runs.run_meta("sft", args, total, n_train=len(train), n_dev=len(dev), pairs=args.pairs,
