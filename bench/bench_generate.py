@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import load_model  # noqa: E402
+from models import DTYPES, load_model  # noqa: E402
 from models.generation import SamplingParams, generate  # noqa: E402
 from models.llama import ModelArgs, Transformer  # noqa: E402
 from rlcd.cli import parse_args  # noqa: E402
@@ -39,7 +39,7 @@ PROMPT = ("Write a short, friendly note to a neighbour asking them to water the 
 class Args:
     model: str = "smollm2-135m-instruct"   # checkpoint name or directory
     device: str = "cpu"                    # cpu or cuda
-    dtype: str = "float32"                 # float32 or bfloat16
+    dtype: str = "float32"                 # float32 or bfloat16 (any name in models.DTYPES)
     batches: list[int] = field(default_factory=lambda: [1, 8, 32])  # batch sizes to time
     new_tokens: int = 64                   # tokens generated per row
     repeats: int = 3                       # timed calls per batch size and contender (best reported)
@@ -76,7 +76,9 @@ def main() -> None:
     args = parse_args(Args, prog="bench_generate.py")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.dtype not in DTYPES:
+        raise SystemExit(f"bench_generate.py: --dtype must be one of {sorted(DTYPES)}")
+    dtype = DTYPES[args.dtype]
     if args.random:
         torch.manual_seed(0)
         with torch.device(args.device):

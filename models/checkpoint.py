@@ -187,9 +187,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if p.is_dir():
         if (p / "config.json").is_file():
             return p
-        for sub in ("policy", "model", "final"):                 # a run directory of train.py
-            if (p / sub / "config.json").is_file():
-                return p / sub
+        if (p / "policy" / "config.json").is_file():       # a run directory of train.py sft or ppo
+            return p / "policy"
         raise CheckpointError(f"{p}: no config.json (not a Hugging Face-format checkpoint directory)")
     name = str(name_or_path)
     if name in BUILTIN_MODELS:

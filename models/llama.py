@@ -68,10 +68,10 @@ class ModelArgs:
 
 
 PRESETS: dict[str, dict] = {
-    # SmolLM2-135M(-Instruct): the default model (see ../shared/docs/ASSETS.md).
+    # SmolLM2-135M(-Instruct): the default model (fetched and converted by models/smollm2.py).
     "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
                          hidden_dim=1536, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
-    # Qwen2.5(-Coder)-0.5B/1.5B(-Instruct), with the untied head of the PyPI GGUFs (ASSETS.md).
+    # Qwen2.5(-Coder)-0.5B/1.5B(-Instruct), with the untied head of the PyPI GGUFs (models/qwen2.py).
     "qwen2.5-0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, vocab_size=151936,
                          hidden_dim=4864, norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768,
                          tie_embeddings=False, qkv_bias=True, model_type="qwen2"),
