@@ -79,7 +79,7 @@ import torch
 from models import DTYPES, CheckpointError, load_model
 from models.generation import SamplingParams, generate_texts
 from rlcd.cli import parse_args, save_config
-from rlcd.jsonl import read_objects
+from rlcd.jsonl import drop_partial_line, read_objects
 from rlcd.prompts import DataError, load_prompts
 from rlcd.scorer import DEFAULT_JUDGE_FORMAT, JUDGE_FORMATS, judge_pairs
 from rlcd.tasks import FORMATS, TASKS, format_prompt
@@ -304,11 +304,7 @@ def respond_policy(name: str, model_spec: str, prompts: list[dict], args: Respon
     done: set[str] = set()
     if path.exists():
         lines, end = _read_lines(path)
-        size = path.stat().st_size
-        if end < size:
-            print(f"respond: {path}: dropping a partial last line ({size - end} bytes, from an interrupted "
-                  f"run); it will be redone", file=sys.stderr)
-            os.truncate(path, end)
+        drop_partial_line(path, end, "respond", "it will be redone")
         for lineno, rec in lines:
             theirs = {"policy": rec["policy"], "model": rec["model"], **rec["settings"]}
             ours = {"policy": name, "model": model_spec, **settings}

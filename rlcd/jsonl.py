@@ -3,6 +3,8 @@ one line naming the file and line, in one wording, raised as the caller's error 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 
@@ -35,3 +37,13 @@ def read_objects(path: str | Path, error: type[Exception] = ValueError, partial_
             raise error(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
         out.append((n, rec))
     return out, (end if partial_ok else len(data))
+
+
+def drop_partial_line(path: str | Path, end: int, prog: str, redo: str) -> None:
+    """Truncate `path` to `end` (read_objects' offset with partial_ok) when a killed run left a partial
+    last line there, saying so on stderr: `redo` says what the resumed run will do again."""
+    size = Path(path).stat().st_size
+    if end < size:
+        print(f"{prog}: {path}: dropping a partial last line ({size - end} bytes, from an interrupted run); "
+              f"{redo}", file=sys.stderr)
+        os.truncate(path, end)

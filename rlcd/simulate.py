@@ -56,7 +56,7 @@ from models.checkpoint import resolve
 from models.generation import SamplingParams, generate_texts
 from models.tokenizer import Tokenizer
 from rlcd.cli import parse_args, save_config
-from rlcd.jsonl import read_objects
+from rlcd.jsonl import drop_partial_line, read_objects
 from rlcd.pairs import PairsError
 from rlcd.prompts import DataError, load_prompts
 from rlcd.scorer import score_pairs
@@ -118,11 +118,7 @@ def _resume(path: Path, args: Args) -> set[str]:
     if not path.exists():
         return set()
     records, end = read_records(path)
-    size = path.stat().st_size
-    if end < size:
-        print(f"simulate: {path}: dropping a partial last line ({size - end} bytes, from an interrupted "
-              f"run); that pair will be redone", file=sys.stderr)
-        os.truncate(path, end)
+    drop_partial_line(path, end, "simulate", "that pair will be redone")
     want = {k: getattr(args, k) for k in RUN_KEYS}
     for n, rec in enumerate(records, 1):
         diff = [k for k in RUN_KEYS if rec[k] != want[k]]
