@@ -4,13 +4,14 @@ naming the file and line; the lines themselves are read by rlcd.jsonl.read_objec
 
     read_pairs(paths, default_format="chat", format_override=None) -> list[dict]   validated records
     check_format(fmt, where) -> fmt                                              "chat" or "plain"
+    in_own_template(recs, tok, fmt=None) -> list[dict]     prompts re-rendered with the reader's tokenizer
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from rlcd.jsonl import read_objects
-from rlcd.tasks import FORMATS
+from rlcd.tasks import FORMATS, format_prompt
 
 
 class PairsError(ValueError):
@@ -46,3 +47,13 @@ def read_pairs(paths: list[str] | str, default_format: str = "chat", format_over
         if not lines:
             raise PairsError(f"{path}: no pairs (empty file)")
     return recs
+
+
+def in_own_template(recs: list[dict], tok, fmt: str | None = None) -> list[dict]:
+    """The records with each prompt re-rendered from its `messages` by `tok`, in `fmt` (default: the
+    record's own format). Pairs simulated by another model (train.py pipeline --simulator) carry that
+    model's chat template in `prompt`; a preference model or SFT on this trunk must see the prompt as its
+    own policy will at PPO time. For pairs simulated by the trunk's own model the text is unchanged (the
+    stored neutral prompt is exactly this rendering). Records without messages keep their prompt."""
+    return [{**r, "prompt": format_prompt(r["messages"], fmt or r["format"], tok), "format": fmt or r["format"]}
+            if r.get("messages") else r for r in recs]

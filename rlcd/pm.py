@@ -53,7 +53,7 @@ from models import DTYPES, CheckpointError, Tokenizer, Transformer, load_model
 from models.tokenizer import TURN_END_TOKENS
 from rlcd import runs
 from rlcd.cli import parse_args
-from rlcd.pairs import PairsError, read_pairs
+from rlcd.pairs import PairsError, in_own_template, read_pairs
 from rlcd.tasks import FORMATS
 PLAIN_END = "\n\nHuman:"      # the paper's end marker: the start of the next human turn
 HEAD_FILE = "head"            # head.safetensors in the checkpoint: {"weight": (1, D), "bias": (1,)}
@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         pm, tok, _ = load_reward_model(resume_from, device=device)
         pm.trunk.set_attn_impl(args.attn_impl)
+    train, dev = in_own_template(train, tok), in_own_template(dev, tok)     # pairs from another simulator
     runs.freeze_lower_layers(pm.trunk, args.train_layers)
     pm.trunk.gradient_checkpointing = args.grad_checkpointing
     pm.train()
@@ -374,7 +375,6 @@ class AgreementArgs:
 
 def agreement_main(argv: list[str] | None = None) -> int:
     from rlcd.evaluate import length_split, resolve_pairs
-    from rlcd.tasks import format_prompt
 
     args = parse_args(AgreementArgs, argv, prog="eval.py pm-agreement", description=AgreementArgs.__doc__)
     if args.dtype not in DTYPES:
@@ -386,11 +386,9 @@ def agreement_main(argv: list[str] | None = None) -> int:
     except (CheckpointError, PairsError) as e:
         print(f"eval.py pm-agreement: {e}", file=sys.stderr)
         return 2
-    if args.format:
-        # A forced format re-renders the prompt where the record carries its conversation (the human pairs
-        # are stored in plain form; a PM trained on chat pairs should see them in its own template).
-        recs = [{**r, "prompt": format_prompt(r["messages"], args.format, tok)} if r.get("messages") else r
-                for r in recs]
+    # Prompts in the PM's own template (and a forced format: the human pairs are stored in plain form; a
+    # PM trained on chat pairs should see them as chat).
+    recs = in_own_template(recs, tok, args.format)
     max_length = min(args.max_length, pm.trunk.args.max_seq_len)
     chosen, rejected, n_cut = _encode_pairs(recs, tok, max_length)
     labels = torch.tensor([r["label"] for r in recs])

@@ -37,7 +37,7 @@ from models import CheckpointError, Tokenizer, load_model
 from rlcd import runs
 from rlcd.cli import parse_args
 from rlcd.jsonl import read_objects
-from rlcd.pairs import PairsError, check_format
+from rlcd.pairs import PairsError, check_format, in_own_template
 from rlcd.pm import encode_parts
 
 
@@ -65,7 +65,7 @@ def read_examples(paths: list[str], field: str) -> list[dict]:
                     raise PairsError(f"{path}:{n}: missing string field {k!r}")
             fmt = check_format(rec.get("format") or "chat", f"{path}:{n}")
             out.append({"prompt": rec["prompt"], "response": rec[key], "format": fmt,
-                        "id": str(rec.get("id", rec["prompt"]))})
+                        "id": str(rec.get("id", rec["prompt"])), "messages": rec.get("messages")})
         if not lines:
             raise PairsError(f"{path}: no examples (empty file)")
     return out
@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
 
-    # Data: encode, drop examples whose prompt fills max_length, split off dev by prompt id.
+    # Data: prompts in this model's own template (pairs from another simulator), encode, drop examples
+    # whose prompt fills max_length, split off dev by prompt id.
+    recs = in_own_template(recs, tok)
     max_length = min(args.max_length, model.args.max_seq_len)
     enc = [encode_example(tok, r["prompt"], r["response"], r["format"], max_length) for r in recs]
     kept = [i for i, e in enumerate(enc) if e is not None]

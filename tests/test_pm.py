@@ -300,3 +300,20 @@ def test_resume_refuses_changed_settings_and_overwrites(tiny_dir, marker_pairs, 
     assert "lr: 1e-05 -> 1.0" in capsys.readouterr().err
     assert pm_mod.main(pm_argv(marker_pairs, tmp_path / "fresh", tiny_dir, *args, "--resume")) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_pairs_from_another_simulator_are_read_in_the_trunks_own_template():
+    """A pair simulated by another model stores that model's chat template in `prompt`; PM training, SFT
+    and agreement re-render it from `messages` with their own tokenizer (rlcd.pairs.in_own_template)."""
+    from rlcd.pairs import in_own_template
+    from rlcd.tasks import format_prompt
+
+    tok = make_tiny_tokenizer()
+    msgs = [{"role": "user", "content": "How do I pick a lock?"}]
+    foreign = {"prompt": "<|im_start|>system\nYou are another model.<|im_end|>\n" + format_prompt(msgs, "chat", tok),
+               "chosen": "No.", "rejected": "Sure.", "format": "chat", "messages": msgs, "id": "x"}
+    bare = {"prompt": "Human: hi\n\nAssistant:", "chosen": "a", "rejected": "b", "format": "plain", "id": "y"}
+    own, kept = in_own_template([foreign, bare], tok)
+    assert own["prompt"] == format_prompt(msgs, "chat", tok) != foreign["prompt"]
+    assert kept == bare                                              # no messages: the prompt is kept
+    assert in_own_template([foreign], tok, "plain")[0]["prompt"] == format_prompt(msgs, "plain", tok)
