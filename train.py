@@ -2,7 +2,7 @@
 
     python train.py pipeline --task harmless --budget quick --out runs/pipeline-harmless
     python train.py simulate --task harmless --method rlcd --n-prompts 256 --out runs/harmless/pairs-rlcd.jsonl
-    python train.py stats runs/harmless/pairs-rlcd.jsonl
+    python train.py stats --files runs/harmless/pairs-rlcd.jsonl
     python train.py pm  --pairs runs/harmless/pairs-rlcd.jsonl --out runs/harmless/pm-rlcd
     python train.py sft --pairs runs/harmless/pairs-rlcd.jsonl --out runs/harmless/sft
     python train.py ppo --pm runs/harmless/pm-rlcd --prompts harmless --out runs/harmless/ppo
