@@ -49,11 +49,11 @@ def _pm_section(out: Path) -> list[str]:
         meta = json.loads(run.read_text()) if run.is_file() else {}
         ag_file = out / f"agreement-{m}.json"
         ag = json.loads(ag_file.read_text()) if ag_file.is_file() else {}
-        ls = ag.get("length_split", {})
         lines.append(f"| {m} | {meta.get('n_train', '-')} | {meta.get('n_dev', '-')} | {_f(summ.get('dev_accuracy'))} "
-                     f"| {_f(summ.get('dev_p_chosen'))} | {_f(ag.get('accuracy'))} | {_f(ag.get('p_chosen'))} | "
-                     f"{_f(ls.get('shorter', {}).get('accuracy'))} (n={ls.get('shorter', {}).get('n', '-')}) | "
-                     f"{_f(ls.get('longer', {}).get('accuracy'))} (n={ls.get('longer', {}).get('n', '-')}) |")
+                     f"| {_f(summ.get('dev_p_chosen'))} | {_f(ag.get('accuracy'))} (n={ag.get('n', '-')}) | "
+                     f"{_f(ag.get('p_chosen'))} | {_f(ag.get('accuracy_chosen_shorter'))} "
+                     f"(n={ag.get('n_chosen_shorter', '-')}) | {_f(ag.get('accuracy_chosen_longer'))} "
+                     f"(n={ag.get('n_chosen_longer', '-')}) |")
     return lines + ["", "Dev: held-out simulated pairs of the PM's own kind. Human pairs: PyRIT's human-scored "
                     "responses to harmful requests (the allowed half; rlcd/human_pairs.py); the paper's figures on "
                     "2000 HH pairs are 52.4% (RLCD-7B) and 35.6% (RLAIF-7B).", ""]
