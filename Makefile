@@ -15,7 +15,8 @@ TORCH_SPEC ?= torch==2.13.0
 # other kernels, so fp32 results differ in the last bits. test-portable reruns the tests that need no real
 # model with the kernels of lower instruction sets (MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY), so that
 # a tolerance that holds only for this machine's rounding fails here, not on the next machine, and writes
-# how much of each assert_close tolerance was used to .margins-<isa>.txt (tests/numerics.py).
+# how much of each assert_close tolerance was used to .margins-<isa>.txt (tests/numerics.py). torch.compile's
+# cache is kept apart per instruction set: a kernel compiled for AVX2 does not build under ATen's default.
 PORTABLE_ISAS ?= default:SSE4_2 avx2:AVX2
 PORTABLE_MARKS ?= not slow and not network
 
@@ -43,7 +44,7 @@ test-portable: venv
 	@set -e; for isa in $(PORTABLE_ISAS); do \
 	  aten=$${isa%%:*}; mkl=$${isa##*:}; \
 	  echo "== ATEN_CPU_CAPABILITY=$$aten MKL_ENABLE_INSTRUCTIONS=$$mkl"; \
-	  ATEN_CPU_CAPABILITY=$$aten MKL_ENABLE_INSTRUCTIONS=$$mkl \
+	  ATEN_CPU_CAPABILITY=$$aten MKL_ENABLE_INSTRUCTIONS=$$mkl TORCHINDUCTOR_CACHE_DIR=/tmp/rlcd-inductor-$$aten \
 	    $(PY) -m pytest -q -p no:cacheprovider -m "$(PORTABLE_MARKS)" --margins .margins-$$aten.txt tests; \
 	  head -6 .margins-$$aten.txt; \
 	done
