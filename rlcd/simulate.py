@@ -59,7 +59,7 @@ from rlcd.cli import parse_args, save_config
 from rlcd.jsonl import drop_partial_line, read_objects
 from rlcd.pairs import PairsError
 from rlcd.prompts import DataError, load_prompts
-from rlcd.scorer import score_pairs
+from rlcd.scorer import JUDGE_FORMATS, judge_pairs, score_pairs
 from rlcd.tasks import FORMATS, TASKS, ContrastivePair, contrastive_pair, format_prompt, postprocess
 
 METHODS = ("rlcd", "rlaif", "rlcd-rescore")
@@ -89,6 +89,8 @@ class Args:
     max_tries: int = 5                    # samples per response before the prompt is dropped
     require_end: bool = False             # re-sample responses cut off at max_new_tokens
     both_orders: bool = False             # score A/B and B/A and average (rlaif, rlcd-rescore)
+    judge: str | None = None              # scorer model for rlaif / rlcd-rescore (default: --model, as the paper)
+    judge_format: str = "plain"           # scorer prompt: plain (the paper's) or chat (the judge's template; both orders)
     batch_size: int = 16                  # sequences per generation / scoring batch; prompts per saved chunk
     seed: int = 0                         # affix choice, A/B order and sampling seed
     device: str = "cpu"                   # cpu or cuda
@@ -186,7 +188,7 @@ def sample_responses(model, tokenizer: Tokenizer, prompts: list[str], args: Args
 # one chunk of prompts -> records
 
 def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastivePair]], args: Args,
-               ) -> tuple[list[dict], int]:
+               judge: tuple | None = None) -> tuple[list[dict], int]:
     """Records for a chunk of (prompt record, contrastive prompts); prompts whose sampling failed are
     left out. Returns (records, tokens generated)."""
     ids = [rec["id"] for rec, _ in items]
@@ -218,8 +220,13 @@ def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastiveP
             plus_first = [_hash_int("order", args.seed, ids[j]) % 2 == 0 for j in keep]
         a = [f if pf else s for f, s, pf in zip(first, second, plus_first)]
         b = [s if pf else f for f, s, pf in zip(first, second, plus_first)]
-        p_b = score_pairs(model, tokenizer, conv, instr, a, b, both_orders=args.both_orders,
-                          batch_size=args.batch_size).tolist()
+        j_model, j_tok = judge or (model, tokenizer)      # the simulator scores itself unless --judge
+        if args.judge_format == "chat":
+            # Through the judge's chat template, both orders always (rlcd.scorer.judge_pairs).
+            p_b = (1.0 - judge_pairs(j_model, j_tok, conv, instr, a, b, "chat", args.batch_size).p_first).tolist()
+        else:
+            p_b = score_pairs(j_model, j_tok, conv, instr, a, b, both_orders=args.both_orders,
+                              batch_size=args.batch_size).tolist()
         # label = P(chosen better); chosen is `first`, which is option A when plus_first.
         labels = [1.0 - p if pf else p for p, pf in zip(p_b, plus_first)]
         scorer = [{"instruction_index": items[j][1].index, "p_b": p, "a": "chosen" if pf else "rejected",
@@ -229,7 +236,8 @@ def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastiveP
     settings = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                 "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": args.max_prompt_tokens,
                 "max_tries": args.max_tries, "require_end": args.require_end, "carrier": args.carrier,
-                "both_orders": args.both_orders, "dtype": args.dtype}
+                "both_orders": args.both_orders or args.judge_format == "chat", "dtype": args.dtype,
+                "judge": args.judge or args.model, "judge_format": args.judge_format}
     out = []
     for k, j in enumerate(keep):
         rec, cp = items[j]
@@ -261,6 +269,8 @@ def _check(args: Args) -> None:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if args.judge_format not in JUDGE_FORMATS:
+        raise ValueError(f"--judge-format must be one of {', '.join(JUDGE_FORMATS)}, got {args.judge_format!r}")
     for name in ("batch_size", "max_tries", "max_new_tokens", "max_prompt_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -273,6 +283,9 @@ def simulate(args: Args) -> dict:
     done = _resume(out, args)
     records = load_prompts(args.prompts or args.task, split=args.split)
     model, tok = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    judge = None
+    if args.judge and args.method != "rlcd":
+        judge = load_model(args.judge, device=args.device, dtype=DTYPES[args.dtype])
 
     # p+, p-, p for every prompt; drop the too long ones, then take the first n_prompts.
     items, n_long = [], 0
@@ -303,7 +316,7 @@ def simulate(args: Args) -> dict:
     with open(out, "a", encoding="utf-8") as f:
         tried = 0
         for chunk in chunks:
-            recs, toks = make_pairs(model, tok, chunk, args)
+            recs, toks = make_pairs(model, tok, chunk, args, judge)
             recs = [r for r in recs if r["id"] not in done]
             for r in recs:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 
+import rlcd.scorer as sim_scorer
 import rlcd.simulate as sim
 from models import load_model, save_model
 from rlcd.scorer import score_pairs
@@ -152,6 +153,31 @@ def test_rescore_label_is_p_of_o_plus_in_either_order(ckpt, tmp_path, monkeypatc
         assert r["scorer"]["instruction_index"] == r["affix_index"]
     # Both A/B orders occur (a coin per prompt, as the official code shuffles them).
     assert {r["scorer"]["a"] for r in recs} == {"chosen", "rejected"}
+
+
+def test_rlaif_with_another_judge_in_its_chat_template(ckpt, tmp_path, monkeypatch):
+    """--judge M --judge-format chat: the labels come from M through rlcd.scorer.judge_pairs (both
+    orders), not from the simulating model."""
+    judge_dir = save_model(make_tiny_model(seed=5, max_seq_len=1024), make_tiny_tokenizer(), tmp_path / "judge")
+    seen = {}
+
+    def fake_judge(model, tokenizer, conv, instr, first, second, fmt, batch_size):
+        seen.update(fmt=fmt, model=model)
+        return sim_scorer.Judgement(p_first=torch.full((len(first),), 0.7), p_a=torch.full((len(first), 2), 0.5))
+
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate())
+    monkeypatch.setattr(sim, "judge_pairs", fake_judge)
+    out = tmp_path / "pairs.jsonl"
+    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl", QUESTIONS[:3]), out, "--method", "rlaif",
+                         "--judge", str(judge_dir), "--judge-format", "chat")) == 0
+    recs = read(out)
+    assert len(recs) == 3 and seen["fmt"] == "chat"
+    # the judge's weights, not the simulator's (different seeds)
+    sim_model = load_model(ckpt)[0]
+    assert not torch.equal(seen["model"].tok_embeddings.weight, sim_model.tok_embeddings.weight)
+    for r in recs:
+        assert r["label"] == pytest.approx(0.7)                              # P(chosen = first better)
+        assert r["settings"]["judge"] == str(judge_dir) and r["settings"]["judge_format"] == "chat"
 
 
 def test_context_distillation_reads_neutral_prompt_to_chosen(ckpt, tmp_path, monkeypatch):
