@@ -408,3 +408,34 @@ def test_real_qwen2_0_5b_answers_paris():
     assert prompt.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
     [r] = generate_texts(model, tok, [prompt], SamplingParams(max_new_tokens=24, temperature=0), progress=False)
     assert r["text"] == "The capital of France is Paris." and r["finished"]
+
+
+# --- training stages on a qwen2 model ------------------------------------------------------------------
+def test_pm_sft_and_a_ppo_iteration_train_a_qwen2_model(tmp_path):
+    """The same stages as for LLaMA: train.py pm, sft and one ppo iteration on a tiny qwen2 checkpoint;
+    the q/k/v biases are trained and saved like every other parameter."""
+    import train as train_cli
+    from rlcd.pm import load_reward_model
+
+    tok = make_tiny_tokenizer()
+    d = save_model(make_tiny_qwen2(max_seq_len=512), tok, tmp_path / "qwen")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({
+        "prompt": tok.apply_chat_template([{"role": "user", "content": f"question {i}"}]),
+        "messages": [{"role": "user", "content": f"question {i}"}], "chosen": "no, sorry" * (1 + i % 2),
+        "rejected": "yes: step one", "format": "chat", "id": f"q{i}"}) + "\n" for i in range(8)))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(16)))
+    common = ["--model", str(d), "--epochs", "1", "--batch-size", "4", "--micro-batch", "4", "--dev", "2",
+              "--no-progress", "--lr", "1e-3"]
+    assert train_cli.main(["pm", "--pairs", str(pairs), "--out", str(tmp_path / "pm"), *common,
+                           "--norm-samples", "4", "--norm-max-new-tokens", "4"]) == 0
+    assert train_cli.main(["sft", "--pairs", str(pairs), "--out", str(tmp_path / "sft"), *common]) == 0
+    assert train_cli.main(["ppo", "--pm", str(tmp_path / "pm"), "--policy", str(d), "--prompts", str(prompts),
+                           "--out", str(tmp_path / "ppo"), "--iterations", "1", "--batch-size", "4",
+                           "--micro-batch", "4", "--max-new-tokens", "4", "--lr", "1e-3"]) == 0
+    before = load_model(d)[0]
+    pm, _, _ = load_reward_model(tmp_path / "pm")
+    for trained in (pm.trunk, load_model(tmp_path / "sft")[0], load_model(tmp_path / "ppo")[0]):
+        assert trained.args.model_type == "qwen2" and trained.layers[-1].attention.wqkv.bias is not None
+        assert not torch.equal(trained.layers[-1].attention.wqkv.bias, before.layers[-1].attention.wqkv.bias)
