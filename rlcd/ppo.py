@@ -596,22 +596,14 @@ def main(argv: list[str] | None = None) -> int:
     stop = min(args.iterations, args.stop_after) if args.stop_after else args.iterations
     for it in range(start_it, stop):
         t0 = time.perf_counter()
-        stats, gen, score = iteration(ppo, it, timer)
-        # The iteration's one host sync: every diagnostic at once.
-        keys_, vals = zip(*stats.items())
-        rec = dict(zip(keys_, torch.stack(list(vals)).tolist()))
+        try:
+            rec, gen, score = train_iteration(ppo, it, timer)
+        except FloatingPointError as e:
+            print(f"train.py ppo: {e}", file=sys.stderr)
+            return 3
         times = timer.read()
         dt = time.perf_counter() - t0
-        rec = {"step": it + 1, "beta": ppo.kl_ctl.value, **rec,
-               "tokens_per_s": rec["tokens"] / dt, "iter_s": dt, **{f"t_{p}": times.get(p, 0.0) for p in PHASES}}
-        bad = [k for k in ("score", "pm_score", "kl", "policy_loss", "value_loss", "entropy", "grad_norm")
-               if not math.isfinite(rec[k])]
-        if bad:
-            print(f"train.py ppo: iteration {it + 1}: non-finite {', '.join(f'{k}={rec[k]}' for k in bad)}; "
-                  f"stopped before checkpointing it (the last checkpoint is intact; try a lower --lr)",
-                  file=sys.stderr)
-            return 3
-        ppo.kl_ctl.update(rec["kl"], args.batch_size)
+        rec |= {"tokens_per_s": rec["tokens"] / dt, "iter_s": dt, **{f"t_{p}": times.get(p, 0.0) for p in PHASES}}
         runs.log_jsonl(out / runs.METRICS, rec)
         print(_line(it + 1, args.iterations, rec), flush=True)
         if args.sample_every and (it + 1) % args.sample_every == 0:
@@ -637,15 +629,33 @@ def sample_records(gen: Generation, score: Tensor, tok: Tokenizer, n: int) -> li
     return out
 
 
+def train_iteration(run: PPORun, it: int, timer: PhaseTimer) -> tuple[dict, Generation, Tensor]:
+    """One PPO iteration with everything training does around it, for `train.py ppo`, --profile and
+    bench/bench_ppo.py alike: the iteration, its one host sync (every diagnostic at once), the NaN guard
+    (FloatingPointError before anything is logged or saved) and the KL controller's update. Returns the
+    metrics record (beta as used by this iteration), the rollouts and their scores."""
+    stats, gen, score = iteration(run, it, timer)
+    keys, vals = zip(*stats.items())
+    rec = {"step": it + 1, "beta": run.kl_ctl.value, **dict(zip(keys, torch.stack(list(vals)).tolist()))}
+    bad = [k for k in ("score", "pm_score", "kl", "policy_loss", "value_loss", "entropy", "grad_norm")
+           if not math.isfinite(rec[k])]
+    if bad:
+        raise FloatingPointError(f"iteration {it + 1}: non-finite {', '.join(f'{k}={rec[k]}' for k in bad)}; "
+                                 f"stopped before checkpointing it (the last checkpoint is intact; try a lower --lr)")
+    run.kl_ctl.update(rec["kl"], run.args.batch_size)
+    return rec, gen, score
+
+
 def timed_iterations(run: PPORun, warmup: int, iters: int,
-                     after: Callable[[dict[str, Tensor]], None] | None = None) -> dict[str, float]:
-    """Iterations 0 .. warmup + iters - 1; returns the mean seconds per phase of the last `iters` (the
-    warm-up ones, which pay for allocation, packing and compilation, are left out). `after(stats)` runs
-    after each iteration. What --profile and bench/bench_ppo.py time."""
+                     after: Callable[[dict], None] | None = None) -> dict[str, float]:
+    """Iterations 0 .. warmup + iters - 1 through train_iteration (the KL controller adapts as in
+    training); returns the mean seconds per phase of the last `iters` (the warm-up ones, which pay for
+    allocation, packing and compilation, are left out). `after(record)` runs after each iteration. What
+    --profile and bench/bench_ppo.py time."""
     timer = PhaseTimer(run.device)
     totals: dict[str, float] = {}
     for it in range(warmup + iters):
-        stats, _, _ = iteration(run, it, timer)
+        stats, _, _ = train_iteration(run, it, timer)
         times = timer.read()
         if it >= warmup:
             for k, v in times.items():

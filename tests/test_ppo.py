@@ -297,3 +297,27 @@ def test_train_ppo_default_model_one_iteration(smollm2, tmp_path, capsys):
     assert policy.args.n_layers == 30
     value, _, _ = load_reward_model(pm)
     assert set(load_file(str(out / "policy" / "value.safetensors"))) == set(value.state_dict())
+
+
+def test_profile_and_benchmark_adapt_beta_as_training_does():
+    """timed_iterations (what --profile and bench/bench_ppo.py time) runs train_iteration, so an adaptive
+    KL controller moves there exactly as in train.py ppo; a non-finite diagnostic raises."""
+    run = tiny_run("shared", kl_target=1e-4, kl_coef=0.1, iterations=4)
+    beta0 = run.kl_ctl.value
+    seen = []
+    ppo_mod.timed_iterations(run, 1, 1, lambda rec: seen.append(rec["beta"]))
+    assert seen[0] == beta0 and run.kl_ctl.value != beta0                 # the record holds the beta it used
+    assert len(seen) == 2 and seen[1] != beta0
+
+
+def test_train_iteration_raises_on_non_finite(monkeypatch):
+    run = tiny_run("shared", iterations=2)
+    real = ppo_mod.iteration
+
+    def nan_score(*a, **k):
+        stats, gen, score = real(*a, **k)
+        return stats | {"score": torch.tensor(float("nan"))}, gen, score
+
+    monkeypatch.setattr(ppo_mod, "iteration", nan_score)
+    with pytest.raises(FloatingPointError, match="iteration 1: non-finite score=nan"):
+        ppo_mod.train_iteration(run, 0, ppo_mod.PhaseTimer(torch.device("cpu")))
