@@ -111,6 +111,13 @@ class ResponsesError(ValueError):
 
 
 # --- judge validation ---------------------------------------------------------------------------------------
+def _check_choices(**flags: tuple[str, object]) -> None:
+    """ValueError naming the first flag whose value is not one of its allowed values (a tuple or a dict's keys)."""
+    for name, (value, allowed) in flags.items():
+        if value not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {sorted(allowed)}, got {value!r}")
+
+
 def resolve_pairs(spec: list[str] | str) -> list[str]:
     """Pairs file paths; "human" stands for the PyRIT human-labelled pairs (built and cached on first use)."""
     out = []
@@ -193,10 +200,7 @@ def run_judge_agreement(args: JudgeAgreementArgs) -> dict:
     """Load the judge and the pairs, judge them; the metrics of judge_agreement plus judge, pairs, seconds."""
     from rlcd.pm import read_pairs
 
-    if args.judge_format not in JUDGE_FORMATS:
-        raise ValueError(f"--judge-format must be one of {JUDGE_FORMATS}, got {args.judge_format!r}")
-    if args.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
+    _check_choices(judge_format=(args.judge_format, JUDGE_FORMATS), dtype=(args.dtype, DTYPES))
     paths = resolve_pairs(args.pairs)
     recs = read_pairs(paths)
     recs = recs[:args.limit] if args.limit is not None else recs
@@ -366,10 +370,7 @@ def respond_policy(name: str, model_spec: str, prompts: list[dict], args: Respon
 
 def respond(args: RespondArgs) -> dict:
     """Every policy of args.policy answers the same prompts; returns {name: summary}."""
-    if args.format not in FORMATS:
-        raise ValueError(f"--format must be one of {FORMATS}, got {args.format!r}")
-    if args.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
+    _check_choices(format=(args.format, FORMATS), dtype=(args.dtype, DTYPES))
     policies = parse_policies(args.policy)
     prompts = load_prompts(args.prompts or args.task, args.split, args.n_prompts)
     if not prompts:
@@ -631,10 +632,7 @@ class CompareArgs:
 def run_compare(args: CompareArgs) -> dict:
     """compare() and, with args.pm, pm_rewards() for the files of args.responses; the result as a dict
     (what --out writes). The files are read and checked before any model is loaded."""
-    if args.judge_format not in JUDGE_FORMATS:
-        raise ValueError(f"--judge-format must be one of {JUDGE_FORMATS}, got {args.judge_format!r}")
-    if args.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
+    _check_choices(judge_format=(args.judge_format, JUDGE_FORMATS), dtype=(args.dtype, DTYPES))
     files = {p: read_responses(p) for p in args.responses}
     check_responses(files)
     model = tok = None
