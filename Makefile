@@ -20,7 +20,7 @@ TORCH_SPEC ?= torch==2.13.0
 PORTABLE_ISAS ?= default:SSE4_2 avx2:AVX2
 PORTABLE_MARKS ?= not slow and not network
 
-.PHONY: venv run test test-portable bench clean
+.PHONY: venv run test test-portable bench trl-env bench-trl clean
 
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,5 +52,19 @@ test-portable: venv
 bench: venv
 	$(PY) bench/bench_generate.py
 
+# The peers of the benchmarks (TRL's PPOTrainer, transformers' generate) live in a side environment, never
+# in the project's: `make bench-trl` times one PPO iteration of ours and of TRL's, interleaved in one process.
+TRL_ENV ?= .trl-env
+$(TRL_ENV)/.installed: requirements.txt
+	@test -x $(TRL_ENV)/bin/python || $(PYTHON) -m venv $(TRL_ENV)
+	@$(TRL_ENV)/bin/python -c "import torch" 2>/dev/null || $(TRL_ENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(TRL_ENV)/bin/python -m pip install -q -r requirements.txt trl==1.12.0 "transformers>=4.56.2"
+	@touch $@
+
+trl-env: $(TRL_ENV)/.installed
+
+bench-trl: trl-env
+	$(TRL_ENV)/bin/python bench/bench_ppo.py --trl
+
 clean:
-	rm -rf $(VENV) .pytest_cache .margins-*.txt
+	rm -rf $(VENV) $(TRL_ENV) .pytest_cache .margins-*.txt

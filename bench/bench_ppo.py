@@ -1,40 +1,57 @@
-"""Time one PPO iteration per phase, for both value-network modes, at the settings of the TRL comparison.
+"""Time one PPO iteration per phase, for both value-network modes, and TRL's PPOTrainer in the same run.
 
     python bench/bench_ppo.py                          # random weights of the default shape, fp32, CPU, 2 threads
     python bench/bench_ppo.py --real                   # the real default model (its tokenizer's chat prompts)
     python bench/bench_ppo.py --device cuda            # on a GPU (bf16 autocast, frozen models in bf16)
+    .trl-env/bin/python bench/bench_ppo.py --trl       # also TRL 1.12's PPOTrainer, interleaved (make trl-env)
     python bench/bench_ppo.py --out bench/ppo.md       # also write the tables as markdown
 
-Settings (the issue's TRL 1.12 PPOTrainer side-by-side): 16 prompts of ~40 tokens, responses of exactly 64
-tokens (stop tokens disabled, as TRL's min_new_tokens = response_length does), 1 PPO epoch, 1 minibatch,
-fp32, 2 threads. Random weights by default, so the script also runs on a lent GPU where the real weights
-cannot travel; the work per iteration does not depend on the weights since every response has 64 tokens.
-Each mode runs --warmup untimed iterations, then --iters timed ones (the table shows their mean). The
-iteration is rlcd.ppo.iteration itself: the same code as `train.py ppo`.
+Settings (the TRL side-by-side of the PPO hot-path issue): 16 prompts of ~40 tokens, responses of exactly 64
+tokens (stop tokens disabled; TRL gets min_new_tokens = response_length), 1 PPO epoch, 1 minibatch, 1
+micro-batch, fp32, 2 threads. Random weights by default, so the script also runs on a lent GPU where the
+real weights cannot travel; the work per iteration does not depend on the weights since every response has
+64 tokens. Our iteration is rlcd.ppo.train_iteration itself: the same code as `train.py ppo`.
+
+Same-run comparison. Every contender (ours with a separate value network, ours with the shared head, and
+with --trl TRL's PPOTrainer on the same weights: bench/trl_peer.py) is built first; then each round runs
+one iteration of each in turn, so a slow spell of this shared machine hits all of them. --warmup rounds
+are untimed (allocation, packing, compilation); the tables show the mean of the --iters timed rounds. No
+figure measured elsewhere is ever divided into ours: without --trl there is no ratio.
+
+Memory: "transient" is the peak during an iteration above the memory in use just before it (CUDA: allocated
+bytes; CPU: resident set, VmHWM reset through /proc/self/clear_refs), "static" the bytes of the contender's
+own weights and optimiser state. Contenders share the process, so its total resident set says nothing about
+any one of them.
 """
 from __future__ import annotations
 
 import copy
 import datetime
-import gc
 import platform
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import load_model  # noqa: E402
+from models import load_model, save_model  # noqa: E402
 from models.llama import ModelArgs, Transformer  # noqa: E402
 from rlcd import ppo  # noqa: E402
 from rlcd.cli import parse_args  # noqa: E402
-from rlcd.pm import RewardModel  # noqa: E402
+from rlcd.reward import RewardModel  # noqa: E402
 
-# TRL 1.12 PPOTrainer on this machine (2 threads, fp32, SmolLM2-135M, same settings), from the issue.
-TRL_CPU = {"generation": 7.1, "reference": 1.9, "value + reward": 3.1, "training forward": 6.0,
-           "backward": 10.6, "iteration": 30.7, "iteration, 4 epochs": 76.9}
+# Rows of the comparison table: each contender's phases mapped onto common names.
+OURS_ROWS = {"generate": "generate", "score": "score + values", "values": "score + values",
+             "reference": "reference", "forward": "update: forward", "backward": "update: backward",
+             "optimiser": "update: optimiser", "update": "update", "advantages": "other"}
+TRL_ROWS = {"generate": "generate", "score": "score + values", "reference": "reference",
+            "forward": "update: forward", "backward": "update: backward", "optimiser": "update: optimiser",
+            "other": "other"}
 
 
 @dataclass
@@ -44,20 +61,21 @@ class Args:
     real: bool = False                     # the real default model instead of random weights
     model: str = "smollm2-135m-instruct"   # checkpoint for --real
     value_models: list[str] = field(default_factory=lambda: ["separate", "shared"])  # modes to time
+    trl: bool = False                      # also TRL's PPOTrainer (needs trl + transformers: make trl-env)
     prompts: int = 16                      # rollouts per iteration
     prompt_len: int = 40                   # mean prompt length in tokens (random mode: 36..44)
     new_tokens: int = 64                   # response length (stop tokens disabled)
-    ppo_epochs: int = 1                    # PPO epochs
+    ppo_epochs: int = 1                    # PPO epochs (TRL runs only the default 1 x 1 x 1)
     minibatches: int = 1                   # minibatches per epoch
     micro_batch: int = 16                  # rollouts per forward/backward
-    warmup: int = 1                        # untimed iterations per mode
-    iters: int = 2                         # timed iterations per mode
+    warmup: int = 1                        # untimed rounds
+    iters: int = 2                         # timed rounds
     attn_impl: str = "sdpa"                # naive, sdpa or triton
     out: str | None = None                 # also write the markdown here
 
 
-def make_models(a: Args, device: torch.device) -> tuple[Transformer, list[list[int]]]:
-    """The policy (fp32) and the prompts: real weights and chat prompts, or random weights and ids."""
+def make_policy(a: Args, device: torch.device) -> tuple[Transformer, list[list[int]]]:
+    """The initial policy (fp32) and the prompts: real weights and chat prompts, or random weights and ids."""
     if a.real:
         from rlcd.prompts import load_prompts
         policy, tok = load_model(a.model, device=device, dtype=torch.float32, attn_impl=a.attn_impl)
@@ -75,25 +93,91 @@ def make_models(a: Args, device: torch.device) -> tuple[Transformer, list[list[i
     return policy, [torch.randint(100, 40000, (n,), generator=g).tolist() for n in lens]
 
 
-def bench_mode(a: Args, mode: str, device: torch.device) -> tuple[dict[str, float], int]:
-    policy, prompts = make_models(a, device)
-    frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
-    ref = copy.deepcopy(policy).to(frozen)
-    pm = RewardModel(copy.deepcopy(policy).to(frozen))    # a scorer of the same shape (its head is random)
+def our_run(a: Args, mode: str, policy: Transformer, frozen: tuple[Transformer, RewardModel],
+            prompts: list[list[int]], device: torch.device) -> ppo.PPORun:
+    """A PPO run of `mode` from a copy of the initial policy; the frozen reference and scorer are shared."""
+    ref, pm = frozen
     value_net = RewardModel(copy.deepcopy(policy)) if mode == "separate" else None
     args = ppo.Args(out="unused", pm="unused", batch_size=a.prompts, max_new_tokens=a.new_tokens,
                     ppo_epochs=a.ppo_epochs, minibatches=a.minibatches, micro_batch=a.micro_batch,
                     iterations=1000, normalize_reward=False, no_stop_score=None, value_model=mode,
                     device=str(device), attn_impl=a.attn_impl)
-    run = ppo.build(args, prompts, policy, ref, pm, value_net, stop_ids=[], pad_id=0, device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    return ppo.build(args, prompts, copy.deepcopy(policy), ref, pm, value_net, stop_ids=[], pad_id=0,
+                     device=device)
 
-    totals = ppo.timed_iterations(run, a.warmup, a.iters)     # raises on a non-finite diagnostic
-    peak = ppo.peak_memory(device)
-    del run, policy, ref, pm, value_net
-    gc.collect()
-    return totals, peak
+
+def our_iteration(run: ppo.PPORun) -> Callable[[], dict[str, float]]:
+    """One call = one training iteration (ppo.train_iteration: KL controller, NaN guard included)."""
+    timer, it = ppo.PhaseTimer(run.device), [0]
+
+    def step() -> dict[str, float]:
+        ppo.train_iteration(run, it[0], timer)
+        it[0] += 1
+        return timer.read()
+    return step
+
+
+def static_bytes(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer | None) -> int:
+    tensors = {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()]}
+    if optimizer is not None:
+        tensors |= {id(t): t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class Memory:
+    """The peak above the memory in use at `start()`: CUDA allocator bytes, or the CPU resident set."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    @staticmethod
+    def _status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")      # VmHWM := VmRSS (Linux)
+            except OSError:
+                pass
+            self.base = self._status("VmRSS")
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return self._status("VmHWM") - self.base
+
+
+def table(results: dict[str, dict[str, float]], rows_of: dict[str, dict[str, str]]) -> str:
+    """Seconds per common row (columns = contenders), the iteration and its ratio to TRL when it ran."""
+    rows: list[str] = []
+    for name, times in results.items():
+        for p in times:
+            r = rows_of[name].get(p, p)
+            if r not in rows:
+                rows.append(r)
+    per = {name: {} for name in results}
+    for name, times in results.items():
+        for p, s in times.items():
+            r = rows_of[name].get(p, p)
+            per[name][r] = per[name].get(r, 0.0) + s
+    names = list(results)
+    out = ["| phase, s | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for r in rows:
+        out.append(f"| {r} | " + " | ".join(f"{per[n][r]:.2f}" if r in per[n] else "–" for n in names) + " |")
+    total = {n: sum(results[n].values()) for n in names}
+    out.append("| **iteration** | " + " | ".join(f"**{total[n]:.2f}**" for n in names) + " |")
+    if "TRL" in total:
+        out.append("| speed-up over TRL | " + " | ".join(f"{total['TRL'] / total[n]:.2f}x" for n in names) + " |")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -105,27 +189,70 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    head = (f"## PPO iteration, {datetime.date.today()}, {where}, torch {torch.__version__}\n\n"
+    policy, prompts = make_policy(a, device)
+
+    contenders: dict[str, Callable[[], dict[str, float]]] = {}
+    rows_of: dict[str, dict[str, str]] = {}
+    static: dict[str, Callable[[], int]] = {}        # read after the rounds: optimiser state is created lazily
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    frozen = (copy.deepcopy(policy).to(frozen_dtype), RewardModel(copy.deepcopy(policy).to(frozen_dtype)))
+    for mode in a.value_models:
+        run = our_run(a, mode, policy, frozen, prompts, device)
+        name = f"ours, {mode}"
+        contenders[name], rows_of[name] = our_iteration(run), OURS_ROWS
+        static[name] = lambda run=run: static_bytes([run.policy, run.ref, run.pm, run.value_net or run.value_head],
+                                                    run.optimizer)
+    versions = f"torch {torch.__version__}"
+    if a.trl:
+        if (a.ppo_epochs, a.minibatches) != (1, 1) or a.micro_batch < a.prompts:
+            raise SystemExit("bench_ppo.py: --trl compares the default 1 epoch x 1 minibatch x 1 micro-batch only")
+        try:
+            import transformers
+            import trl
+
+            from trl_peer import TRLPeer
+        except ImportError as e:
+            raise SystemExit(f"bench_ppo.py --trl: {e}; run it with the side environment: make trl-env, then "
+                             ".trl-env/bin/python bench/bench_ppo.py --trl") from None
+        versions += f", transformers {transformers.__version__}, trl {trl.__version__}"
+        model_dir = Path(tempfile.mkdtemp(prefix="bench-ppo-")) / "policy"
+        save_model(policy, None, model_dir)
+        peer = TRLPeer(model_dir, prompts, a.prompts, a.new_tokens, device)
+        contenders["TRL"], rows_of["TRL"] = peer.iteration, TRL_ROWS
+        tr = peer.trainer
+        static["TRL"] = lambda: static_bytes([tr.model, tr.ref_model, tr.reward_model], tr.optimizer.optimizer)
+    del policy
+
+    mem = Memory(device)
+    sums = {n: {} for n in contenders}
+    transient = {n: 0 for n in contenders}
+    for r in range(a.warmup + a.iters):
+        for name, step in contenders.items():
+            mem.start()
+            t0 = time.perf_counter()
+            times = step()
+            print(f"round {r + 1}/{a.warmup + a.iters} {name}: {time.perf_counter() - t0:.1f} s"
+                  + (" (warm-up)" if r < a.warmup else ""), file=sys.stderr, flush=True)
+            if r >= a.warmup:
+                transient[name] = max(transient[name], mem.peak())
+                for p, s in times.items():
+                    sums[name][p] = sums[name].get(p, 0.0) + s / a.iters
+
+    head = (f"## PPO iteration, {datetime.date.today()}, {where}, {versions}\n\n"
             f"{'real SmolLM2-135M-Instruct' if a.real else 'random weights of the SmolLM2-135M shape'}; "
             f"{a.prompts} prompts of ~{a.prompt_len} tokens, {a.new_tokens}-token responses, {a.ppo_epochs} "
             f"epoch(s) x {a.minibatches} minibatch(es), policy fp32"
             + (" (bf16 autocast; reference and scorer in bf16)" if device.type == "cuda" else "")
-            + f"; mean of {a.iters} iterations after {a.warmup} warm-up\n")
-    parts = [head]
-    totals = {}
-    for mode in a.value_models:
-        t, peak = bench_mode(a, mode, device)
-        totals[mode] = sum(t.get(p, 0.0) for p in ppo.PHASES)
-        parts.append(ppo.phase_table(t, peak, f"### {mode} value network\n"))
-        print(parts[-1] + "\n", flush=True)
-    if device.type == "cpu" and a.ppo_epochs == 1 and a.minibatches == 1:
-        trl = TRL_CPU["iteration"]
-        parts.append("TRL 1.12 PPOTrainer, same settings (from the issue): " +
-                     ", ".join(f"{k} {v:.1f} s" for k, v in TRL_CPU.items()) + "\n\nspeed-up over TRL: " +
-                     ", ".join(f"{m} {trl / s:.2f}x" for m, s in totals.items()))
-        print(parts[-1])
+            + f", attention {a.attn_impl}; mean of {a.iters} interleaved rounds after {a.warmup} warm-up\n")
+    gib = 2 ** 30
+    memory = ("| memory, GiB | " + " | ".join(contenders) + " |\n|---|" + "---:|" * len(contenders) + "\n"
+              "| static (weights + optimiser state) | " + " | ".join(f"{static[n]() / gib:.2f}" for n in contenders)
+              + " |\n| transient (peak above the start of an iteration) | "
+              + " | ".join(f"{transient[n] / gib:.2f}" for n in contenders) + " |")
+    text = "\n\n".join([head, table(sums, rows_of), memory]) + "\n"
+    print(text)
     if a.out:
-        Path(a.out).write_text("\n\n".join(parts) + "\n")
+        Path(a.out).write_text(text)
 
 
 if __name__ == "__main__":
