@@ -1,15 +1,24 @@
-"""What the training stages (pm, sft, ppo) share: the run directory, the optimiser and schedule, the
-deterministic data order, one training loop, and atomic checkpoints that --resume restores exactly.
+"""What the training stages (pm, sft, ppo) share: their settings (RunArgs), the run directory, the
+optimiser and schedule, the deterministic data order, one loop, and atomic checkpoints that --resume
+restores exactly.
+
+One scaffold. Each stage parses its Args (a RunArgs), calls prepare_run, builds its model and the
+optimiser (make_trainer), gets (start, save) from `checkpoints`, and hands run_loop its step: a
+function of the step index that returns the step's metrics record. pm and sft plug in accumulation_step
+(one optimiser step over a batch of examples, gradient accumulation over micro-batches; `train` does
+all of the above for them), ppo plugs in one PPO iteration (rlcd.ppo.train_iteration). run_loop logs
+the records, checkpoints every --save-every steps and at --stop-after, evaluates, and returns a summary.
 
 Run directory (OUT = --out):
     OUT/args.json             the resolved Args of the first invocation (rlcd.cli.save_config); not
                               config.json, which would make OUT look like a model directory
-    OUT/metrics.jsonl         one JSON object per optimiser step, per dev evaluation, and a summary
+    OUT/metrics.jsonl         one JSON object per step (ppo: per iteration), per dev evaluation, per
+                              checkpoint write (save_s), and (pm, sft) a summary
     OUT/<ckpt>/               the latest checkpoint, replaced atomically as a whole:
         config.json, model.safetensors, tokenizer*.json    a Hugging Face-format model (models.save_model)
-        <name>.safetensors    a stage's extra tensors (the preference model's head.safetensors)
+        <name>.safetensors    a stage's other modules (the PM's head.safetensors, PPO's value network)
         run.json              {"stage", "step", "total_steps", "config", ...}: small, human-readable; a
-                              stage may add to it (the PM's reward normalisation statistics)
+                              stage may add to it (the PM's reward statistics, PPO's KL controller)
         trainer_state.pt      optimiser, scheduler, RNG states and the data-order fingerprint: --resume
     <ckpt> is CKPT_DIRS[stage]: "policy" for sft and ppo, so that `generate.py --model OUT` loads the
     policy (models.checkpoint.resolve looks for OUT/policy), and "reward" for pm, so that a preference
@@ -43,7 +52,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from models import CheckpointError, Tokenizer, Transformer, save_model
+from models import CheckpointError, Tokenizer, Transformer, load_model, save_model
 from models.checkpoint import replace_dir
 from rlcd.cli import save_config
 
@@ -54,33 +63,39 @@ STATE_FILE = "trainer_state.pt"
 
 
 @dataclass(kw_only=True)
-class TrainArgs:
-    """Settings every training stage shares; a stage's Args subclasses this and adds its own."""
+class RunArgs:
+    """Settings every training stage shares (pm, sft and ppo): the run directory, the optimiser and its
+    schedule, checkpoints, the device. ppo's Args subclasses this; pm's and sft's through TrainArgs."""
     out: str                        # run directory (created; --resume continues the one there)
-    model: str = "smollm2-135m-instruct"  # initial weights: model name, checkpoint or run directory
     resume: bool = False            # continue from OUT's last checkpoint (same settings required)
-    epochs: float = 1.0             # passes over the training split (ignored when --max-steps > 0)
-    max_steps: int = 0              # optimiser steps of the schedule; 0 = from --epochs
     stop_after: int = 0             # stop (with a checkpoint) after this step; 0 = run the whole schedule
-    batch_size: int = 16            # examples per optimiser step
+    batch_size: int = 16            # examples per optimiser step (ppo: prompts = rollouts per iteration)
     micro_batch: int = 4            # examples per forward/backward (gradient accumulation)
     lr: float = 1e-5                # peak learning rate
-    min_lr_ratio: float = 0.0       # cosine decays to lr * this
-    warmup: float = 0.03            # warm-up: a fraction of the steps if < 1, else a step count
+    min_lr_ratio: float = 0.0       # cosine decays to lr * this at the last step
+    warmup: float = 0.03            # warm-up: a fraction of the optimiser steps if < 1, else a step count
     weight_decay: float = 0.0       # AdamW decoupled weight decay on matrices (not norms, not biases)
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     grad_clip: float = 1.0          # clip the global gradient norm (0 = off)
-    max_length: int = 512           # tokens per sequence (prompt + response + end marker)
-    train_layers: int = 0           # 0 = full fine-tune; N = only the top N blocks, the final norm and head
+    train_layers: int = 0           # 0 = full fine-tune; N = only the top N blocks of each trunk, its final norm and head
     grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
-    dev: float = 0.1                # held-out split by prompt id: a fraction if < 1, else a count of prompts
-    eval_every: int = 50            # dev evaluation every N steps (and always at the end; 0 = end only)
-    save_every: int = 100           # checkpoint every N steps (and always at the end)
-    seed: int = 0                   # data order, dev split and sampling
+    save_every: int = 100           # checkpoint every N steps (and always at the stop; 0 = at the stop only)
+    seed: int = 0                   # data order, dev split, sampling and shuffling
     device: str = "cpu"             # cpu or cuda
     autocast: bool = True           # bf16 autocast on CUDA (weights and optimiser stay fp32)
     attn_impl: str = "sdpa"         # naive, sdpa or triton
     threads: int = 0                # torch CPU threads (0 = leave as is)
+
+
+@dataclass(kw_only=True)
+class TrainArgs(RunArgs):
+    """What pm and sft add: a model trained on batches of examples for a number of epochs, with a dev split."""
+    model: str = "smollm2-135m-instruct"  # initial weights: model name, checkpoint or run directory
+    epochs: float = 1.0             # passes over the training split (ignored when --max-steps > 0)
+    max_steps: int = 0              # optimiser steps of the schedule; 0 = from --epochs
+    max_length: int = 512           # tokens per sequence (prompt + response + end marker)
+    dev: float = 0.1                # held-out split by prompt id: a fraction if < 1, else a count of prompts
+    eval_every: int = 50            # dev evaluation every N steps (and always at the end; 0 = end only)
     progress: bool = True           # progress bar
 
 
@@ -89,7 +104,7 @@ RESUMABLE_CHANGES = {"resume", "stop_after", "eval_every", "save_every", "progre
 
 
 # --- run directory ----------------------------------------------------------------------------------------
-def prepare_run(args: TrainArgs, stage: str, may_change: frozenset[str] = frozenset()) -> Path | None:
+def prepare_run(args: RunArgs, stage: str, may_change: frozenset[str] = frozenset()) -> Path | None:
     """Create OUT and save the config; return the checkpoint to resume from (None for a fresh run).
 
     Refuses to overwrite a run that has a checkpoint unless --resume, to resume another stage's run, and
@@ -170,7 +185,7 @@ def log_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def run_meta(stage: str, args: TrainArgs, total_steps: int, **extra) -> dict:
+def run_meta(stage: str, args: RunArgs, total_steps: int, **extra) -> dict:
     """run.json's content (the step is added at save time)."""
     return {"stage": stage, "total_steps": total_steps,
             "config": json.loads(json.dumps(dataclasses.asdict(args), default=str)), **extra}
@@ -216,7 +231,7 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return out
 
 
-def data_fingerprint(train_keys: list[str], args: TrainArgs) -> str:
+def data_fingerprint(train_keys: list[str], args: RunArgs) -> str:
     """A hash of what fixes the data order, checked on resume (a changed pairs file is an error)."""
     h = hashlib.sha256(json.dumps([train_keys, args.batch_size, args.seed]).encode())
     return h.hexdigest()[:16]
@@ -251,7 +266,7 @@ def freeze_lower_layers(trunk: Transformer, train_layers: int) -> None:
     trunk.norm.requires_grad_(True)
 
 
-def make_optimizer(named_params: list[tuple[str, nn.Parameter]], args: TrainArgs,
+def make_optimizer(named_params: list[tuple[str, nn.Parameter]], args: RunArgs,
                    device: torch.device) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; weight decay on matrices only (norm gains and biases are
     not decayed, as in GPT-2/nanoGPT). The fused implementation exists on CPU too and is ~8x faster
@@ -262,7 +277,7 @@ def make_optimizer(named_params: list[tuple[str, nn.Parameter]], args: TrainArgs
     return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=device.type in ("cuda", "cpu"))
 
 
-def make_trainer(named_params: list[tuple[str, nn.Parameter]], args: TrainArgs, device: torch.device,
+def make_trainer(named_params: list[tuple[str, nn.Parameter]], args: RunArgs, device: torch.device,
                  total_steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """The optimiser (make_optimizer) and its schedule: --warmup steps, then cosine to the last step."""
     optimizer = make_optimizer(named_params, args, device)
@@ -290,7 +305,7 @@ def schedule_length(args: TrainArgs, n_train: int) -> int:
     return args.max_steps or max(1, math.ceil(args.epochs * n_train / args.batch_size))
 
 
-def autocast(args: TrainArgs, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(args: RunArgs, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA: matmuls in bf16, weights, optimiser state and reductions in fp32."""
     if device.type == "cuda" and args.autocast:
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -367,34 +382,128 @@ def _recover(ckpt: Path) -> None:
         os.replace(old, ckpt)
 
 
-# --- the training loop -------------------------------------------------------------------------------------
-LossFn = Callable[[list[int], list[int]], tuple[Tensor, dict[str, Tensor], int]]
+# --- a stage's run: model, optimiser state, checkpoints ----------------------------------------------------
+LossFn = Callable[[list[int], list[int]], tuple[Tensor, dict[str, Tensor], int]]   # see accumulation_step
 
 
-def train_loop(args: TrainArgs, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler,
-               n_train: int, lengths: list[int], start_step: int, total_steps: int, device: torch.device,
-               loss_fn: LossFn, evaluate: Callable[[], dict[str, float]], save: Callable[[int], None],
-               log_path: Path, desc: str) -> dict:
-    """Run optimiser steps start_step .. min(total_steps, stop_after), checkpointing every --save-every
-    steps and at the stop, evaluating every --eval-every steps and at the stop. Returns the summary
-    record (steps, training time and tokens/s without evaluation or checkpointing, final dev metrics).
+def device_of(args: RunArgs) -> torch.device:
+    """The run's device, after setting the CPU threads (--threads)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device)
+
+
+def load_trunk(args: TrainArgs, resume_from: Path | None, device: torch.device) -> tuple[Transformer, Tokenizer]:
+    """The trunk a pm or sft run trains, in fp32 and train mode: --model's weights, or the checkpoint's
+    when resuming; only the top --train-layers blocks trainable, gradient checkpointing as asked."""
+    trunk, tok = load_model(resume_from or args.model, device=device, dtype=torch.float32, attn_impl=args.attn_impl)
+    freeze_lower_layers(trunk, args.train_layers)
+    trunk.gradient_checkpointing = args.grad_checkpointing
+    return trunk.train(), tok
+
+
+def checkpoints(args: RunArgs, stage: str, trunk: Transformer, tok: Tokenizer, optimizer: torch.optim.Optimizer,
+                scheduler, total_steps: int, train_keys: list[str], resume_from: Path | None,
+                modules: dict[str, nn.Module], **meta) -> tuple[int, Callable[[int], None], dict]:
+    """Checkpointing for a stage's run, and the state --resume restores: returns (the step to start at,
+    save(step), run.json's content).
+
+    A checkpoint (OUT/CKPT_DIRS[stage]) holds `trunk` as a Hugging Face-format model, each of the stage's
+    other `modules` as NAME.safetensors (the PM's head, PPO's value network), run.json (`meta` plus the
+    number of trainable parameters; a stage may add to the returned dict before a save) and the optimiser,
+    scheduler and RNG states. On resume from `resume_from`, the modules' weights and those states are
+    restored here; the trunk was loaded from the checkpoint by the stage."""
+    from safetensors.torch import load_file
+
+    fingerprint = data_fingerprint(train_keys, args)
+    n_trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    run = run_meta(stage, args, total_steps, **meta, n_trainable=n_trainable)
+    start = 0
+    if resume_from is not None:
+        for name, m in modules.items():
+            m.load_state_dict(load_file(str(resume_from / f"{name}.safetensors"), device=str(args.device)))
+        start = load_trainer_state(resume_from, optimizer, scheduler, fingerprint)
+    ckpt = Path(args.out) / CKPT_DIRS[stage]
+
+    def save(step: int) -> None:
+        save_checkpoint(ckpt, trunk, tok, run, optimizer, scheduler, step, fingerprint,
+                        {name: m.state_dict() for name, m in modules.items()})
+    return start, save, run
+
+
+def train(args: TrainArgs, stage: str, model: nn.Module, trunk: Transformer, tok: Tokenizer,
+          resume_from: Path | None, train_keys: list[str], lengths: list[int], total_steps: int, loss_fn: LossFn,
+          evaluate: Callable[[], dict[str, float]], modules: dict[str, nn.Module] | None = None, **meta) -> dict:
+    """pm's and sft's run once the data and `model` (whose trainable parameters train; `trunk` is what
+    checkpoints save as the model) are ready: the optimiser and its schedule, resume, train_loop over
+    the training examples (`train_keys`: their prompt ids, `lengths`: their token counts). Returns the
+    summary record."""
+    device = torch.device(args.device)
+    optimizer, scheduler = make_trainer(list(model.named_parameters()), args, device, total_steps)
+    start, save, _ = checkpoints(args, stage, trunk, tok, optimizer, scheduler, total_steps, train_keys, resume_from,
+                                 modules or {}, **meta)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return train_loop(args, params, optimizer, scheduler, len(lengths), lengths, start, total_steps, device, loss_fn,
+                      evaluate, save, Path(args.out) / METRICS, stage)
+
+
+# --- the loop ----------------------------------------------------------------------------------------------
+def run_loop(args: RunArgs, step: Callable[[int], dict], start: int, total: int, save: Callable[[int], None],
+             log_path: Path, desc: str, progress: bool = True, time_key: str = "step_s",
+             evaluate: Callable[[], dict[str, float]] | None = None, eval_every: int = 0,
+             after: Callable[[dict], None] | None = None) -> dict:
+    """Every stage's loop: steps start .. min(total, --stop-after), checkpointed every --save-every steps
+    and at the stop. Returns the summary record (steps, training time and tokens/s without evaluation or
+    checkpointing, final dev metrics), which the caller may log.
+
+    step(s) runs step s (0-based) and returns its record, with "tokens" (tokens processed). A step raises
+    FloatingPointError on a non-finite value before anything of it is saved, so the last checkpoint stays
+    good. The record, with "step" (s + 1), tokens/s and its seconds (`time_key`), goes to metrics.jsonl,
+    then to `after` (PPO prints it and logs samples). `evaluate` (if any) runs every `eval_every` steps
+    and at the end; its metrics and each checkpoint's writing time (save_s) are logged too."""
+    from tqdm import tqdm
+
+    stop = min(total, args.stop_after) if args.stop_after else total
+    bar = tqdm(total=total, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    train_s, tokens_seen = 0.0, 0          # the steps only: no evaluation, no checkpoint writes
+    s = start
+    while s < stop:
+        t0 = time.perf_counter()
+        record = step(s)
+        dt = time.perf_counter() - t0
+        s += 1
+        train_s, tokens_seen = train_s + dt, tokens_seen + record["tokens"]
+        record = {"step": s, **record, "tokens_per_s": record["tokens"] / dt, time_key: dt}
+        log_jsonl(log_path, record)
+        bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "accuracy") if k in record}
+                        | {"tok/s": f"{record['tokens_per_s']:.0f}"})
+        bar.update(1)
+        if after is not None:
+            after(record)
+        if evaluate is not None and eval_every and s % eval_every == 0 and s < stop:
+            _eval_and_log(evaluate, s, log_path, bar)
+        if (args.save_every and s % args.save_every == 0) or s == stop:
+            t1 = time.perf_counter()
+            save(s)
+            log_jsonl(log_path, {"step": s, "save_s": time.perf_counter() - t1})
+    bar.close()
+    dev_metrics = _eval_and_log(evaluate, s, log_path, None) if evaluate is not None else {}
+    return {"summary": True, "step": s, "steps_run": s - start, "train_s": train_s, "train_tokens": tokens_seen,
+            "tokens_per_s": tokens_seen / max(train_s, 1e-9), **{f"dev_{k}": v for k, v in dev_metrics.items()}}
+
+
+def accumulation_step(args: TrainArgs, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler,
+                      n_train: int, lengths: list[int], device: torch.device, loss_fn: LossFn) -> Callable[[int], dict]:
+    """pm's and sft's step for run_loop: one optimiser step over the batch of step s (batch_indices),
+    accumulated over micro-batches.
 
     loss_fn(micro, batch) -> (loss, metrics, n_tokens) for the micro-batch `micro` of the step's batch
     `batch` (lists of training-example indices). The loss and metrics must already be normalised to the
     whole batch (e.g. multiplied by len(micro) / len(batch)), so that summing over micro-batches gives
     the batch's value whatever --micro-batch is. Each step's examples are sorted by length before
-    being cut into micro-batches, so each micro-batch wastes little padding.
-    """
-    from tqdm import tqdm
-
-    stop = min(total_steps, args.stop_after) if args.stop_after else total_steps
-    bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", disable=not args.progress,
-               dynamic_ncols=True)
-    train_s, tokens_seen = 0.0, 0          # optimiser steps only: no evaluation, no checkpoint writes
-    step = start_step
-    while step < stop:
-        t0 = time.perf_counter()
-        batch = sorted(batch_indices(n_train, args.batch_size, step, args.seed), key=lambda i: lengths[i])
+    being cut into micro-batches, so each micro-batch wastes little padding."""
+    def step(s: int) -> dict:
+        batch = sorted(batch_indices(n_train, args.batch_size, s, args.seed), key=lambda i: lengths[i])
         sums: dict[str, Tensor] = {}
         n_tok = 0
         for lo in range(0, len(batch), args.micro_batch):
@@ -408,29 +517,24 @@ def train_loop(args: TrainArgs, params: list[nn.Parameter], optimizer: torch.opt
         # clip_grad_norm_ with max_norm=inf only measures: the norm is logged either way.
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
         record = {k: v.item() for k, v in sums.items()}                 # the step's one host sync
-        check_finite(step + 1, loss=record["loss"], grad_norm=grad_norm.item())
-        lr = scheduler.get_last_lr()[0]
+        check_finite(s + 1, loss=record["loss"], grad_norm=grad_norm.item())
+        lr = scheduler.get_last_lr()[0]                                 # the rate this step uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.perf_counter() - t0
-        train_s, tokens_seen = train_s + dt, tokens_seen + n_tok
-        record = {"step": step, "lr": lr, **record, "grad_norm": grad_norm.item(), "tokens": n_tok,
-                  "tokens_per_s": n_tok / dt, "step_s": dt}
-        log_jsonl(log_path, record)
-        bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "accuracy") if k in record}
-                        | {"tok/s": f"{n_tok / dt:.0f}"})
-        bar.update(1)
-        if args.eval_every and step % args.eval_every == 0 and step < stop:
-            dev_metrics = _eval_and_log(evaluate, step, log_path, bar)
-        if (args.save_every and step % args.save_every == 0) or step == stop:
-            save(step)
-    bar.close()
-    dev_metrics = _eval_and_log(evaluate, step, log_path, None)
-    summary = {"summary": True, "step": step, "steps_run": step - start_step, "train_s": train_s,
-               "train_tokens": tokens_seen, "tokens_per_s": tokens_seen / max(train_s, 1e-9),
-               **{f"dev_{k}": v for k, v in dev_metrics.items()}}
+        return {"lr": lr, **record, "grad_norm": grad_norm.item(), "tokens": n_tok}
+    return step
+
+
+def train_loop(args: TrainArgs, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler,
+               n_train: int, lengths: list[int], start_step: int, total_steps: int, device: torch.device,
+               loss_fn: LossFn, evaluate: Callable[[], dict[str, float]], save: Callable[[int], None],
+               log_path: Path, desc: str) -> dict:
+    """pm's and sft's loop: run_loop over accumulation_step's optimiser steps, with a progress bar (--progress),
+    dev evaluation every --eval-every steps and at the stop, and the summary record logged and returned."""
+    step = accumulation_step(args, params, optimizer, scheduler, n_train, lengths, device, loss_fn)
+    summary = run_loop(args, step, start_step, total_steps, save, log_path, desc, progress=args.progress,
+                       evaluate=evaluate, eval_every=args.eval_every)
     log_jsonl(log_path, summary)
     return summary
 
