@@ -19,7 +19,7 @@ COMMANDS = {
                 "pairwise win rates of policies by a judge model, with judge-free statistics"),
     "judge-agreement": ("rlcd.evaluate", "judge_agreement_main",
                         "accuracy, position and length bias of a pairwise judge on labelled pairs"),
-    "pm-agreement": ("rlcd.pm", "agreement_main",
+    "pm-agreement": ("rlcd.evaluate", "pm_agreement_main",
                      "accuracy and mean chosen-probability of a preference model on a pairs file"),
 }
 

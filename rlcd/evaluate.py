@@ -1,7 +1,8 @@
-"""Policy evaluation (the paper's Tables 2-3, run locally) and judge validation: `eval.py respond`,
-`eval.py compare`, `eval.py judge-agreement`.
+"""Policy evaluation (the paper's Tables 2-3, run locally), judge and preference-model validation:
+`eval.py respond`, `eval.py compare`, `eval.py judge-agreement`, `eval.py pm-agreement`.
 
     python eval.py judge-agreement --judge smollm2-135m-instruct --pairs human
+    python eval.py pm-agreement --pm runs/harmless/pm-rlcd --pairs human --format chat
     python eval.py respond --policy base=smollm2-135m-instruct rlcd=runs/harmless/ppo --task harmless \\
         --split test --n-prompts 64 --out-dir runs/harmless/responses
     python eval.py compare --responses runs/harmless/responses/*.jsonl --judge smollm2-135m-instruct \\
@@ -35,6 +36,10 @@ agreement, position bias (mean P("A") over both orders; 0.5 = none), and accurac
 chosen response is the shorter or the longer one (in characters, so the split does not depend on the
 judge's tokenizer). `--pairs human` is the PyRIT human-labelled pairs (rlcd.human_pairs).
 
+pm-agreement. A trained preference model (rlcd.reward) on labelled pairs, each prompt re-rendered in the
+PM's own template: the metrics of its dev evaluation (rlcd.pm.evaluate_pairs: BT loss, accuracy, mean
+P(chosen), mean margin) and the same length split as judge-agreement.
+
 Measured (2026-11-28, smollm2-135m-instruct as the judge, fp32, principle HARMLESS_INSTRUCTIONS[1], the 156
 allowed PyRIT pairs, 124 of them with the shorter response chosen; a 2-core AMD EPYC shared with other
 jobs, so the times are loose: 58-72% of the CPU was ours):
@@ -60,7 +65,7 @@ API (for train.py pipeline)
     pm_rewards(responses, pm_run, device="cpu") -> dict
     format_compare(result) -> str                     the stdout table
     run_judge_agreement(JudgeAgreementArgs) -> dict; run_compare(CompareArgs) -> dict   the commands, minus printing
-    respond_main / compare_main / judge_agreement_main(argv)   the eval.py commands
+    respond_main / compare_main / judge_agreement_main / pm_agreement_main(argv)   the eval.py commands
 """
 from __future__ import annotations
 
@@ -80,7 +85,11 @@ from models import DTYPES, CheckpointError, load_model
 from models.generation import SamplingParams, generate_texts
 from rlcd.cli import parse_args, save_config
 from rlcd.jsonl import drop_partial_line, read_objects
+from rlcd.pairs import in_own_template, read_pairs
+from rlcd.pm import encode_pairs, evaluate_pairs
 from rlcd.prompts import DataError, load_prompts
+from rlcd.reward import load_reward_model, score_texts
+from rlcd.runs import write_json_atomic
 from rlcd.scorer import DEFAULT_JUDGE_FORMAT, JUDGE_FORMATS, judge_pairs
 from rlcd.tasks import FORMATS, TASKS, format_prompt
 
@@ -158,7 +167,7 @@ def judge_agreement(model, tok, records: list[dict], task: str = "harmless", fmt
 
     The judge sees (rejected, chosen) and (chosen, rejected); P(chosen better) averages the two.
     Accuracy counts a pair right when P(chosen) and the label fall on the same side of 0.5 (a label or a
-    P of exactly 0.5 counts half, as rlcd.pm.pair_metrics does)."""
+    P of exactly 0.5 counts half, as rlcd.pm.pair_correct does)."""
     if not records:
         raise ValueError("no pairs to judge")
     conv = [format_prompt(r["messages"], "plain") if r.get("messages") else r["prompt"] for r in records]
@@ -198,8 +207,6 @@ class JudgeAgreementArgs:
 
 def run_judge_agreement(args: JudgeAgreementArgs) -> dict:
     """Load the judge and the pairs, judge them; the metrics of judge_agreement plus judge, pairs, seconds."""
-    from rlcd.pm import read_pairs
-
     _check_choices(judge_format=(args.judge_format, JUDGE_FORMATS), dtype=(args.dtype, DTYPES))
     paths = resolve_pairs(args.pairs)
     recs = read_pairs(paths)
@@ -229,6 +236,52 @@ def judge_agreement_main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(m, indent=2))
+    return 0
+
+
+# --- preference-model agreement -----------------------------------------------------------------------------
+@dataclass
+class PMAgreementArgs:
+    """Accuracy and mean chosen-probability of a preference model on a pairs file (eval.py pm-agreement)."""
+    pm: str                            # preference-model run directory (OUT of train.py pm) or its reward/
+    pairs: list[str]                   # JSONL file(s) with prompt, chosen, rejected (chosen = the preferred one); "human": the PyRIT pairs
+    format: str | None = None          # chat or plain for every record, its prompt re-rendered from its messages with the PM's tokenizer (default: each record's own)
+    batch_size: int = 16               # sequences per forward
+    max_length: int = 512              # tokens per sequence (the start of the prompt is cut beyond)
+    device: str = "cpu"                # cpu or cuda
+    dtype: str = "float32"             # float32 or bfloat16
+    out: str | None = None             # also write the metrics as JSON here
+
+
+def pm_agreement_main(argv: list[str] | None = None) -> int:
+    args = parse_args(PMAgreementArgs, argv, prog="eval.py pm-agreement", description=PMAgreementArgs.__doc__)
+    try:
+        _check_choices(dtype=(args.dtype, DTYPES))
+        paths = resolve_pairs(args.pairs)
+        recs = read_pairs(paths, format_override=args.format)
+        pm, tok, meta = load_reward_model(args.pm, args.device, DTYPES[args.dtype])
+    except (CheckpointError, ValueError) as e:                                   # PairsError is a ValueError
+        print(f"eval.py pm-agreement: {e}", file=sys.stderr)
+        return 2
+    # Prompts in the PM's own template (and a forced format: the human pairs are stored in plain form; a
+    # PM trained on chat pairs should see them as chat).
+    recs = in_own_template(recs, tok, args.format)
+    max_length = min(args.max_length, pm.trunk.args.max_seq_len)
+    chosen, rejected, n_cut = encode_pairs(recs, tok, max_length)
+    labels = torch.tensor([r["label"] for r in recs])
+    m, right = evaluate_pairs(pm, chosen, rejected, labels, tok.pad_id, args.batch_size)
+    # Per-pair correctness split by whether the chosen response is the shorter or the longer one: a PM
+    # that only prefers brevity (refusals are short) shows up there.
+    m |= length_split(recs, right)
+    f = lambda v: "-" if v is None else f"{v:.4f}"   # noqa: E731
+    print(f"{args.pm}: {m['n']} pairs  accuracy {m['accuracy']:.4f}  mean P(chosen) {m['p_chosen']:.4f}  "
+          f"mean margin {m['margin']:.4f}  loss {m['loss']:.4f}" + (f"  ({n_cut} cut to {max_length} tokens)"
+                                                                     if n_cut else "")
+          + f"\n  chosen shorter: {m['n_chosen_shorter']} pairs, accuracy {f(m['accuracy_chosen_shorter'])}; "
+          f"chosen longer: {m['n_chosen_longer']} pairs, accuracy {f(m['accuracy_chosen_longer'])}")
+    if args.out:
+        write_json_atomic(Path(args.out), {**m, "pm": args.pm, "pairs": paths, "step": meta.get("step"),
+                                           "format": args.format})
     return 0
 
 
@@ -561,8 +614,6 @@ PM_NOTE = ("a preference model grading a policy trained against it is not an ind
 
 def pm_rewards(responses: dict[str, list[dict]], pm_run: str, device: str = "cpu", batch_size: int = 16) -> dict:
     """Mean reward (normalised with the PM's base-policy statistics when it has them) per policy."""
-    from rlcd.pm import load_reward_model, score_texts
-
     pm, tok, _ = load_reward_model(pm_run, device=device)
     normalize = pm.norm_mean is not None and pm.norm_std is not None
     out = {"pm": str(pm_run), "normalized": normalize, "note": PM_NOTE, "policies": {}}

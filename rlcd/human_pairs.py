@@ -44,7 +44,7 @@ API
     load_human_pairs() -> list[dict]            its records
     render(records, fmt, tokenizer=None) -> list[dict]   the same pairs with "prompt"/"format" for fmt
 
-Record (the pairs-file schema of rlcd/simulate.py, so rlcd.pm.read_pairs and the judge read it as is):
+Record (the pairs-file schema of rlcd/simulate.py, so rlcd.pairs.read_pairs and the judge read it as is):
     id, task="harmless", method="human", format="plain", messages=[{"role": "user", "content": request}],
     prompt ("Human: <request>\\n\\nAssistant:", the paper's plain dialogue), chosen, rejected, label=1.0,
     affix_index=0, p_plus=None, p_minus=None, settings={"min_gap"}, model=None, seed=None, plus

@@ -64,9 +64,9 @@ from models import CheckpointError, Tokenizer, Transformer, load_model
 from models.generation import Generation, SamplingParams, generate
 from rlcd import runs
 from rlcd.cli import parse_args
-from rlcd.pm import RewardModel, end_marker, fp32_head, load_reward_model, score_tokens
 from rlcd.ppo_core import (KL_ESTIMATORS, KLController, apply_missing_stop, explained_variance, gae,
                            kl_per_token, masked_mean, masked_whiten, policy_loss, shape_rewards, value_loss)
+from rlcd.reward import RewardModel, end_marker, fp32_head, load_reward_model, score_tokens
 
 PHASES = ("generate", "score", "reference", "values", "advantages", "update")
 VALUE_MODELS = ("separate", "shared")
@@ -326,13 +326,13 @@ def iteration(ppo: PPORun, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor
         tokens, mask = gen.tokens, gen.response_mask                       # (B, T_r) ids, (B, T_r) bool
 
     with torch.no_grad():
-        # 2. Score: the PM reads prompt + response + stop token (its training input, rlcd/pm.py) at the
+        # 2. Score: the PM reads prompt + response + stop token (its training input, rlcd/reward.py) at the
         #    last column; a response cut off at max_new_tokens then gets no_stop_score instead.
         with timer("score"), amp:
             seq_pm, last = seq, T_p + gen.lengths - 1                                      # (B,) column
             if ppo.end_id is not None:
                 # A cut-off response gets the end marker appended in one extra column, so the PM reads
-                # the input it was trained and normalised on (rlcd.pm.encode_input always ends with it).
+                # the input it was trained and normalised on (rlcd.reward.encode_input always ends with it).
                 last = last + (~gen.finished).long()                                          # (B,)
                 seq_pm = F.pad(seq, (0, 1), value=ppo.pad_id).scatter(1, last[:, None], ppo.end_id)  # (B, T + 1)
             pm_score = score_tokens(pm, seq_pm, start, last, normalize=a.normalize_reward)    # (B,)

@@ -27,18 +27,17 @@ import json
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from kernels import token_logprobs
-from models import CheckpointError, Tokenizer, load_model
+from models import CheckpointError, Tokenizer
 from rlcd import runs
 from rlcd.cli import parse_args
 from rlcd.jsonl import read_objects
 from rlcd.pairs import PairsError, check_format, in_own_template
-from rlcd.pm import encode_parts
+from rlcd.reward import encode_parts
 
 
 @dataclass(kw_only=True)
@@ -75,7 +74,7 @@ def encode_example(tok: Tokenizer, prompt: str, response: str, fmt: str, max_len
                    ) -> tuple[list[int], int] | None:
     """(ids of prompt + response + end marker, prompt length), right-truncated to max_length; None when
     the prompt leaves no room for a response token. Parts are encoded separately, as the policy sees
-    them at generation time (prompt ids, then its own tokens, then the stop token): rlcd.pm.encode_parts,
+    them at generation time (prompt ids, then its own tokens, then the stop token): rlcd.reward.encode_parts,
     the preference model's input."""
     ids, p = encode_parts(tok, prompt, response, fmt)
     if p >= max_length:
@@ -103,24 +102,14 @@ def sft_nll(h: Tensor, weight: Tensor, tokens: Tensor, prompt_len: Tensor, seq_l
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(Args, argv, prog="train.py sft", description=Args.__doc__)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = runs.device_of(args)
     try:
         resume_from = runs.prepare_run(args, "sft", frozenset({"eval_batch_size"}))
         recs = read_examples(args.pairs, args.field)
     except (CheckpointError, PairsError) as e:
         print(f"train.py sft: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-
-    if resume_from is None:
-        model, tok = load_model(args.model, device=device, dtype=torch.float32, attn_impl=args.attn_impl)
-    else:
-        model, tok = load_model(resume_from, device=device, dtype=torch.float32, attn_impl=args.attn_impl)
-    runs.freeze_lower_layers(model, args.train_layers)
-    model.gradient_checkpointing = args.grad_checkpointing
-    model.train()
+    model, tok = runs.load_trunk(args, resume_from, device)
 
     # Data: prompts in this model's own template (pairs from another simulator), encode, drop examples
     # whose prompt fills max_length, split off dev by prompt id.
@@ -141,14 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sft: {len(train)} train / {len(dev)} dev examples ({n_dropped} dropped: prompt over "
           f"{max_length} tokens); mean length {sum(lengths) / len(lengths):.0f} tokens; "
           f"{total} steps of {args.batch_size}", file=sys.stderr)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = runs.make_trainer(list(model.named_parameters()), args, device, total)
-    fingerprint = runs.data_fingerprint([recs[i]["id"] for i in train_idx], args)
-    start = 0 if resume_from is None else runs.load_trainer_state(resume_from, optimizer, scheduler, fingerprint)
-    meta = runs.run_meta("sft", args, total, n_train=len(train), n_dev=len(dev), pairs=args.pairs,
-                         n_trainable=sum(p.numel() for p in params))
-    ckpt = out / runs.CKPT_DIRS["sft"]
 
     def forward_nll(examples: list[tuple[list[int], int]]) -> tuple[Tensor, Tensor]:
         tokens, seq_len = runs.right_pad([ids for ids, _ in examples], tok.pad_id, device)   # (b, T), (b,)
@@ -175,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         return {"loss": nll / n, "ppl": math.exp(nll / n), "tokens": n, "n": len(dev)}
 
-    def save(step: int) -> None:
-        runs.save_checkpoint(ckpt, model, tok, meta, optimizer, scheduler, step, fingerprint)
-
-    summary = runs.train_loop(args, params, optimizer, scheduler, len(train), lengths, start, total, device,
-                              loss_fn, evaluate, save, out / runs.METRICS, "sft")
+    try:
+        summary = runs.train(args, "sft", model, model, tok, resume_from, [recs[i]["id"] for i in train_idx], lengths,
+                             total, loss_fn, evaluate, n_train=len(train), n_dev=len(dev), pairs=args.pairs)
+    except FloatingPointError as e:
+        print(f"train.py sft: {e}", file=sys.stderr)
+        return 3
     print(json.dumps({k: summary[k] for k in summary if k != "summary"}))
     return 0

@@ -324,7 +324,7 @@ def write_tiny_pm(ckpt, run_dir: Path, reward_norm=None):
     """A preference-model run directory with an untrained head (arbitrary but fixed rewards)."""
     from safetensors.torch import save_file
 
-    from rlcd.pm import HEAD_FILE, RewardModel
+    from rlcd.reward import HEAD_FILE, RewardModel
 
     model, tok = load_model(ckpt)
     torch.manual_seed(0)
@@ -341,7 +341,7 @@ def write_tiny_pm(ckpt, run_dir: Path, reward_norm=None):
 
 
 def test_compare_with_a_preference_model(ckpt, tmp_path, capsys):
-    from rlcd.pm import score_texts
+    from rlcd.reward import score_texts
 
     pm, tok = write_tiny_pm(ckpt, tmp_path / "pm", {"mean": 0.25, "std": 2.0})
     a = write_responses(tmp_path / "base.jsonl", "base", ["Sure, do it.", "No."])
@@ -359,7 +359,7 @@ def test_compare_with_a_preference_model(ckpt, tmp_path, capsys):
 def test_pm_agreement_length_split(ckpt, tmp_path, capsys):
     """The split's bookkeeping: pairs where the chosen response is shorter / longer (equal lengths in
     neither), each with the accuracy of the per-pair rewards computed here with the scoring API."""
-    from rlcd.pm import score_texts
+    from rlcd.reward import score_texts
 
     pm, tok = write_tiny_pm(ckpt, tmp_path / "pm")
     rows = [("short", "a much longer rejected one"), ("a much longer chosen one", "short"), ("xy", "zw"),

@@ -11,7 +11,7 @@ import pytest
 from conftest import make_tiny_tokenizer
 
 import rlcd.human_pairs as hp
-from rlcd.pm import read_pairs
+from rlcd.pairs import read_pairs
 from rlcd.simulate import REQUIRED
 
 

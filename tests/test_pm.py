@@ -15,8 +15,10 @@ from models import CheckpointError, load_model, save_model
 from models.generation import left_pad
 from rlcd import pm as pm_mod
 from rlcd import runs
-from rlcd.pm import (PairsError, RewardModel, bt_loss, encode_input, end_marker, load_reward_model,
-                     pair_metrics, read_pairs, score_texts, score_tokens)
+from rlcd.pairs import PairsError, read_pairs
+from rlcd.pm import bt_loss, pair_metrics
+from rlcd.reward import (RewardModel, encode_input, end_marker, load_reward_model, score_ids, score_texts,
+                         score_tokens)
 
 
 # --- the loss ----------------------------------------------------------------------------------------------
@@ -75,7 +77,7 @@ def test_last_token_pooling_left_and_right_padding():
     for pad_id in (0, 2, 300):                   # a pad equal to the end marker (SmolLM2 pads with <|im_end|>) too
         right, lengths = runs.right_pad(seqs, pad_id, "cpu")
         torch.testing.assert_close(pm(right, lengths - 1), alone, **NET_TOL)
-        torch.testing.assert_close(pm_mod.score_ids(pm, seqs, pad_id, batch_size=2), alone, **NET_TOL)
+        torch.testing.assert_close(score_ids(pm, seqs, pad_id, batch_size=2), alone, **NET_TOL)
         left, start = left_pad(seqs, pad_id, "cpu")
         last = torch.full((3,), left.shape[1] - 1)
         torch.testing.assert_close(pm(left, last, start=start), alone, **NET_TOL)

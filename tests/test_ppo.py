@@ -19,7 +19,7 @@ from models import load_model, save_model
 from models.generation import SamplingParams, generate
 from rlcd import ppo as ppo_mod
 from rlcd import runs
-from rlcd.pm import RewardModel, load_reward_model
+from rlcd.reward import RewardModel, load_reward_model
 
 GOOD = "xyzqkwv#"          # the synthetic reward counts these characters (none occurs in the prompts)
 
@@ -89,7 +89,7 @@ def test_sampling_logprobs_are_what_ppo_recomputes():
 
 def test_the_pm_reads_what_it_was_trained_on():
     # prompt + response + end marker, the marker appended to a response cut off at max_new_tokens
-    from rlcd.pm import score_ids
+    from rlcd.reward import score_ids
 
     tok = make_tiny_tokenizer()
     run = tiny_run("shared", max_new_tokens=6)

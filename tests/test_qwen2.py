@@ -415,7 +415,7 @@ def test_pm_sft_and_a_ppo_iteration_train_a_qwen2_model(tmp_path):
     """The same stages as for LLaMA: train.py pm, sft and one ppo iteration on a tiny qwen2 checkpoint;
     the q/k/v biases are trained and saved like every other parameter."""
     import train as train_cli
-    from rlcd.pm import load_reward_model
+    from rlcd.reward import load_reward_model
 
     tok = make_tiny_tokenizer()
     d = save_model(make_tiny_qwen2(max_seq_len=512), tok, tmp_path / "qwen")

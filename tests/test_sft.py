@@ -13,7 +13,7 @@ import generate as generate_cli
 from models import CheckpointError, load_model, save_model
 from rlcd import runs
 from rlcd import sft as sft_mod
-from rlcd.pm import PairsError
+from rlcd.pairs import PairsError
 from rlcd.sft import encode_example, read_examples, response_mask, sft_nll
 
 
