@@ -35,10 +35,12 @@ Value network (--value-model): "separate" (the paper: a second trunk with a scal
 from the preference model, trained jointly by the same optimiser) or "shared" (a zero-initialised
 scalar head on the policy's own trunk, as lm-human-preferences; one trunk forward and backward less).
 
-Run directory (see rlcd/runs.py): OUT/args.json, OUT/metrics.jsonl (one record per iteration, "step" is
-the iteration; sample responses every --sample-every), OUT/policy/ (a Hugging Face-format policy that
-generate.py loads, plus value.safetensors or value_head.safetensors, trainer_state.pt and run.json
-with the KL controller), replaced atomically every --save-every iterations.
+Run (see rlcd/runs.py): `main` plugs one iteration (train_iteration: the iteration, its one host sync,
+the NaN guard, the KL controller's update) into runs.run_loop, the loop of every training stage, as its
+step; Args subclasses runs.RunArgs. Run directory: OUT/args.json, OUT/metrics.jsonl (one record per
+iteration, "step" is the iteration; sample responses every --sample-every), OUT/policy/ (a Hugging
+Face-format policy that generate.py loads, plus value.safetensors or value_head.safetensors,
+trainer_state.pt and run.json with the KL controller), replaced atomically every --save-every iterations.
 
 Shapes: B rollouts, T = T_p + T_r columns (left-padded prompt, then the right-padded response),
 T_p prompt columns, T_r response columns, D model width, V vocabulary.
@@ -50,7 +52,7 @@ import math
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -72,19 +74,19 @@ PHASES = ("generate", "score", "reference", "values", "advantages", "update")
 VALUE_MODELS = ("separate", "shared")
 
 
-@dataclass
-class Args:
+@dataclass(kw_only=True)
+class Args(runs.RunArgs):
     """Align a policy against a preference model with PPO (train.py ppo)."""
-    out: str                          # run directory (created; --resume continues the one there)
+    # The run, the optimiser and the device: runs.RunArgs (--out, --resume, --stop-after, --batch-size,
+    # --lr, --warmup, --grad-clip, --train-layers, --save-every, --seed, --device, ...), with PPO's own
+    # defaults below. A "step" there is an iteration here; --batch-size is prompts = rollouts per
+    # iteration (paper: 512), optimiser steps are its minibatches.
     pm: str                           # preference model: run directory of train.py pm (or its reward/)
     policy: str = "smollm2-135m-instruct"  # initial policy and frozen reference: model name, checkpoint or run dir
     prompts: str = "harmless"         # task name (harmless, helpful, outlines) or prompt file; its train split
     preset: str = "default"           # default (paper scaled to a 2-core CPU), paper (RLCD), nplus (N+ details); flags given win
-    resume: bool = False              # continue from OUT's last checkpoint (same settings required)
     iterations: int = 60              # PPO iterations (rollout + update) in the schedule (paper: 40-80)
-    stop_after: int = 0               # stop (with a checkpoint) after this iteration; 0 = run all
     # 1. rollout
-    batch_size: int = 16              # prompts = rollouts per iteration (paper: 512)
     max_new_tokens: int = 64          # response length cap (paper: 300)
     temperature: float = 1.0          # sampling temperature; log-probs are taken at the same one (paper: 1)
     top_p: float = 1.0                # nucleus sampling (1 = off; anything else costs a policy forward per iteration)
@@ -114,22 +116,11 @@ class Args:
     ent_coef: float = 0.0             # entropy bonus coefficient (0 = off; the logged entropy is then -mean log pi(x))
     lr: float = 2e-6                  # peak learning rate (paper: 1e-5 at 512 rollouts; x sqrt(16/512) here)
     warmup: float = 0.05              # warm-up: a fraction of the optimiser steps if < 1, else a step count
-    min_lr_ratio: float = 0.0         # cosine decay to lr * this at the last step
-    weight_decay: float = 0.0         # AdamW decoupled weight decay on matrices
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    grad_clip: float = 1.0            # global gradient-norm clip over policy and value (paper: 1; 0 = off)
     value_model: str = "separate"     # separate (a trunk initialised from the PM, the paper) or shared (head on the policy)
-    train_layers: int = 0             # 0 = full fine-tune; N = only the top N blocks of each trunk
-    grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     # run
     save_every: int = 1               # checkpoint every N iterations (and at the stop; 0 = at the stop only)
     sample_every: int = 10            # log a few sample responses every N iterations (0 = never)
     n_samples: int = 2                # responses shown per sample log
-    seed: int = 0                     # prompt order, sampling and minibatch shuffling
-    device: str = "cpu"               # cpu or cuda
-    autocast: bool = True             # bf16 autocast on CUDA (weights and optimiser state stay fp32)
-    attn_impl: str = "sdpa"           # naive, sdpa or triton
-    threads: int = 0                  # torch CPU threads (0 = leave as is)
     profile: bool = False             # run a few iterations under the PyTorch profiler: phase table + Chrome trace, then exit
 
     def __post_init__(self):
@@ -488,7 +479,7 @@ def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transf
     policy.gradient_checkpointing = args.grad_checkpointing
     named = list(policy.named_parameters()) + list((value_net or value_head).named_parameters())
     total = args.iterations * args.ppo_epochs * args.minibatches
-    optimizer, scheduler = runs.make_trainer(named, args, device, total)  # type: ignore[arg-type]  (has the fields)
+    optimizer, scheduler = runs.make_trainer(named, args, device, total)
     kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon)
     return PPORun(args, policy, ref, pm, value_net, value_head, prompts, stop_ids, pad_id, optimizer, scheduler,
                   kl_ctl, device, end_id)
@@ -527,9 +518,7 @@ def _line(it: int, total: int, r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = apply_preset(rename_deprecated(sys.argv[1:] if argv is None else list(argv)))
     args = parse_args(Args, argv, prog="train.py ppo", description=Args.__doc__)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = runs.device_of(args)
     frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32   # reference and scorer
     try:
         resume_from = None if args.profile else runs.prepare_run(
@@ -565,56 +554,47 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.manual_seed(args.seed)
     ppo = build(args, prompts, policy, ref, pm, value_net, tok.stop_ids, tok.pad_id, device, end_id)
-    out = Path(args.out)
-    ckpt = out / runs.CKPT_DIRS["ppo"]
-    fingerprint = runs.data_fingerprint(keys, args)  # type: ignore[arg-type]
-    meta = runs.run_meta("ppo", args, args.iterations, pm=args.pm, policy=args.policy, n_prompts=len(prompts),
-                         n_trainable=sum(p.numel() for p in ppo.params))  # type: ignore[arg-type]
-    start_it = 0
+    # Checkpoints hold the policy, the value network and (run.json) the KL controller; resume restores them.
+    value = {"value": ppo.value_net} if ppo.value_net is not None else {"value_head": ppo.value_head}
+    start_it, save_checkpoint, meta = runs.checkpoints(
+        args, "ppo", policy, tok, ppo.optimizer, ppo.scheduler, args.iterations, keys, resume_from, value,
+        pm=args.pm, policy=args.policy, n_prompts=len(prompts))
     if resume_from is not None:
-        from safetensors.torch import load_file
-        start_it = runs.load_trainer_state(resume_from, ppo.optimizer, ppo.scheduler, fingerprint)
         ppo.kl_ctl.load_state_dict(runs.read_run_meta(resume_from)["kl_ctl"])
-        value = ppo.value_net if ppo.value_net is not None else ppo.value_head
-        name = "value" if ppo.value_net is not None else "value_head"
-        value.load_state_dict(load_file(str(resume_from / f"{name}.safetensors"), device=str(device)))
     print(f"ppo: {len(prompts)} prompts ({n_long} over {args.max_prompt_tokens} tokens dropped), {args.batch_size} "
           f"rollouts x {args.max_new_tokens} tokens per iteration, {args.value_model} value network, "
           f"{meta['n_trainable'] / 1e6:.1f}M trainable parameters; iterations {start_it}..{args.iterations}",
           file=sys.stderr)
-
-    def save(it: int) -> None:
-        meta["kl_ctl"] = ppo.kl_ctl.state_dict()
-        value = {"value": ppo.value_net.state_dict()} if ppo.value_net is not None else \
-            {"value_head": ppo.value_head.state_dict()}
-        runs.save_checkpoint(ckpt, policy, tok, meta, ppo.optimizer, ppo.scheduler, it, fingerprint, value)
-
+    out = Path(args.out)
     if args.profile:
         return run_profile(ppo, out)
 
     timer = PhaseTimer(device)
-    stop = min(args.iterations, args.stop_after) if args.stop_after else args.iterations
-    for it in range(start_it, stop):
-        t0 = time.perf_counter()
-        try:
-            rec, gen, score = train_iteration(ppo, it, timer)
-        except FloatingPointError as e:
-            print(f"train.py ppo: {e}", file=sys.stderr)
-            return 3
+    last: dict = {}                       # the latest iteration's rollouts and scores, for the sample log
+
+    def step(it: int) -> dict:
+        rec, last["gen"], last["score"] = train_iteration(ppo, it, timer)
         times = timer.read()
-        dt = time.perf_counter() - t0
-        rec |= {"tokens_per_s": rec["tokens"] / dt, "iter_s": dt, **{f"t_{p}": times.get(p, 0.0) for p in PHASES}}
-        runs.log_jsonl(out / runs.METRICS, rec)
-        print(_line(it + 1, args.iterations, rec), flush=True)
-        if args.sample_every and (it + 1) % args.sample_every == 0:
-            samples = sample_records(gen, score, tok, args.n_samples)
-            runs.log_jsonl(out / runs.METRICS, {"step": it + 1, "samples": samples})
+        return rec | {f"t_{p}": times.get(p, 0.0) for p in PHASES}
+
+    def after(rec: dict) -> None:
+        print(_line(rec["step"], args.iterations, rec), flush=True)
+        if args.sample_every and rec["step"] % args.sample_every == 0:
+            samples = sample_records(last["gen"], last["score"], tok, args.n_samples)
+            runs.log_jsonl(out / runs.METRICS, {"step": rec["step"], "samples": samples})
             for s in samples:
                 print(f"  [{s['score']:+.2f}] {s['prompt'][-80:]!r} -> {s['response'][:200]!r}", flush=True)
-        if (args.save_every and (it + 1) % args.save_every == 0) or it + 1 == stop:
-            t1 = time.perf_counter()
-            save(it + 1)
-            runs.log_jsonl(out / runs.METRICS, {"step": it + 1, "save_s": time.perf_counter() - t1})
+
+    def save(it: int) -> None:
+        meta["kl_ctl"] = ppo.kl_ctl.state_dict()          # run.json: the controller as of this iteration
+        save_checkpoint(it)
+
+    try:
+        runs.run_loop(args, step, start_it, args.iterations, save, out / runs.METRICS, "ppo", progress=False,
+                      time_key="iter_s", after=after)
+    except FloatingPointError as e:
+        print(f"train.py ppo: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
