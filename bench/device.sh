@@ -13,7 +13,7 @@ set -u
 OUT=${OUT:-/tmp/device-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-DEADLINE=$(( $(date +%s) + ${DEADLINE_S:-470} ))
+DEADLINE=$(( $(date +%s) + ${DEADLINE_S:-400} ))
 
 left() { echo $(( DEADLINE - $(date +%s) )); }
 
@@ -37,8 +37,8 @@ step() {
 cat "$OUT/env.txt"
 
 # 1. correctness, the two in parallel (Triton compiles on the CPU cores)
-step cuda_check 170 python3 bench/cuda_check.py &
-step kernel_tests 170 python3 -m pytest -x -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_logprob.py &
+step cuda_check 150 python3 bench/cuda_check.py &
+step kernel_tests 150 python3 -m pytest -x -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_logprob.py &
 wait
 tail -n 12 "$OUT/cuda_check.log"; tail -n 4 "$OUT/kernel_tests.log"
 
@@ -46,21 +46,21 @@ tail -n 12 "$OUT/cuda_check.log"; tail -n 4 "$OUT/kernel_tests.log"
 mkdir -p /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     > "$OUT/pip.log" 2>&1 || echo "TRL wheels did not install (see pip.log)"
-PYTHONPATH=$PWD:/tmp/site step ppo_trl 110 python3 bench/bench_ppo.py --device cuda --trl --warmup 2 --iters 5 \
+PYTHONPATH=$PWD:/tmp/site step ppo_trl 100 python3 bench/bench_ppo.py --device cuda --trl --warmup 2 --iters 5 \
     --out "$OUT/ppo_trl.md"
 tail -n 25 "$OUT/ppo_trl.log"
 
 # 3. kernels vs SDPA flash / plain PyTorch
-step kernels 110 python3 bench/bench_kernels.py --out "$OUT/kernels.md"
+step kernels 90 python3 bench/bench_kernels.py --out "$OUT/kernels.md"
 tail -n 30 "$OUT/kernels.log"
 
 # 4. decode: eager vs compiled (CUDA graph) vs transformers, bf16
-step generate 90 python3 bench/bench_generate.py --device cuda --dtype bfloat16 --random --batches 1 16 64 \
+step generate 70 python3 bench/bench_generate.py --device cuda --dtype bfloat16 --random --batches 1 16 64 \
     --compile --hf --repeats 3
 tail -n 6 "$OUT/generate.log"
 
 # 5. PPO with the Triton attention kernel in the model (prefill, update, reference)
-step ppo_triton 60 python3 bench/bench_ppo.py --device cuda --attn-impl triton --warmup 2 --iters 5 \
+step ppo_triton 50 python3 bench/bench_ppo.py --device cuda --attn-impl triton --warmup 2 --iters 5 \
     --out "$OUT/ppo_triton.md"
 tail -n 16 "$OUT/ppo_triton.log"
 echo "== done, $(left) s before the deadline"

@@ -127,8 +127,10 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: (B, n, T, hd); cos, sin: (B, 1, T, hd)
-    return x * cos + rotate_half(x) * sin
+    # x: (B, n, T, hd); cos, sin: (B, 1, T, hd) in the weights' dtype. Under autocast x is bf16 while an
+    # fp32 model's cos/sin are fp32: the rotation is computed in fp32 and returned in x's dtype, so q and
+    # k keep v's dtype (the fused attention kernel takes one dtype; SDPA would cast them back anyway).
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
 def attention_mask(start: Tensor | None, q_cols: Tensor, L: int) -> Tensor:

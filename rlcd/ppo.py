@@ -28,8 +28,9 @@ policy forward (free with the shared value head, whose forward is the policy's).
 
 Hot path: no host synchronisation inside an iteration except the generation engine's stop check; every
 diagnostic stays a tensor until one `.tolist()` per iteration. Log-probs come from the fused entry
-point kernels.token_logprobs, which never builds (B, T, V) logits. Phases are timed with CUDA events on
-a GPU (no sync) and perf_counter on a CPU (where ops run synchronously).
+point kernels.token_logprobs, which never builds (B, T, V) logits. Phases (PHASES: the steps above, with
+step 6 split into forward, backward and optimiser) are timed with CUDA events on a GPU (no sync) and
+perf_counter on a CPU (where ops run synchronously), and logged as t_<phase> seconds.
 
 Value network (--value-model): "separate" (the paper: a second trunk with a scalar head, initialised
 from the preference model, trained jointly by the same optimiser) or "shared" (a zero-initialised
@@ -70,7 +71,11 @@ from rlcd.ppo_core import (KL_ESTIMATORS, KLController, apply_missing_stop, expl
                            kl_per_token, masked_mean, masked_whiten, policy_loss, shape_rewards, value_loss)
 from rlcd.reward import RewardModel, end_marker, fp32_head, load_reward_model, score_tokens
 
-PHASES = ("generate", "score", "reference", "values", "advantages", "update")
+# Phases of an iteration, timed by PhaseTimer: the numbered steps of `iteration`, its update (step 6) as
+# forward (the policy and value forward and the losses), backward, and optimiser (gradient clip, AdamW,
+# schedule). "advantages" (steps 4-5) is timed wherever it runs: before the update, or, when the old
+# log-probs and values come from the update's forward (the default), between that forward and the loss.
+PHASES = ("generate", "score", "reference", "values", "advantages", "forward", "backward", "optimiser")
 VALUE_MODELS = ("separate", "shared")
 
 
@@ -359,46 +364,49 @@ def iteration(ppo: PPORun, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor
             with timer("advantages"):
                 adv, returns, kl = advantages(a, score, old_logp, ref_logp, old_values.float(), mask, beta)
 
-    # 6. PPO epochs: shuffled minibatches, each one optimiser step accumulated over micro-batches.
+    # 6. PPO epochs: shuffled minibatches, each one optimiser step accumulated over micro-batches. Timed
+    #    as forward (forward and loss), backward, and optimiser (clip, AdamW, schedule).
     stats = {k: torch.zeros((), device=dev) for k in
              ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "vf_clipfrac", "grad_norm")}
     n_steps = a.ppo_epochs * a.minibatches
     mb_size = a.batch_size // a.minibatches
     lr = 0.0                # the learning rate the iteration's optimiser steps used, their mean
-    with timer("update"):
-        policy.train()
-        for _ in range(a.ppo_epochs):
-            perm = torch.arange(a.batch_size, device=dev) if old_from_update else \
-                torch.randperm(a.batch_size, generator=g, device=dev)                        # (B,)
-            for mb in perm.split(mb_size):
-                n_tok = mask[mb].sum()                          # response tokens of the minibatch: the loss mean's denominator
-                for mi in mb.split(a.micro_batch):
-                    m = mask[mi]                                                             # (b, T_r)
-                    with amp:
-                        logp, ent, values = ppo.values_and_logprobs(seq[mi], start[mi], T_p, tokens[mi], m)
-                    if old_from_update:
-                        # One epoch of one minibatch in one micro-batch (the default): nothing has been
-                        # updated since the rollout, so this forward is the old policy and value network.
-                        # Taking the old log-probs and values from it, then steps 4 and 5, saves the
-                        # rollout's value forward (a whole trunk) and makes the ratio exactly 1.
+    policy.train()
+    for _ in range(a.ppo_epochs):
+        perm = torch.arange(a.batch_size, device=dev) if old_from_update else \
+            torch.randperm(a.batch_size, generator=g, device=dev)                            # (B,)
+        for mb in perm.split(mb_size):
+            n_tok = mask[mb].sum()                          # response tokens of the minibatch: the loss mean's denominator
+            for mi in mb.split(a.micro_batch):
+                m = mask[mi]                                                                 # (b, T_r)
+                with timer("forward"), amp:
+                    logp, ent, values = ppo.values_and_logprobs(seq[mi], start[mi], T_p, tokens[mi], m)
+                if old_from_update:
+                    # One epoch of one minibatch in one micro-batch (the default): nothing has been
+                    # updated since the rollout, so this forward is the old policy and value network.
+                    # Taking the old log-probs and values from it, then steps 4 and 5, saves the
+                    # rollout's value forward (a whole trunk) and makes the ratio exactly 1.
+                    with timer("advantages"):
                         old_logp, old_values = logp.detach(), values.detach().float()        # (B, T_r) each
                         adv, returns, kl = advantages(a, score, old_logp, ref_logp, old_values, mask, beta)
-                    with amp:
-                        pg, clipfrac, approx_kl = policy_loss(logp, old_logp[mi], adv[mi], m, a.clip, n_tok)
-                        vf, vf_clipfrac = value_loss(values, old_values[mi], returns[mi], m, a.value_clip, n_tok)
-                        loss = pg + a.vf_coef * vf
-                        if ent is not None:
-                            ent_mean = masked_mean(ent, m, n_tok)
-                            loss = loss - a.ent_coef * ent_mean
-                            stats["entropy"] += ent_mean.detach() / n_steps
-                    loss.backward()
+                with timer("forward"), amp:
+                    pg, clipfrac, approx_kl = policy_loss(logp, old_logp[mi], adv[mi], m, a.clip, n_tok)
+                    vf, vf_clipfrac = value_loss(values, old_values[mi], returns[mi], m, a.value_clip, n_tok)
+                    loss = pg + a.vf_coef * vf
+                    if ent is not None:
+                        ent_mean = masked_mean(ent, m, n_tok)
+                        loss = loss - a.ent_coef * ent_mean
+                        stats["entropy"] += ent_mean.detach() / n_steps
                     for k, v in (("policy_loss", pg), ("value_loss", vf),
                                  ("approx_kl", approx_kl), ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac)):
                         stats[k] += v.detach().float() / n_steps
+                with timer("backward"):
+                    loss.backward()
+            with timer("optimiser"):
                 # clip_grad_norm_ with max_norm=inf only measures; it returns a tensor (no sync).
                 grad_norm = torch.nn.utils.clip_grad_norm_(ppo.params, a.grad_clip or float("inf"))
                 stats["grad_norm"] += grad_norm.float() / n_steps
-                lr += ppo.scheduler.get_last_lr()[0] / n_steps      # a Python float: no sync
+                lr += ppo.scheduler.get_last_lr()[0] / n_steps      # read before scheduler.step(); a float: no sync
                 ppo.optimizer.step()
                 ppo.scheduler.step()
                 ppo.optimizer.zero_grad(set_to_none=True)

@@ -194,7 +194,12 @@ def test_use_triton_respects_env(monkeypatch):
         use_triton(t)
     if HAS_TRITON:
         monkeypatch.setenv("RLCD_KERNELS", "triton")
-        assert use_triton(t) is True
+        if torch.cuda.is_available():
+            assert use_triton(t.cuda()) is True
+            with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):   # a CPU tensor, no interpreter
+                use_triton(t)
+        else:
+            assert use_triton(t) is True          # conftest set TRITON_INTERPRET=1 on a CPU-only machine
 
 
 def test_imports_and_falls_back_without_triton():

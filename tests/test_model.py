@@ -83,6 +83,23 @@ def test_low_precision_forward_close_to_fp32(dtype):
     assert (a - b).abs().max() < 0.1 * a.abs().max()
 
 
+def test_fp32_model_under_bf16_autocast_runs_every_attention_path(monkeypatch):
+    # PPO trains an fp32 policy under bf16 autocast: the projections come out bf16 while RoPE's cos/sin
+    # are fp32. q, k, v must leave RoPE in one dtype, which the fused kernel requires (found on an H200,
+    # 2026-11-28: "q, k, v must share a dtype"). Same bound as the bf16-weights test above. The kernel
+    # itself runs here (RLCD_KERNELS=triton: interpreted on a CPU-only machine, compiled on a GPU).
+    monkeypatch.setenv("RLCD_KERNELS", "triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens, start = torch.randint(0, 320, (2, 9), device=dev), torch.tensor([0, 3], device=dev)
+    with torch.no_grad():
+        ref = make_tiny_model().to(dev)(tokens, start=start)
+        for impl in ("naive", "sdpa", "triton"):
+            model = make_tiny_model(attn_impl=impl).to(dev)
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                got = model(tokens, start=start).float()
+            assert (got - ref)[1, 3:].abs().max() < 0.1 * ref.abs().max(), impl
+
+
 def test_save_load_roundtrip_bit_exact_with_hf_names(tmp_path):
     from safetensors import safe_open
 
