@@ -13,6 +13,13 @@ Sums divided by a token count: every loss and statistic is a mean over the real 
 gradient accumulation the caller passes `n`, the token count of the whole minibatch; the micro-batch
 results then add up to the minibatch mean, whatever the micro-batch size.
 
+Global batch (torchrun, rlcd/distributed.py): each rank holds B of the global batch's rows. Statistics of
+"the batch" (whitening, explained variance, the KL controller's measured KL) take `global_batch=True`
+and then reduce their sums and counts over the ranks with one all_reduce per pass, so N ranks whiten
+exactly as one process does on the concatenated batch, up to the order of the float additions. The
+reduced statistics are constants for autograd (PPO computes them under no_grad). Without a process
+group, global_batch=True runs the one-process code unchanged. Loss means take the caller's `n` instead.
+
 Shapes: B responses, T_r response tokens (the longest response of the batch).
 """
 from __future__ import annotations
@@ -21,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from rlcd import distributed
 
 KL_ESTIMATORS = ("k1", "k3")
 
@@ -31,27 +40,68 @@ def masked_sum(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
 
 
-def masked_mean(x: Tensor, mask: Tensor, n: Tensor | float | None = None) -> Tensor:
-    """Mean of x over the mask (a scalar); with n, the masked sum divided by n (gradient accumulation)."""
+def _global_sums(*xs: Tensor) -> list[Tensor]:
+    """Scalars summed over the ranks in one all_reduce, each back in its own dtype (float64 on the wire:
+    token counts stay exact integers, so the divisions promote as the local code's do)."""
+    sums = distributed.all_reduce_sum(torch.stack([x.detach().double() for x in xs]))     # (len(xs),)
+    return [(s if x.is_floating_point() else s.round()).to(x.dtype) for s, x in zip(sums.unbind(), xs)]
+
+
+def _global_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, biased variance, token count) of x over the mask of every rank: two passes, as the local
+    code (a global mean first, then the global sum of squared deviations from it)."""
+    total, n = _global_sums(masked_sum(x, mask), mask.sum())
+    mean = total / n
+    (sq,) = _global_sums(masked_sum((x - mean) ** 2, mask))
+    return mean, sq / n, n
+
+
+def masked_mean(x: Tensor, mask: Tensor, n: Tensor | float | None = None, global_batch: bool = False) -> Tensor:
+    """Mean of x over the mask (a scalar); with n, the masked sum divided by n (gradient accumulation).
+    global_batch: the mean over every rank's masked entries (not with n: a loss's denominator is the caller's)."""
+    if global_batch and n is not None:
+        raise ValueError("masked_mean: pass n (the caller's denominator) or global_batch, not both")
+    if global_batch and distributed.active():
+        total, count = _global_sums(masked_sum(x, mask), mask.sum())
+        return total / count
     return masked_sum(x, mask) / (mask.sum() if n is None else n)
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of x over the mask, with Bessel's correction by default (as the N+ details / TRL)."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, global_batch: bool = False) -> Tensor:
+    """Variance of x over the mask, with Bessel's correction by default (as the N+ details / TRL);
+    global_batch: over every rank's masked entries."""
+    if global_batch and distributed.active():
+        _, var, n = _global_moments(x, mask)
+    else:
+        mean = masked_mean(x, mask)
+        n = mask.sum()
+        var = masked_mean((x - mean) ** 2, mask)
     return var * n / (n - 1).clamp_min(1) if unbiased else var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  global_batch: bool = False) -> Tensor:
     """(x - mean) / std over the mask; shift_mean=False only scales (x - mean) / std + mean, as the
-    official code whitens rewards. Padding comes out as 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    official code whitens rewards. Padding comes out as 0. global_batch: mean and std of every rank's
+    masked entries (two all_reduces), so each rank's rows come out as in a one-process whitening."""
+    if global_batch and distributed.active():
+        mean, var, n = _global_moments(x, mask)
+        var = var * n / (n - 1).clamp_min(1)                     # unbiased, as masked_var
+    else:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
     return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def batch_mean(x: Tensor, global_batch: bool = False) -> Tensor:
+    """Mean of every entry of x, e.g. the per-sequence KL (B,) that the KL controller measures;
+    global_batch: over every rank's entries (one all_reduce)."""
+    if global_batch and distributed.active():
+        total, count = _global_sums(x.sum(), torch.tensor(x.numel(), device=x.device))
+        return total / count
+    return x.mean()
 
 
 # --- the per-token KL reward ---------------------------------------------------------------------------------
@@ -143,11 +193,11 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     return loss, clipfrac
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, global_batch: bool = False) -> Tensor:
     """1 - Var[R - V] / Var[R] over the real tokens: 1 is a perfect value function, 0 no better than a
-    constant, negative worse (cleanrl's diagnostic)."""
-    var_r = masked_var(returns, mask)
-    return 1.0 - masked_var(returns - values, mask) / var_r.clamp_min(1e-12)
+    constant, negative worse (cleanrl's diagnostic). global_batch: both variances over every rank's tokens."""
+    var_r = masked_var(returns, mask, global_batch=global_batch)
+    return 1.0 - masked_var(returns - values, mask, global_batch=global_batch) / var_r.clamp_min(1e-12)
 
 
 # --- KL coefficient -------------------------------------------------------------------------------------------
@@ -157,7 +207,9 @@ class KLController:
     adaptive controller of Ziegler et al. 2019 (lm-human-preferences): after each batch of n rollouts
     whose mean sequence KL is kl,
         e = clip(kl / target - 1, -0.2, 0.2),   beta <- beta * (1 + e * n / horizon)
-    so beta drifts up while the policy is further from the reference than `target` nats, down otherwise."""
+    so beta drifts up while the policy is further from the reference than `target` nats, down otherwise.
+    Under torchrun every rank must update with the same numbers: kl the global batch's mean
+    (batch_mean(..., global_batch=True)) and n the global batch size, so beta stays equal on all ranks."""
     value: float
     target: float | None = None
     horizon: int = 10000
