@@ -15,6 +15,10 @@ same sampling settings and seed, one JSONL file per policy (DIR/NAME.jsonl). The
 are appended and fsynced together. A rerun skips chunks already complete, regenerates a chunk that was
 cut short and writes only its missing records, so an interrupted file is completed into exactly the
 file an uninterrupted run writes (on the same machine and batch size). A partial last line is cut off.
+Under torchrun (`torchrun --nproc_per_node N eval.py respond ...`, rlcd/distributed.py) rank r takes
+chunks r, r + N, ... and appends to NAME.jsonl.rank<r>; rank 0 then merges the shards into NAME.jsonl in
+chunk order, so the file is the one a single process writes, whatever N. A kill of any rank is resumed
+by a rerun at any world size, which counts the shards' records as done and merges them.
     Record: id, policy, model, task, format, messages, prompt (the text the policy saw), response (cleaned
     as in rlcd.simulate.clean: cut at the end-of-turn token or next turn), n_tokens (generated tokens, stop
     token excluded), finished (stopped on a stop token or, in plain format, a next-turn marker rather than
@@ -353,22 +357,33 @@ def _chunks(items: list[tuple[dict, str, int]], batch_size: int) -> list[list[tu
 
 
 def respond_policy(name: str, model_spec: str, prompts: list[dict], args: RespondArgs) -> dict:
-    """Write (or complete) OUT_DIR/NAME.jsonl for one policy; returns a summary."""
+    """Write (or complete) OUT_DIR/NAME.jsonl for one policy; returns a summary (under torchrun, the same
+    on every rank, with the file complete on return)."""
+    from rlcd import distributed
     from rlcd.simulate import clean
 
     path = Path(args.out_dir) / f"{name}.jsonl"
     settings = _settings(args)
+    world = distributed.world_size()
+    # Each rank trims a partial last line off what it appends to (rank 0 also NAME.jsonl, which it merges
+    # into), then, past the barrier, every rank reads the file and every shard (rlcd.distributed).
+    target = path if world == 1 else distributed.shard_path(path)
+    for f in {target, path} if distributed.is_main() else {target}:
+        if f.exists():
+            drop_partial_line(f, _read_lines(f)[1], "respond", "it will be redone")
+    distributed.barrier()
     done: set[str] = set()
-    if path.exists():
-        lines, end = _read_lines(path)
-        drop_partial_line(path, end, "respond", "it will be redone")
+    for f in [path, *distributed.shard_files(path)]:
+        if not f.exists():
+            continue
+        lines, _ = _read_lines(f)
         for lineno, rec in lines:
             theirs = {"policy": rec["policy"], "model": rec["model"], **rec["settings"]}
             ours = {"policy": name, "model": model_spec, **settings}
             diff = [k for k in ours if theirs.get(k) != ours[k]]
             if diff:
                 raise ResponsesError(
-                    f"{path}:{lineno}: written with {', '.join(f'{k}={theirs.get(k)!r}' for k in diff)}, but this "
+                    f"{f}:{lineno}: written with {', '.join(f'{k}={theirs.get(k)!r}' for k in diff)}, but this "
                     f"run has {', '.join(f'{k}={ours[k]!r}' for k in diff)}; use another --out-dir")
             done.add(rec["id"])
     want = {r["id"] for r in prompts}
@@ -376,23 +391,27 @@ def respond_policy(name: str, model_spec: str, prompts: list[dict], args: Respon
         raise ResponsesError(f"{path}: holds {len(done - want)} prompt id(s) not in this run's prompts "
                              f"(e.g. {sorted(done - want)[0]}); use another --out-dir")
     if done == want:
+        if distributed.is_main():                   # shards a killed run left complete
+            distributed.merge_shards(path, [r["id"] for r in prompts], ResponsesError)
+        distributed.barrier()
         return {"policy": name, "path": str(path), "n": len(want), "written": 0, "seconds": 0.0}
 
-    model, tok = load_model(model_spec, device=args.device, dtype=DTYPES[args.dtype])
+    model, tok = load_model(model_spec, device=distributed.device_for_rank(args.device), dtype=DTYPES[args.dtype])
     texts = [format_prompt(r["messages"], args.format, tok) for r in prompts]
     chunks = _chunks([(r, t, len(tok.encode(t))) for r, t in zip(prompts, texts)], args.batch_size)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p)
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(want), initial=len(done), desc=f"respond {name}", unit="prompt",
-               disable=not args.progress, dynamic_ncols=True)
+    # The chunks left to do, dealt round-robin to the ranks (all of them at world size 1).
+    mine = distributed.shard([c for c in chunks if not all(r["id"] in done for r, _, _ in c)])
+    # One process counts the whole file; rank 0 of N counts its own share.
+    n_mine = sum(r["id"] not in done for c in mine for r, _, _ in c)
+    total, initial = (len(want), len(done)) if world == 1 else (n_mine, 0)
+    bar = distributed.progress(total=total, initial=initial, desc=f"respond {name}", unit="prompt",
+                               disable=not args.progress, dynamic_ncols=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     written, n_tokens, t0 = 0, 0, time.perf_counter()
-    with open(path, "a", encoding="utf-8") as f:
-        for chunk in chunks:
-            if all(r["id"] in done for r, _, _ in chunk):
-                continue
+    with open(target, "a", encoding="utf-8") as f:
+        for chunk in mine:
             # The chunk's seed depends on its ids only, so a redone chunk samples exactly what it did.
             key = f"respond:{args.seed}:" + "\n".join(r["id"] for r, _, _ in chunk)
             seed = int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
@@ -416,33 +435,45 @@ def respond_policy(name: str, model_spec: str, prompts: list[dict], args: Respon
             written += len(lines)
             bar.update(len(lines))
     bar.close()
-    seconds = time.perf_counter() - t0
+    counts = distributed.gather_objects((written, n_tokens, time.perf_counter() - t0))
+    if distributed.is_main():
+        distributed.merge_shards(path, [r["id"] for c in chunks for r, _, _ in c], ResponsesError)
+    distributed.barrier()                           # NAME.jsonl is complete on every rank's return
+    written, n_tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    seconds = max(c[2] for c in counts)
     return {"policy": name, "path": str(path), "n": len(want), "written": written, "seconds": round(seconds, 1),
             "gen_tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None}
 
 
 def respond(args: RespondArgs) -> dict:
     """Every policy of args.policy answers the same prompts; returns {name: summary}."""
+    from rlcd import distributed
+
     _check_choices(format=(args.format, FORMATS), dtype=(args.dtype, DTYPES))
+    distributed.init(args.device)
     policies = parse_policies(args.policy)
     prompts = load_prompts(args.prompts or args.task, args.split, args.n_prompts)
     if not prompts:
         raise DataError(f"{args.prompts or args.task}: no prompts in split {args.split!r}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(args, out / "respond.config.json")
+    if distributed.is_main():
+        save_config(args, out / "respond.config.json")
     return {name: respond_policy(name, spec, prompts, args) for name, spec in policies.items()}
 
 
 def respond_main(argv: list[str] | None = None) -> int:
+    from rlcd import distributed
+
     args = parse_args(RespondArgs, argv, prog="eval.py respond", description=RespondArgs.__doc__)
     try:
-        summary = respond(args)
+        with distributed.rank_errors():
+            summary = respond(args)
     except (ResponsesError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"eval.py respond: {e}", file=sys.stderr)
+        print(f"{distributed.tag('eval.py respond')}: {e}", file=sys.stderr)
         return 2
     for s in summary.values():
-        print(json.dumps(s))
+        distributed.print0(json.dumps(s))
     return 0
 
 

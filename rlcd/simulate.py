@@ -36,8 +36,16 @@ Resuming: records are appended and flushed after every chunk of `batch_size` pro
 same command skips the ids already in the file. A last line without its newline is a write cut short
 by a killed run: the file is truncated back to the last complete line and that pair is redone. Any
 other unreadable line is an error naming the file and line, and so is a record made with a different
-task, method, format, model or seed. A resumed run is a valid sample but not bit-identical to an
-uninterrupted one (the sampling seed of a chunk depends on the prompts in it).
+task, method, format, model or seed. The chunks are fixed by the prompts alone (sorted by length, then
+id) and each chunk's sampling is seeded from its ids, so a resumed run writes the records an
+uninterrupted one would (on the same machine and batch size).
+
+Under torchrun (rlcd/distributed.py): `torchrun --nproc_per_node N train.py simulate ...` deals the chunks
+to the ranks round-robin (chunk i to rank i mod N; the chunks are sorted by length, so the loads are
+alike). Rank r appends to OUT.rank<r>; at the end rank 0 merges the shards into OUT in chunk order and
+deletes them, so OUT is the file one process writes, and the records do not depend on N (each chunk is
+sampled, and judged, alone). A kill of any rank leaves OUT and the shards resumable: a rerun at any
+world size, `python train.py simulate` included, counts the shards' ids as done and merges them.
 """
 from __future__ import annotations
 
@@ -55,6 +63,7 @@ from models import DTYPES, CheckpointError, load_model
 from models.checkpoint import resolve
 from models.generation import SamplingParams, generate_texts
 from models.tokenizer import Tokenizer
+from rlcd import distributed
 from rlcd.cli import parse_args, save_config
 from rlcd.jsonl import drop_partial_line, read_objects
 from rlcd.pairs import PairsError
@@ -116,20 +125,30 @@ def read_records(path: str | Path) -> tuple[list[dict], int]:
 
 
 def _resume(path: Path, args: Args) -> set[str]:
-    """Ids already in `path` (after cutting off a partial last line); checks they came from this run."""
-    if not path.exists():
-        return set()
-    records, end = read_records(path)
-    drop_partial_line(path, end, "simulate", "that pair will be redone")
+    """Ids already in `path` or in its shard files (a sharded run's, rlcd.distributed), after cutting a
+    partial last line off the files this rank appends to; checks they all came from this run."""
+    # Each rank trims only what it appends to (rank 0 also `path`, which it merges into); the barrier
+    # keeps the other ranks from reading a file while it is being truncated.
+    own = {path} if distributed.world_size() == 1 else {distributed.shard_path(path)}
+    for f in own | ({path} if distributed.is_main() else set()):
+        if f.exists():
+            drop_partial_line(f, read_records(f)[1], "simulate", "that pair will be redone")
+    distributed.barrier()
     want = {k: getattr(args, k) for k in RUN_KEYS}
-    for n, rec in enumerate(records, 1):
-        diff = [k for k in RUN_KEYS if rec[k] != want[k]]
-        if diff:
-            theirs = ", ".join(f"{k}={rec[k]!r}" for k in diff)
-            ours = ", ".join(f"{k}={want[k]!r}" for k in diff)
-            raise PairsError(f"{path}: record {n} ({rec['id']}) has {theirs}, but this run has {ours}; "
-                             f"write to another --out")
-    return {r["id"] for r in records}
+    done = set()
+    for f in [path, *distributed.shard_files(path)]:
+        if not f.exists():
+            continue
+        records, _ = read_records(f)
+        for n, rec in enumerate(records, 1):
+            diff = [k for k in RUN_KEYS if rec[k] != want[k]]
+            if diff:
+                theirs = ", ".join(f"{k}={rec[k]!r}" for k in diff)
+                ours = ", ".join(f"{k}={want[k]!r}" for k in diff)
+                raise PairsError(f"{f}: record {n} ({rec['id']}) has {theirs}, but this run has {ours}; "
+                                 f"write to another --out")
+        done |= {r["id"] for r in records}
+    return done
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,15 +296,18 @@ def _check(args: Args) -> None:
 
 
 def simulate(args: Args) -> dict:
-    """Run the simulation described by `args`, appending to args.out; returns a summary."""
+    """Run the simulation described by `args`, appending to args.out; returns a summary (the same on
+    every rank under torchrun)."""
     _check(args)
+    distributed.init(args.device)
+    device = distributed.device_for_rank(args.device)
     out = Path(args.out)
     done = _resume(out, args)
     records = load_prompts(args.prompts or args.task, split=args.split)
-    model, tok = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    model, tok = load_model(args.model, device=device, dtype=DTYPES[args.dtype])
     judge = None
     if args.judge and args.method != "rlcd":
-        judge = load_model(args.judge, device=args.device, dtype=DTYPES[args.dtype])
+        judge = load_model(args.judge, device=device, dtype=DTYPES[args.dtype])
 
     # p+, p-, p for every prompt; drop the too long ones, then take the first n_prompts.
     items, n_long = [], 0
@@ -305,17 +327,20 @@ def simulate(args: Args) -> dict:
     chunks = [items[lo:lo + args.batch_size] for lo in range(0, len(items), args.batch_size)]
     chunks = [c for c in chunks if any(rec["id"] not in done for rec, _ in c)]
     todo = [it for c in chunks for it in c if it[0]["id"] not in done]
+    # Under torchrun each rank takes every N-th chunk and appends to its own shard file.
+    mine = distributed.shard(chunks)
+    target = out if distributed.world_size() == 1 else distributed.shard_path(out)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_config(args, out.with_name(out.name + ".config.json"))
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), desc=f"simulate {args.method}", unit="pair", disable=not args.progress,
-               dynamic_ncols=True)
+    if distributed.is_main():
+        save_config(args, out.with_name(out.name + ".config.json"))
+    bar = distributed.progress(total=sum(rec["id"] not in done for c in mine for rec, _ in c),
+                               desc=f"simulate {args.method}", unit="pair", disable=not args.progress,
+                               dynamic_ncols=True)
     written, n_tokens, t0 = 0, 0, time.perf_counter()
-    with open(out, "a", encoding="utf-8") as f:
+    with open(target, "a", encoding="utf-8") as f:
         tried = 0
-        for chunk in chunks:
+        for chunk in mine:
             recs, toks = make_pairs(model, tok, chunk, args, judge)
             recs = [r for r in recs if r["id"] not in done]
             for r in recs:
@@ -331,7 +356,13 @@ def simulate(args: Args) -> dict:
             per_min = 60 * written / (time.perf_counter() - t0)
             bar.set_postfix(kept=written, dropped=tried - written, pairs_per_min=f"{per_min:.1f}")
     bar.close()
-    seconds = time.perf_counter() - t0
+    # Every rank's counts, then rank 0 merges the shards (and any a killed run left) in chunk order.
+    counts = distributed.gather_objects((written, n_tokens, time.perf_counter() - t0))
+    if distributed.is_main():
+        distributed.merge_shards(out, [rec["id"] for rec, _ in items], PairsError)
+    distributed.barrier()                       # OUT is complete on every rank's return
+    written, n_tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    seconds = max(c[2] for c in counts)
     return {"out": str(out), "method": args.method, "format": args.format, "prompts": len(items),
             "already_done": len(items) - len(todo), "dropped_too_long": n_long,
             "dropped_failed": len(todo) - written, "written": written, "seconds": round(seconds, 1),
@@ -342,11 +373,12 @@ def simulate(args: Args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(Args, argv, prog="train.py simulate", description=__doc__.split("\n")[0])
     try:
-        summary = simulate(args)
+        with distributed.rank_errors():
+            summary = simulate(args)
     except (PairsError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"simulate: error: {e}", file=sys.stderr)
+        print(f"{distributed.tag('simulate')}: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary))
+    distributed.print0(json.dumps(summary))
     return 0
 
 
