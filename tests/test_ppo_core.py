@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rlcd.ppo_core import (KLController, apply_missing_stop, explained_variance, gae, kl_per_token, masked_mean,
-                           masked_var, masked_whiten, policy_loss, shape_rewards, value_loss)
+from rlcd.ppo_core import (KLController, apply_missing_stop, batch_mean, explained_variance, gae, kl_per_token,
+                           masked_mean, masked_var, masked_whiten, policy_loss, shape_rewards, value_loss)
 
 
 def f64(*x):
@@ -39,6 +39,21 @@ def test_masked_whiten_by_hand():
     s = masked_whiten(x, m, shift_mean=False)                                  # scale only: the mean stays
     torch.testing.assert_close(s[m], (real - mean) / std + mean, rtol=1e-7, atol=1e-7)
     assert s[m].mean().item() == pytest.approx(mean.item())
+
+
+def test_global_batch_without_a_process_group_is_the_local_code():
+    # One process: global_batch=True must run exactly today's code (tests/test_distributed.py checks 2 ranks).
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)      # float32, (B, T_r)
+    m = ragged([5, 2, 0], 5)
+    assert masked_mean(x, m, global_batch=True).equal(masked_mean(x, m))
+    assert masked_var(x, m, global_batch=True).equal(masked_var(x, m))
+    assert masked_whiten(x, m, global_batch=True).equal(masked_whiten(x, m))
+    assert masked_whiten(x, m, shift_mean=False, global_batch=True).equal(masked_whiten(x, m, shift_mean=False))
+    assert explained_variance(v, x, m, global_batch=True).equal(explained_variance(v, x, m))
+    assert batch_mean(x, global_batch=True).equal(x.mean())
+    with pytest.raises(ValueError, match="not both"):
+        masked_mean(x, m, n=4, global_batch=True)                # a loss's denominator is the caller's
 
 
 # --- KL and reward shaping -----------------------------------------------------------------------------------
