@@ -38,7 +38,7 @@ class Args:
     dtype: str = "float32"                 # float32, bfloat16 or float16
     attn_impl: str = "sdpa"                # naive, sdpa or triton
     raw: bool = False                      # do not apply the chat template
-    compile: bool = False                  # torch.compile the decode step (pays off on long runs)
+    compile: bool = False                  # torch.compile the decode step on a CPU too (always on CUDA: a CUDA graph)
 
 
 def read_prompts(path: str) -> list[list[dict] | str]:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p)
         results = generate_texts(model, tok, texts, params, batch_size=args.batch_size, seed=args.seed,
-                                 progress=len(texts) > args.batch_size, compile=args.compile)
+                                 progress=len(texts) > args.batch_size, compile=args.compile or None)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2

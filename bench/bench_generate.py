@@ -107,7 +107,7 @@ def main() -> None:
           + (f" {'HF tok/s':>9} {'speed-up':>8}" if hf else ""))
     for B in args.batches:
         prompts = [prompt_ids] * B
-        fns = {"ours": lambda: generate(model, prompts, params, stop_ids=[], pad_id=0)}
+        fns = {"ours": lambda: generate(model, prompts, params, stop_ids=[], pad_id=0, compile=False)}
         if args.compile:
             fns["compiled"] = lambda: generate(model, prompts, params, stop_ids=[], pad_id=0, compile=True)
         if hf is not None:

@@ -133,6 +133,7 @@ def test_compiled_decoding_matches_eager():
     model = make_tiny_model()
     p = SamplingParams(max_new_tokens=12, temperature=0)
     eager = generate(model, [[5, 6, 7], [8, 9, 10, 11]], p, [2], 0)
+    assert not hasattr(model, "_compiled_decode_step"), "compile=None compiled on a CPU (compile_by_default)"
     for _ in range(2):      # the second call reuses the compiled step and its cache buffers
         comp = generate(model, [[5, 6, 7], [8, 9, 10, 11]], p, [2], 0, compile=True)
         assert torch.equal(comp.tokens, eager.tokens) and torch.equal(comp.lengths, eager.lengths)
