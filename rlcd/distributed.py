@@ -24,7 +24,7 @@ import atexit
 import datetime
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -179,6 +179,19 @@ def rank_errors() -> Iterator[None]:
         raise
 
 
+def run_command(body: Callable[[], T], errors: tuple[type[Exception], ...], prog: str,
+                label: str = "") -> tuple[int, T | None]:
+    """A command's body on every rank: (0, its result), or (2, None) after one line on stderr for an
+    expected error (`errors`), "PROG: LABELmessage" with PROG naming the rank under torchrun (tag). Any
+    other exception propagates with its rank noted under the traceback (rank_errors)."""
+    try:
+        with rank_errors():
+            return 0, body()
+    except errors as e:
+        print(f"{tag(prog)}: {label}{e}", file=sys.stderr)
+        return 2, None
+
+
 # --- per-rank shard files of the generation stages -------------------------------------------------------------
 def shard_path(path: str | Path, r: int | None = None) -> Path:
     """Where rank r (default: this one) appends its records of the output `path`: PATH.rank<r>."""
@@ -227,3 +240,16 @@ def merge_shards(path: str | Path, order: Sequence[str], error: type[Exception] 
     for s in shards:
         s.unlink()
     return len(ids)
+
+def finish_shards(path: str | Path, order: Sequence[str], error: type[Exception], written: int, n_tokens: int,
+                  seconds: float) -> tuple[int, int, float]:
+    """The end of a sharded generation stage (simulate, respond): every rank's counts, then rank 0 merges
+    the shards (and any a killed run left) into `path` in the one-process order (`order`: the ids as one
+    process writes them). Returns the totals: records written, tokens generated, seconds of the slowest
+    rank. `path` is complete on every rank's return."""
+    counts = gather_objects((written, n_tokens, seconds))
+    if is_main():
+        merge_shards(path, order, error)
+    barrier()
+    return sum(c[0] for c in counts), sum(c[1] for c in counts), max(c[2] for c in counts)
+

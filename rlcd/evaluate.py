@@ -435,12 +435,9 @@ def respond_policy(name: str, model_spec: str, prompts: list[dict], args: Respon
             written += len(lines)
             bar.update(len(lines))
     bar.close()
-    counts = distributed.gather_objects((written, n_tokens, time.perf_counter() - t0))
-    if distributed.is_main():
-        distributed.merge_shards(path, [r["id"] for c in chunks for r, _, _ in c], ResponsesError)
-    distributed.barrier()                           # NAME.jsonl is complete on every rank's return
-    written, n_tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    seconds = max(c[2] for c in counts)
+    # Every rank's counts, then rank 0 merges the shards into NAME.jsonl in the one-process order.
+    written, n_tokens, seconds = distributed.finish_shards(path, [r["id"] for c in chunks for r, _, _ in c],
+                                                           ResponsesError, written, n_tokens, time.perf_counter() - t0)
     return {"policy": name, "path": str(path), "n": len(want), "written": written, "seconds": round(seconds, 1),
             "gen_tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None}
 
@@ -466,12 +463,10 @@ def respond_main(argv: list[str] | None = None) -> int:
     from rlcd import distributed
 
     args = parse_args(RespondArgs, argv, prog="eval.py respond", description=RespondArgs.__doc__)
-    try:
-        with distributed.rank_errors():
-            summary = respond(args)
-    except (ResponsesError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"{distributed.tag('eval.py respond')}: {e}", file=sys.stderr)
-        return 2
+    rc, summary = distributed.run_command(lambda: respond(args), (ResponsesError, DataError, CheckpointError,
+                                                                 ValueError, FileNotFoundError), "eval.py respond")
+    if rc:
+        return rc
     for s in summary.values():
         distributed.print0(json.dumps(s))
     return 0

@@ -357,12 +357,8 @@ def simulate(args: Args) -> dict:
             bar.set_postfix(kept=written, dropped=tried - written, pairs_per_min=f"{per_min:.1f}")
     bar.close()
     # Every rank's counts, then rank 0 merges the shards (and any a killed run left) in chunk order.
-    counts = distributed.gather_objects((written, n_tokens, time.perf_counter() - t0))
-    if distributed.is_main():
-        distributed.merge_shards(out, [rec["id"] for rec, _ in items], PairsError)
-    distributed.barrier()                       # OUT is complete on every rank's return
-    written, n_tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    seconds = max(c[2] for c in counts)
+    written, n_tokens, seconds = distributed.finish_shards(out, [rec["id"] for rec, _ in items], PairsError,
+                                                           written, n_tokens, time.perf_counter() - t0)
     return {"out": str(out), "method": args.method, "format": args.format, "prompts": len(items),
             "already_done": len(items) - len(todo), "dropped_too_long": n_long,
             "dropped_failed": len(todo) - written, "written": written, "seconds": round(seconds, 1),
@@ -372,12 +368,10 @@ def simulate(args: Args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(Args, argv, prog="train.py simulate", description=__doc__.split("\n")[0])
-    try:
-        with distributed.rank_errors():
-            summary = simulate(args)
-    except (PairsError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"{distributed.tag('simulate')}: error: {e}", file=sys.stderr)
-        return 2
+    rc, summary = distributed.run_command(lambda: simulate(args), (PairsError, DataError, CheckpointError,
+                                                                   ValueError, FileNotFoundError), "simulate", "error: ")
+    if rc:
+        return rc
     distributed.print0(json.dumps(summary))
     return 0
 
