@@ -6,9 +6,9 @@
 #
 # Order: correctness first (the model-level CUDA checks and the kernel tests, side by side: neither is
 # timed), then the benchmarks one at a time. Every step has its own time limit and the whole script a
-# deadline (DEADLINE_S, default 470 s), so one hung step costs its limit, not the call. TRL for the PPO
+# deadline (DEADLINE_S, default 400 s), so one hung step costs its limit, not the call. TRL for the PPO
 # comparison travels as wheels in .whl/ (trl, datasets, dill, multiprocess; see README) and is installed
-# into /tmp/site for that step only.
+# into /tmp/site for that step only. ONLY="name ..." runs just the named steps (a rerun in the time left).
 set -u
 OUT=${OUT:-/tmp/device-out}
 mkdir -p "$OUT"
@@ -21,6 +21,7 @@ left() { echo $(( DEADLINE - $(date +%s) )); }
 # $OUT/NAME.log, print its status and the log's tail.
 step() {
     local name=$1 limit=$2; shift 2
+    if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return; fi
     local t=$(( limit < $(left) ? limit : $(left) ))
     if (( t < 10 )); then echo "== $name skipped: deadline"; return; fi
     local t0=$(date +%s)
@@ -40,7 +41,7 @@ cat "$OUT/env.txt"
 step cuda_check 150 python3 bench/cuda_check.py &
 step kernel_tests 150 python3 -m pytest -x -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_logprob.py &
 wait
-tail -n 12 "$OUT/cuda_check.log"; tail -n 4 "$OUT/kernel_tests.log"
+tail -n 12 "$OUT/cuda_check.log" "$OUT/kernel_tests.log" 2>/dev/null
 
 # 2. PPO iteration vs TRL, same process, interleaved
 mkdir -p /tmp/site
@@ -48,19 +49,23 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
     > "$OUT/pip.log" 2>&1 || echo "TRL wheels did not install (see pip.log)"
 PYTHONPATH=$PWD:/tmp/site step ppo_trl 100 python3 bench/bench_ppo.py --device cuda --trl --warmup 2 --iters 5 \
     --out "$OUT/ppo_trl.md"
-tail -n 25 "$OUT/ppo_trl.log"
+tail -n 25 "$OUT/ppo_trl.log" 2>/dev/null
 
 # 3. kernels vs SDPA flash / plain PyTorch
 step kernels 90 python3 bench/bench_kernels.py --out "$OUT/kernels.md"
-tail -n 30 "$OUT/kernels.log"
+tail -n 30 "$OUT/kernels.log" 2>/dev/null
 
 # 4. decode: eager vs compiled (CUDA graph) vs transformers, bf16
-step generate 70 python3 bench/bench_generate.py --device cuda --dtype bfloat16 --random --batches 1 16 64 \
+step generate 150 python3 bench/bench_generate.py --device cuda --dtype bfloat16 --random --batches 1 64 \
     --compile --hf --repeats 3
-tail -n 6 "$OUT/generate.log"
+tail -n 6 "$OUT/generate.log" 2>/dev/null
 
-# 5. PPO with the Triton attention kernel in the model (prefill, update, reference)
-step ppo_triton 50 python3 bench/bench_ppo.py --device cuda --attn-impl triton --warmup 2 --iters 5 \
+# 5. preference-model step vs transformers' reward model
+step pm 60 python3 bench/bench_pm.py --device cuda --hf --repeats 5 --out "$OUT/pm.md"
+tail -n 8 "$OUT/pm.log" 2>/dev/null
+
+# 6. PPO with the Triton attention kernel in the model (prefill, update, reference)
+step ppo_triton 60 python3 bench/bench_ppo.py --device cuda --attn-impl triton --warmup 2 --iters 3 \
     --out "$OUT/ppo_triton.md"
-tail -n 16 "$OUT/ppo_triton.log"
+tail -n 16 "$OUT/ppo_triton.log" 2>/dev/null
 echo "== done, $(left) s before the deadline"
