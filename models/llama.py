@@ -222,6 +222,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: "AttnContext") -> Tensor:
         # Prefill and training: the fused kernel takes the left-padding offsets directly and never
         # builds a mask or repeats K/V. Decoding (pos > 0) goes to SDPA below.
         from kernels.attention import attention
+        if k.dtype != q.dtype:                                   # an fp32 cache read under autocast
+            k, v = k.to(q.dtype), v.to(q.dtype)
         return attention(q, k, v, ctx.start)
     if ctx.impl == "naive":
         k = k.repeat_interleave(H // H_kv, dim=1)                # (B, H, L, hd)
@@ -351,13 +353,18 @@ class Transformer(nn.Module):
             raise ValueError(f"a cache of {length} tokens exceeds the model's context of "
                              f"{self.args.max_seq_len}")
         a = self.args
+        # Keys and values in the dtype attention computes in: under autocast (an fp32 policy generating
+        # its PPO rollouts in bf16) that is the autocast dtype, which SDPA would cast them to anyway and
+        # which the fused kernel requires of q, k and v alike (seen on an H200, 2026-11-28).
+        dev = self.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.dtype
         kept = self._kept_cache
         if kept is not None and kept[0].k.shape[0] == batch and kept[0].k.shape[2] == length \
-                and kept[0].k.dtype == self.dtype and kept[0].k.device == self.device:
+                and kept[0].k.dtype == dtype and kept[0].k.device == self.device:
             caches = kept
         else:
             self._kept_cache = None
-            caches = [KVCache(batch, a.n_kv_heads, length, a.head_dim, self.dtype, self.device)
+            caches = [KVCache(batch, a.n_kv_heads, length, a.head_dim, dtype, self.device)
                       for _ in self.layers]
         for layer, cache in zip(self.layers, caches):
             layer.attention.cache = cache

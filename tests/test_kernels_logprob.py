@@ -312,6 +312,10 @@ def _largest_tensor(fn, h, W, y):
 @pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_fused_path_uses_far_less_memory(monkeypatch, path):
     N, V, D = 256, 4096, 16  # reference logits: 256 x 4096 fp32 = 4 MiB; W and a 16-row slab: 0.25 MiB
+    if DEVICE == "cuda":
+        # The compiled backward rounds its slab up to one BLOCK_N of rows (64 on a GPU: 1 MiB here), so
+        # the reference needs 8x that many rows to be 8x larger (seen on an H200, 2026-11-28).
+        N = 1024
     monkeypatch.setenv("RLCD_KERNELS", path)
     monkeypatch.setattr(lp_mod, "_DZ_CHUNK_BYTES", 16 * V * 4)  # 16-row dL/dz slabs
     monkeypatch.setattr(lp_mod, "_TORCH_CHUNK_ROWS", 16)  # 16-row checkpointed chunks

@@ -98,6 +98,20 @@ def test_fp32_model_under_bf16_autocast_runs_every_attention_path(monkeypatch):
             with torch.autocast(dev, dtype=torch.bfloat16):
                 got = model(tokens, start=start).float()
             assert (got - ref)[1, 3:].abs().max() < 0.1 * ref.abs().max(), impl
+            # ... and with the KV cache a generation call uses: prefill, then one decoding step
+            model.setup_cache(2, 10)
+            try:
+                with torch.autocast(dev, dtype=torch.bfloat16):
+                    pre = model(tokens, pos=0, start=start)[:, -1].float()
+                    step = model(tokens[:, -1:], pos=9, start=start)[:, -1].float()
+            finally:
+                model.clear_cache()
+            assert (pre - ref[:, -1]).abs().max() < 0.1 * ref.abs().max(), impl
+            assert torch.isfinite(step).all(), impl
+    with torch.autocast(dev, dtype=torch.bfloat16):      # a cache made under autocast holds its dtype
+        model.setup_cache(2, 10)
+    assert model.layers[0].attention.cache.k.dtype == torch.bfloat16
+    model.clear_cache()
 
 
 def test_save_load_roundtrip_bit_exact_with_hf_names(tmp_path):
