@@ -17,23 +17,36 @@ Sharded outputs (train.py simulate, eval.py respond): at world size N > 1 rank r
 the order the one-process run would have written them and deletes the shards (merge_shards). A kill of
 any rank leaves the shards on disk; the rerun (at any world size) counts their ids as done and merges
 them at its end. Readers only ever see OUT, complete once the command returns.
+
+Training stages (train.py pm, sft, ppo): data parallelism with FSDP2 (`fully_shard`), no wrapper class.
+parallelize() shards a model over a device mesh: without --fsdp the mesh is (N replicas x 1 shard), so
+every rank holds the whole model and gradients are all-reduced (DDP's semantics); with --fsdp it is one
+shard dimension of N, each block its own unit, so a rank holds 1/N of the parameters, gradients and
+AdamW state. Either way the parameters become DTensors, the module keeps its class and attributes, and
+the same helpers save and load it: full_state_dict() (a full copy on rank 0, for the Hugging Face-format
+checkpoint), and the resume state through torch.distributed.checkpoint (save_resume_state /
+load_resume_state), which reshards on load, so a run saved at one world size resumes at another.
 """
 from __future__ import annotations
 
 import atexit
 import datetime
+import functools
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch import Tensor
 
 T = TypeVar("T")
+U = TypeVar("U")
 TIMEOUT_S = 1800.0         # a collective that waits longer than this fails (torch's default for gloo)
 
 
@@ -135,6 +148,24 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def map_sharded(fn: Callable[[list[T]], list[U]], items: Sequence[T]) -> list[U]:
+    """fn over `items` split across the ranks, every result on every rank in the items' order; fn(items)
+    itself at world size 1. fn maps a list to one result per element (e.g. a batch of sequences to their
+    scores). Rank r takes items[r::N], padded with copies of items[0] to ceil(len / N) so that every rank
+    calls fn on as many items (FSDP's forwards are collectives: the ranks must run the same number);
+    the padding's results are dropped."""
+    if not active():
+        return fn(list(items))
+    n, N, r = len(items), world_size(), rank()
+    mine = list(items[r::N])
+    real = len(mine)
+    out = fn(mine + [items[0]] * (-(-n // N) - real))[:real] if n else []
+    result: list[Any] = [None] * n
+    for k, part in enumerate(gather_objects(out)):
+        result[k::N] = part
+    return result
 
 
 # --- output from rank 0, errors from every rank ----------------------------------------------------------------
@@ -241,6 +272,7 @@ def merge_shards(path: str | Path, order: Sequence[str], error: type[Exception] 
         s.unlink()
     return len(ids)
 
+
 def finish_shards(path: str | Path, order: Sequence[str], error: type[Exception], written: int, n_tokens: int,
                   seconds: float) -> tuple[int, int, float]:
     """The end of a sharded generation stage (simulate, respond): every rank's counts, then rank 0 merges
@@ -253,3 +285,147 @@ def finish_shards(path: str | Path, order: Sequence[str], error: type[Exception]
     barrier()
     return sum(c[0] for c in counts), sum(c[1] for c in counts), max(c[2] for c in counts)
 
+
+# --- data parallelism of the training stages (FSDP2) -------------------------------------------------------------
+# FSDP2 warns when a forward method returns a view; RewardModel.values returns one (a squeeze) and nothing
+# writes to it in place.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh(device_type: str, fsdp: bool):
+    """The device mesh of every rank: (N,) "shard" for FSDP; (N, 1) "replicate" x "shard" otherwise,
+    i.e. HSDP with shards of one rank, which is DDP: whole parameters everywhere, gradients all-reduced."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if fsdp:
+        return init_device_mesh(device_type, (world_size(),), mesh_dim_names=("shard",))
+    return init_device_mesh(device_type, (world_size(), 1), mesh_dim_names=("replicate", "shard"))
+
+
+def parallelize(model: nn.Module, blocks: Iterable[nn.Module] = (), fsdp: bool = False,
+                mixed_precision: bool = False, methods: Sequence[str] = ()) -> nn.Module:
+    """Make `model` data-parallel over the ranks, in place (its class and attributes stay; its parameters
+    become DTensors); the identity at world size 1. Build the optimiser after this call.
+
+    fsdp=False: every rank keeps the whole model, gradients are all-reduced after each backward and
+    averaged (DDP's semantics), one communication unit for the model. fsdp=True: each of `blocks` (the
+    transformer blocks) and the rest of the model are FSDP units sharded over the ranks: a unit's
+    parameters are all-gathered for its forward and backward and freed after, gradients are
+    reduce-scattered. mixed_precision (with fsdp, on GPU): units are gathered in bf16 for compute while the
+    sharded fp32 parameters stay the master copy, and gradients are reduced in fp32. `methods`: other
+    methods than forward that run the model (RewardModel.values), so that they gather the parameters too.
+
+    Gradients are averaged over the ranks: a loss normalised by a count over the global batch must be
+    multiplied by world_size() before backward (see rlcd/runs.py). The model's root unit keeps its
+    parameters gathered after a forward (FSDP2's default, for the backward that follows), so code that
+    reads a weight after the forward (the tied output head) sees the whole tensor."""
+    if not active():
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    mesh = _mesh(device_type, fsdp)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if fsdp and mixed_precision else MixedPrecisionPolicy()
+    if fsdp:
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    for name in methods:
+        register_fsdp_forward_method(model, name)
+    return model
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """A DTensor's whole value (a collective for sharded ones); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The whole state dict of a (sharded) module on rank 0, in CPU memory; {} on the other ranks. A
+    collective: every rank calls it. Plain module.state_dict() without a process group."""
+    if not active():
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_full_options(cpu_offload=True))
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load a whole state dict (read from a file by every rank) into a possibly sharded module: each rank
+    keeps its shard."""
+    if not active():
+        module.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(module, state, options=_full_options(strict=True))
+
+
+@torch.no_grad()
+def refresh_copy(copy: nn.Module, model: nn.Module) -> None:
+    """Write `model`'s current weights into `copy`, a plain module of the same structure (PPO's
+    generation copy of the policy): each parameter gathered whole (a collective for sharded ones), cast
+    to the copy's dtype, copied in place, so the copy's tensors keep their addresses."""
+    mine = dict(copy.named_parameters())
+    for name, p in model.named_parameters():
+        mine[name].copy_(full_tensor(p.detach()))
+
+
+# --- the resume state: torch.distributed.checkpoint ---------------------------------------------------------------
+def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> None:
+    """Save the optimiser state (each rank its shard) and `extra` (scheduler, RNG, step: small picklable
+    objects, rank 0's) with torch.distributed.checkpoint into the directory `path`. `model` holds every
+    parameter the optimiser updates (an nn.ModuleDict of the stage's modules), whose names key the state.
+    A collective; load_resume_state reads it at any world size, world size 1 included."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    blob = io.BytesIO()                 # `extra` as one bytes item: dcp.load fills only keys it is given
+    torch.save(extra, blob)
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer), "extra": blob}, checkpoint_id=str(path),
+             no_dist=not active())
+
+
+def load_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore what save_resume_state wrote (at any world size) into `optimizer`; returns `extra`."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    # get_optimizer_state_dict creates the state tensors (a zero step) for dcp.load to fill in place.
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer), "extra": io.BytesIO()}
+    with warnings.catch_warnings():     # "torch.distributed is disabled...": a one-process load, as meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=not active())
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    state["extra"].seek(0)
+    return torch.load(state["extra"], weights_only=True)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a one-process optimizer.state_dict() (parameters by index, whole tensors: trainer_state.pt
+    of a run at world size 1) into a possibly sharded optimizer; optimizer.load_state_dict at world size 1."""
+    if not active():
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    # Index i of a state_dict is the i-th parameter over the param groups; name it as `model` does.
+    names = {p: n for n, p in model.named_parameters()}
+    fqn = [names[p] for g in optimizer.param_groups for p in g["params"]]
+    by_name = {"state": {fqn[i]: s for i, s in state["state"].items()},
+               "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=_full_options())

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models import CheckpointError, Tokenizer, load_model
-from rlcd import runs
+from rlcd import distributed, runs
 from rlcd.cli import parse_args
 from rlcd.pairs import PairsError, in_own_template, read_pairs
 from rlcd.reward import HEAD_FILE, RewardModel, encode_input, end_marker, score_ids, score_texts
@@ -101,9 +101,13 @@ def encode_pairs(recs: list[dict], tok: Tokenizer, max_length: int) -> tuple[lis
 def evaluate_pairs(pm: RewardModel, chosen: list[list[int]], rejected: list[list[int]], labels: Tensor,
                    pad_id: int, batch_size: int) -> tuple[dict[str, float], list[float]]:
     """Metrics on encoded pairs (dev evaluation, eval.py pm-agreement): BT loss (plain, no margin or
-    centering), accuracy, mean P(chosen), mean margin, n; and each pair's pair_correct."""
-    r = score_ids(pm, chosen + rejected, pad_id, batch_size)                 # (2B,)
-    r_c, r_r = r[:len(chosen)], r[len(chosen):]                              # (B,) each
+    centering), accuracy, mean P(chosen), mean margin, n; and each pair's pair_correct. Under torchrun
+    the pairs are scored across the ranks (distributed.map_sharded) and every rank gets all the results."""
+    def score(idx: list[int]) -> list[tuple[float, float]]:
+        r = score_ids(pm, [chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id, batch_size)   # (2b,)
+        return list(zip(r[:len(idx)].tolist(), r[len(idx):].tolist()))
+    r = torch.tensor(distributed.map_sharded(score, range(len(chosen))), dtype=torch.float32).view(-1, 2)   # (B, 2)
+    r_c, r_r = r[:, 0], r[:, 1]                                              # (B,) each
     m = {"loss": bt_loss(r_c.double(), r_r.double(), labels.double()), **pair_metrics(r_c, r_r, labels)}
     return {k: float(v) for k, v in m.items()} | {"n": len(chosen)}, pair_correct(r_c - r_r, labels).tolist()
 
@@ -111,7 +115,11 @@ def evaluate_pairs(pm: RewardModel, chosen: list[list[int]], rejected: list[list
 def reward_norm_stats(pm: RewardModel, tok: Tokenizer, recs: list[dict], args: Args,
                       device: torch.device) -> dict:
     """Mean and std of the reward on responses sampled from the base policy, for PPO's normalised reward
-    (reward normalised to mean 0 / std 1 on policy samples, as in lm-human-preferences)."""
+    (reward normalised to mean 0 / std 1 on policy samples, as in lm-human-preferences).
+
+    Under torchrun the prompts are cut into chunks of --eval-batch-size, each sampled with its own seed
+    (seed + chunk index) and dealt to the ranks, so the samples do not depend on the number of ranks
+    (N > 1; one process samples them all from one seeded stream, as before)."""
     from models.generation import SamplingParams, generate_texts
 
     prompts = sorted({(r["prompt"], r["format"]) for r in recs})
@@ -120,14 +128,34 @@ def reward_norm_stats(pm: RewardModel, tok: Tokenizer, recs: list[dict], args: A
     name = args.norm_policy or args.model
     policy, ptok = load_model(name, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     params = SamplingParams(max_new_tokens=args.norm_max_new_tokens, temperature=args.norm_temperature)
+    max_length = min(args.max_length, pm.trunk.args.max_seq_len)
     t0 = time.perf_counter()
-    gens = generate_texts(policy, ptok, [p for p, _ in prompts], params, batch_size=args.eval_batch_size,
-                          seed=args.seed, progress=args.progress)
-    del policy
-    r = score_texts(pm, tok, [p for p, _ in prompts], [g["text"] for g in gens], [f for _, f in prompts],
-                    args.eval_batch_size, min(args.max_length, pm.trunk.args.max_seq_len))
+    if not distributed.active():
+        gens = generate_texts(policy, ptok, [p for p, _ in prompts], params, batch_size=args.eval_batch_size,
+                              seed=args.seed, progress=args.progress)
+        del policy
+        r = score_texts(pm, tok, [p for p, _ in prompts], [g["text"] for g in gens], [f for _, f in prompts],
+                        args.eval_batch_size, max_length)
+        finished = [g["finished"] for g in gens]
+    else:
+        bs = args.eval_batch_size
+        chunks = list(enumerate(prompts[lo:lo + bs] for lo in range(0, len(prompts), bs)))
+
+        def sample_and_score(mine: list) -> list[list[tuple[float, bool]]]:
+            out = []
+            for k, chunk in mine:                 # one forward of the (possibly sharded) PM per chunk
+                gens = generate_texts(policy, ptok, [p for p, _ in chunk], params, batch_size=bs,
+                                      seed=args.seed + k, progress=False)
+                r = score_texts(pm, tok, [p for p, _ in chunk], [g["text"] for g in gens], [f for _, f in chunk],
+                                bs, max_length)
+                out.append(list(zip(r.tolist(), [g["finished"] for g in gens])))
+            return out
+        results = [x for part in distributed.map_sharded(sample_and_score, chunks) for x in part]
+        del policy
+        r = torch.tensor([x for x, _ in results])
+        finished = [f for _, f in results]
     return {"mean": r.mean().item(), "std": r.std().item() if len(r) > 1 else 1.0, "n": len(r),
-            "finished": sum(g["finished"] for g in gens) / len(gens), "policy": name,
+            "finished": sum(finished) / len(finished), "policy": name,
             "max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
             "seconds": time.perf_counter() - t0}
 
@@ -136,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(Args, argv, prog="train.py pm", description=Args.__doc__)
     device = runs.device_of(args)
     try:
+        runs.check_world(args)
         resume_from = runs.prepare_run(args, "pm", NORM_SETTINGS)
         recs = read_pairs(args.pairs)
-    except (CheckpointError, PairsError) as e:
-        print(f"train.py pm: {e}", file=sys.stderr)
+    except (CheckpointError, PairsError, ValueError) as e:
+        print(f"{distributed.tag('train.py pm')}: {e}", file=sys.stderr)
         return 2
 
     # Data: a dev split by prompt id, the same for RLCD and RLAIF files over the same prompts.
@@ -159,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     dv_y = torch.tensor([r["label"] for r in dev])
     lengths = [max(len(c), len(r)) for c, r in zip(tr_c, tr_r)]
     total = runs.schedule_length(args, len(train))
-    print(f"pm: {len(train)} train / {len(dev)} dev pairs from {len(args.pairs)} file(s); {cut + cut_dev} "
+    distributed.print0(f"pm: {len(train)} train / {len(dev)} dev pairs from {len(args.pairs)} file(s); {cut + cut_dev} "
           f"pairs over {max_length} tokens were cut at the start; mean length "
           f"{sum(lengths) / len(lengths):.0f} tokens; {total} steps of {args.batch_size} pairs", file=sys.stderr)
 
@@ -184,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                              loss_fn, evaluate, {HEAD_FILE: pm.head}, n_train=len(train), n_dev=len(dev),
                              pairs=args.pairs, end_markers={f: end_marker(tok, f) for f in FORMATS})
     except FloatingPointError as e:
-        print(f"train.py pm: {e}", file=sys.stderr)
+        print(f"{distributed.tag('train.py pm')}: {e}", file=sys.stderr)
         return 3
 
     # Reward statistics on base-policy samples, once the schedule is complete (PPO normalises with them).
@@ -192,10 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         pm.eval()
         stats = reward_norm_stats(pm, tok, train + dev, args, device)
         ckpt = Path(args.out) / runs.CKPT_DIRS["pm"]
-        run = runs.read_run_meta(ckpt)
-        runs.write_json_atomic(ckpt / runs.RUN_JSON, {**run, "reward_norm": stats})
+        if distributed.is_main():
+            run = runs.read_run_meta(ckpt)
+            runs.write_json_atomic(ckpt / runs.RUN_JSON, {**run, "reward_norm": stats})
         runs.log_jsonl(ckpt.parent / runs.METRICS, {"step": summary["step"], "reward_norm": stats})
-        print(f"pm: reward on {stats['n']} base-policy samples: mean {stats['mean']:.4f} std {stats['std']:.4f}",
+        distributed.print0(f"pm: reward on {stats['n']} base-policy samples: mean {stats['mean']:.4f} std {stats['std']:.4f}",
               file=sys.stderr)
-    print(json.dumps({k: summary[k] for k in summary if k != "summary"}))
+    distributed.barrier()                           # run.json is complete on every rank's return
+    distributed.print0(json.dumps({k: summary[k] for k in summary if k != "summary"}))
     return 0

@@ -29,6 +29,16 @@ examples) -- see batch_indices -- so it needs no saved cursor; the model, optimi
 states are restored bit for bit. Training 2N steps straight and N, then --resume, then N give the same
 weights on the same machine.
 
+Under torchrun (rlcd/distributed.py, docs/SCALING.md) the same scaffold runs on every rank: --batch-size
+stays the global batch and rank r takes its share of each step's examples (batch[r::N]); the model is
+made data-parallel (distributed.parallelize: DDP's semantics, or FSDP2 with --fsdp) before the
+optimiser is built; losses are normalised by the global batch and multiplied by N, since FSDP averages
+the ranks' gradients; logged metrics are sums over the ranks. Rank 0 alone creates the run directory,
+writes metrics and checkpoint files and shows progress. A checkpoint saved under torchrun holds the same
+Hugging Face-format model (gathered whole on rank 0) and, instead of trainer_state.pt, trainer_state/:
+the optimiser shards, scheduler, RNG states and data fingerprint in torch.distributed.checkpoint's
+format. Either form resumes at any world size.
+
 Shapes: B examples per optimiser step, b per micro-batch (gradient accumulation over B / b).
 """
 from __future__ import annotations
@@ -54,12 +64,14 @@ from torch import Tensor
 
 from models import CheckpointError, Tokenizer, Transformer, load_model, save_model
 from models.checkpoint import replace_dir
+from rlcd import distributed
 from rlcd.cli import save_config
 
 CKPT_DIRS = {"pm": "reward", "sft": "policy", "ppo": "policy"}
 RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
 STATE_FILE = "trainer_state.pt"
+STATE_DIR = "trainer_state"          # the resume state of a run under torchrun (torch.distributed.checkpoint)
 
 
 @dataclass(kw_only=True)
@@ -81,7 +93,8 @@ class RunArgs:
     grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     save_every: int = 100           # checkpoint every N steps (and always at the stop; 0 = at the stop only)
     seed: int = 0                   # data order, dev split, sampling and shuffling
-    device: str = "cpu"             # cpu or cuda
+    device: str = "cpu"             # cpu or cuda (under torchrun: rank r computes on cuda:LOCAL_RANK)
+    fsdp: bool = False              # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2; bf16 compute on GPU)
     autocast: bool = True           # bf16 autocast on CUDA (weights and optimiser stay fp32)
     attn_impl: str = "sdpa"         # naive, sdpa or triton
     threads: int = 0                # torch CPU threads (0 = leave as is)
@@ -100,7 +113,7 @@ class TrainArgs(RunArgs):
 
 
 # Settings that may differ when resuming: they do not change what is computed.
-RESUMABLE_CHANGES = {"resume", "stop_after", "eval_every", "save_every", "progress", "threads", "device"}
+RESUMABLE_CHANGES = {"resume", "stop_after", "eval_every", "save_every", "progress", "threads", "device", "fsdp"}
 
 
 # --- run directory ----------------------------------------------------------------------------------------
@@ -113,7 +126,9 @@ def prepare_run(args: RunArgs, stage: str, may_change: frozenset[str] = frozense
     before its next checkpoint) are dropped from metrics.jsonl, since those steps will be redone."""
     out = Path(args.out)
     ckpt = out / CKPT_DIRS[stage]
-    _recover(ckpt)
+    if distributed.is_main():
+        _recover(ckpt)
+    distributed.barrier()                           # every rank checks the directory rank 0 recovered
     other = [d for s, d in CKPT_DIRS.items() if d != CKPT_DIRS[stage] and (out / d / RUN_JSON).is_file()]
     if other:
         raise CheckpointError(f"{out}: holds a {read_run_meta(out / other[0])['stage']!r} run "
@@ -123,9 +138,11 @@ def prepare_run(args: RunArgs, stage: str, may_change: frozenset[str] = frozense
         if has_ckpt:
             raise CheckpointError(f"{out}: already holds a checkpoint ({ckpt.name}/); pass --resume to "
                                   f"continue it or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(args, out / "args.json")
-        (out / METRICS).unlink(missing_ok=True)          # left by an earlier run that never checkpointed
+        distributed.barrier()                       # every rank has seen the directory as it was
+        if distributed.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(args, out / "args.json")
+            (out / METRICS).unlink(missing_ok=True)      # left by an earlier run that never checkpointed
         return None
     if not has_ckpt:
         raise CheckpointError(f"{out}: --resume, but there is no checkpoint {ckpt.name}/{RUN_JSON} to resume")
@@ -139,7 +156,8 @@ def prepare_run(args: RunArgs, stage: str, may_change: frozenset[str] = frozense
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise CheckpointError(f"{out}: --resume with different settings ({diffs}); they would change the result")
     log = out / METRICS
-    if log.is_file():
+    distributed.barrier()
+    if log.is_file() and distributed.is_main():
         keep = [line for line in log.read_text().splitlines() if json.loads(line).get("step", 0) <= meta["step"]]
         log.write_text("".join(line + "\n" for line in keep))
     return ckpt
@@ -180,7 +198,9 @@ def find_checkpoint(path: str | os.PathLike, stage: str) -> tuple[Path, dict]:
 
 
 def log_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one metrics record (one line) to the run's JSONL log."""
+    """Append one metrics record (one line) to the run's JSONL log (rank 0's job under torchrun)."""
+    if not distributed.is_main():
+        return
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -344,7 +364,8 @@ def save_checkpoint(ckpt: Path, trunk: Transformer, tok: Tokenizer, meta: dict,
 
     Everything is assembled in a hidden sibling (.NAME.partial) and swapped in with one rename
     (models.checkpoint.replace_dir), so a crash at any point leaves the previous checkpoint complete:
-    either at `ckpt`, or, during the swap itself, at .NAME.old, which _recover puts back."""
+    either at `ckpt`, or, during the swap itself, at .NAME.old, which _recover puts back.
+    (The one-process checkpoint; under torchrun, save_checkpoint_distributed.)"""
     from safetensors.torch import save_file
 
     partial = ckpt.with_name(f".{ckpt.name}.partial")
@@ -363,13 +384,76 @@ def save_checkpoint(ckpt: Path, trunk: Transformer, tok: Tokenizer, meta: dict,
     return ckpt
 
 
-def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler, data: str) -> int:
-    """Restore optimiser, scheduler and RNG states from a checkpoint; return the step to continue at."""
-    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+def plain_model(args, state: dict[str, Tensor]) -> Transformer:
+    """A Transformer holding the tensors of a full state dict (no copy, no random init): what save_model
+    writes from a model gathered off the ranks. Built on the meta device, then given the tensors."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def save_checkpoint_distributed(ckpt: Path, trunk: Transformer, tok: Tokenizer, meta: dict,
+                                optimizer: torch.optim.Optimizer, scheduler, step: int, data: str,
+                                modules: dict[str, nn.Module]) -> Path:
+    """save_checkpoint under torchrun, called by every rank: the same files, atomically replaced, but the
+    model and `modules` are gathered whole onto rank 0, which writes them (config.json, model.safetensors,
+    NAME.safetensors, run.json: what load_model and other LLaMA tooling read), and the resume state is
+    trainer_state/ in torch.distributed.checkpoint's format, each rank writing its optimiser shard, so
+    that it resumes at any world size (load_trainer_state)."""
+    from safetensors.torch import save_file
+
+    partial = ckpt.with_name(f".{ckpt.name}.partial")
+    trunk_state = distributed.full_state_dict(trunk)                    # collectives: every rank takes part
+    module_states = {name: distributed.full_state_dict(m) for name, m in modules.items()}
+    try:
+        if distributed.is_main():
+            save_model(plain_model(trunk.args, trunk_state), tok, partial)   # replaces a leftover .partial
+            for name, tdict in module_states.items():
+                save_file({k: v.contiguous() for k, v in tdict.items()}, str(partial / f"{name}.safetensors"))
+            (partial / RUN_JSON).write_text(json.dumps({**meta, "step": step}, indent=2, default=str))
+        distributed.barrier()
+        extra = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "data": data}
+        distributed.save_resume_state(partial / STATE_DIR, _named(trunk, modules), optimizer, extra)
+        distributed.barrier()
+        if distributed.is_main():
+            replace_dir(partial, ckpt)
+        distributed.barrier()                   # the checkpoint is in place on every rank's return
+    except BaseException:
+        if distributed.is_main():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return ckpt
+
+
+def _named(trunk: nn.Module, modules: dict[str, nn.Module]) -> nn.ModuleDict:
+    """One module holding every trained parameter, whose names key the resume state's optimiser entries."""
+    return nn.ModuleDict({"trunk": trunk, **modules})
+
+
+def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler, data: str,
+                       model: nn.Module | None = None) -> int:
+    """Restore optimiser, scheduler and RNG states from a checkpoint; return the step to continue at.
+
+    Reads trainer_state.pt (a one-process run) or trainer_state/ (a run under torchrun) at any world
+    size; `model` (every trained module, named as _named names them) is needed to map the optimiser's
+    entries to parameters whenever the two differ (a distributed run or checkpoint); without it, the
+    one-process optimizer.load_state_dict."""
+    if (ckpt / STATE_FILE).is_file():
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        opt_state = state["optimizer"]
+    elif (ckpt / STATE_DIR).is_dir() and model is not None:
+        state, opt_state = distributed.load_resume_state(ckpt / STATE_DIR, model, optimizer), None
+    else:
+        raise CheckpointError(f"{ckpt}: no {STATE_FILE} or {STATE_DIR}/ to resume from")
     if state["data"] != data:
         raise CheckpointError(f"{ckpt}: the training data or its order changed since this checkpoint "
                               f"(fingerprint {state['data']} != {data}); resume with the same pairs files")
-    optimizer.load_state_dict(state["optimizer"])
+    if opt_state is not None:
+        if model is None:
+            optimizer.load_state_dict(opt_state)
+        else:                                   # optimizer.load_state_dict itself at world size 1
+            distributed.load_optimizer_state(model, optimizer, opt_state)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return int(state["step"])
@@ -387,10 +471,27 @@ LossFn = Callable[[list[int], list[int]], tuple[Tensor, dict[str, Tensor], int]]
 
 
 def device_of(args: RunArgs) -> torch.device:
-    """The run's device, after setting the CPU threads (--threads)."""
+    """The run's device, after setting the CPU threads (--threads) and, under torchrun, joining the
+    process group (distributed.init; nothing at world size 1): cuda:LOCAL_RANK for --device cuda."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return torch.device(args.device)
+    distributed.init(args.device)
+    return torch.device(distributed.device_for_rank(args.device))
+
+
+def check_world(args: RunArgs, what: str = "--batch-size") -> None:
+    """Under torchrun every rank takes an equal share of each batch, so that all run the same number of
+    forwards and backwards (each one a collective under FSDP)."""
+    if args.batch_size % distributed.world_size():
+        raise ValueError(f"{what} {args.batch_size} must be a multiple of the world size {distributed.world_size()}")
+
+
+def parallelize(args: RunArgs, model: nn.Module, trunk: Transformer, device: torch.device,
+                methods: tuple[str, ...] = ()) -> nn.Module:
+    """`model` (with `trunk`'s blocks) made data-parallel for training under torchrun, as --fsdp asks
+    (distributed.parallelize; bf16 compute under FSDP on CUDA with --autocast); itself at world size 1."""
+    return distributed.parallelize(model, trunk.layers, fsdp=args.fsdp,
+                                   mixed_precision=device.type == "cuda" and args.autocast, methods=methods)
 
 
 def load_trunk(args: TrainArgs, resume_from: Path | None, device: torch.device) -> tuple[Transformer, Tokenizer]:
@@ -416,18 +517,23 @@ def checkpoints(args: RunArgs, stage: str, trunk: Transformer, tok: Tokenizer, o
     from safetensors.torch import load_file
 
     fingerprint = data_fingerprint(train_keys, args)
+    # Sharded parameters (DTensors) count their global size.
     n_trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     run = run_meta(stage, args, total_steps, **meta, n_trainable=n_trainable)
     start = 0
     if resume_from is not None:
+        device = distributed.device_for_rank(args.device)
         for name, m in modules.items():
-            m.load_state_dict(load_file(str(resume_from / f"{name}.safetensors"), device=str(args.device)))
-        start = load_trainer_state(resume_from, optimizer, scheduler, fingerprint)
+            distributed.load_full_state_dict(m, load_file(str(resume_from / f"{name}.safetensors"), device=device))
+        start = load_trainer_state(resume_from, optimizer, scheduler, fingerprint, _named(trunk, modules))
     ckpt = Path(args.out) / CKPT_DIRS[stage]
 
     def save(step: int) -> None:
-        save_checkpoint(ckpt, trunk, tok, run, optimizer, scheduler, step, fingerprint,
-                        {name: m.state_dict() for name, m in modules.items()})
+        if distributed.active():
+            save_checkpoint_distributed(ckpt, trunk, tok, run, optimizer, scheduler, step, fingerprint, modules)
+        else:
+            save_checkpoint(ckpt, trunk, tok, run, optimizer, scheduler, step, fingerprint,
+                            {name: m.state_dict() for name, m in modules.items()})
     return start, save, run
 
 
@@ -437,8 +543,10 @@ def train(args: TrainArgs, stage: str, model: nn.Module, trunk: Transformer, tok
     """pm's and sft's run once the data and `model` (whose trainable parameters train; `trunk` is what
     checkpoints save as the model) are ready: the optimiser and its schedule, resume, train_loop over
     the training examples (`train_keys`: their prompt ids, `lengths`: their token counts). Returns the
-    summary record."""
-    device = torch.device(args.device)
+    summary record. Under torchrun `model` is made data-parallel here, in place, before the optimiser."""
+    device = torch.device(distributed.device_for_rank(args.device))
+    check_world(args)
+    parallelize(args, model, trunk, device)
     optimizer, scheduler = make_trainer(list(model.named_parameters()), args, device, total_steps)
     start, save, _ = checkpoints(args, stage, trunk, tok, optimizer, scheduler, total_steps, train_keys, resume_from,
                                  modules or {}, **meta)
@@ -464,7 +572,8 @@ def run_loop(args: RunArgs, step: Callable[[int], dict], start: int, total: int,
     from tqdm import tqdm
 
     stop = min(total, args.stop_after) if args.stop_after else total
-    bar = tqdm(total=total, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc=desc, unit="step", disable=not progress or not distributed.is_main(),
+               dynamic_ncols=True)
     train_s, tokens_seen = 0.0, 0          # the steps only: no evaluation, no checkpoint writes
     s = start
     while s < stop:
@@ -501,21 +610,33 @@ def accumulation_step(args: TrainArgs, params: list[nn.Parameter], optimizer: to
     `batch` (lists of training-example indices). The loss and metrics must already be normalised to the
     whole batch (e.g. multiplied by len(micro) / len(batch)), so that summing over micro-batches gives
     the batch's value whatever --micro-batch is. Each step's examples are sorted by length before
-    being cut into micro-batches, so each micro-batch wastes little padding."""
+    being cut into micro-batches, so each micro-batch wastes little padding.
+
+    Under torchrun `batch` is the global batch and rank r's micro-batches cut its share batch[r::N]
+    (similar lengths on every rank): the loss is still normalised to the global batch, so the ranks'
+    losses add up to it; it is multiplied by N before backward because FSDP averages the gradients over
+    the ranks; the metrics and token counts are summed over the ranks (one all_reduce per step)."""
+    world = distributed.world_size()
+
     def step(s: int) -> dict:
         batch = sorted(batch_indices(n_train, args.batch_size, s, args.seed), key=lambda i: lengths[i])
+        mine = distributed.shard(batch)                                 # the whole batch at world size 1
         sums: dict[str, Tensor] = {}
         n_tok = 0
-        for lo in range(0, len(batch), args.micro_batch):
-            micro = batch[lo:lo + args.micro_batch]
+        for lo in range(0, len(mine), args.micro_batch):
+            micro = mine[lo:lo + args.micro_batch]
             with autocast(args, device):
                 loss, metrics, n = loss_fn(micro, batch)
-            loss.backward()
+            (loss * world if world > 1 else loss).backward()
             n_tok += n
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
-        # clip_grad_norm_ with max_norm=inf only measures: the norm is logged either way.
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
+        # clip_grad_norm_ with max_norm=inf only measures: the norm is logged either way. Over sharded
+        # gradients it is a DTensor: the global norm once made whole.
+        grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf")))
+        if world > 1:
+            total = distributed.all_reduce_sum(torch.stack([*sums.values(), torch.tensor(float(n_tok), device=device)]))
+            sums, n_tok = dict(zip(sums, total[:-1].unbind())), int(total[-1].item())
         record = {k: v.item() for k, v in sums.items()}                 # the step's one host sync
         check_finite(s + 1, loss=record["loss"], grad_norm=grad_norm.item())
         lr = scheduler.get_last_lr()[0]                                 # the rate this step uses
@@ -544,5 +665,6 @@ def _eval_and_log(evaluate: Callable[[], dict[str, float]], step: int, log_path:
     m = evaluate()
     log_jsonl(log_path, {"step": step, "eval": "dev", **m, "eval_s": time.perf_counter() - t0})
     line = f"step {step} dev: " + "  ".join(f"{k} {v:.4g}" for k, v in m.items())
-    (bar.write if bar is not None else print)(line)
+    if distributed.is_main():
+        (bar.write if bar is not None else print)(line)
     return m

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from kernels import token_logprobs
 from models import CheckpointError, Tokenizer
-from rlcd import runs
+from rlcd import distributed, runs
 from rlcd.cli import parse_args
 from rlcd.jsonl import read_objects
 from rlcd.pairs import PairsError, check_format, in_own_template
@@ -104,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(Args, argv, prog="train.py sft", description=Args.__doc__)
     device = runs.device_of(args)
     try:
+        runs.check_world(args)
         resume_from = runs.prepare_run(args, "sft", frozenset({"eval_batch_size"}))
         recs = read_examples(args.pairs, args.field)
-    except (CheckpointError, PairsError) as e:
-        print(f"train.py sft: {e}", file=sys.stderr)
+    except (CheckpointError, PairsError, ValueError) as e:
+        print(f"{distributed.tag('train.py sft')}: {e}", file=sys.stderr)
         return 2
     model, tok = runs.load_trunk(args, resume_from, device)
 
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     enc = [encode_example(tok, r["prompt"], r["response"], r["format"], max_length) for r in recs]
     kept = [i for i, e in enumerate(enc) if e is not None]
     if not kept:
-        print(f"train.py sft: every prompt is {max_length} tokens or longer; raise --max-length", file=sys.stderr)
+        print(f"{distributed.tag('train.py sft')}: every prompt is {max_length} tokens or longer; raise --max-length",
+              file=sys.stderr)
         return 2
     n_dropped = len(enc) - len(kept)
     recs, enc = [recs[i] for i in kept], [enc[i] for i in kept]
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [len(ids) for ids, _ in train]
     n_resp = [len(ids) - p for ids, p in train]                          # loss positions per example
     total = runs.schedule_length(args, len(train))
-    print(f"sft: {len(train)} train / {len(dev)} dev examples ({n_dropped} dropped: prompt over "
+    distributed.print0(f"sft: {len(train)} train / {len(dev)} dev examples ({n_dropped} dropped: prompt over "
           f"{max_length} tokens); mean length {sum(lengths) / len(lengths):.0f} tokens; "
           f"{total} steps of {args.batch_size}", file=sys.stderr)
 
@@ -148,11 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         if not dev:
             return {}
         model.eval()
-        nll, n = 0.0, 0
         order = sorted(range(len(dev)), key=lambda i: len(dev[i][0]))
-        for lo in range(0, len(order), args.eval_batch_size):
-            s, c = forward_nll([dev[i] for i in order[lo:lo + args.eval_batch_size]])
-            nll, n = nll + s.item(), n + int(c)
+        chunks = [order[lo:lo + args.eval_batch_size] for lo in range(0, len(order), args.eval_batch_size)]
+
+        def nll_of(mine: list[list[int]]) -> list[tuple[float, int]]:
+            return [(s.item(), int(c)) for s, c in (forward_nll([dev[i] for i in chunk]) for chunk in mine)]
+        nll, n = 0.0, 0
+        for s, c in distributed.map_sharded(nll_of, chunks):     # the chunks across the ranks under torchrun
+            nll, n = nll + s, n + c
         model.train()
         return {"loss": nll / n, "ppl": math.exp(nll / n), "tokens": n, "n": len(dev)}
 
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = runs.train(args, "sft", model, model, tok, resume_from, [recs[i]["id"] for i in train_idx], lengths,
                              total, loss_fn, evaluate, n_train=len(train), n_dev=len(dev), pairs=args.pairs)
     except FloatingPointError as e:
-        print(f"train.py sft: {e}", file=sys.stderr)
+        print(f"{distributed.tag('train.py sft')}: {e}", file=sys.stderr)
         return 3
-    print(json.dumps({k: summary[k] for k in summary if k != "summary"}))
+    distributed.print0(json.dumps({k: summary[k] for k in summary if k != "summary"}))
     return 0

@@ -1,0 +1,144 @@
+"""The training stages under torch.distributed (gloo, 2 spawned ranks with deadlines, tiny models in fp32):
+one pm step, one sft step and one ppo iteration at world size 2 give the loss, metrics and updated weights
+of world size 1 with the same global batch, with and without --fsdp; a run saved at world size 2 resumes
+at world size 1 (and one saved at 1 resumes at 2) to the weights of an uninterrupted run. The ranks run
+the same `main` a torchrun rank runs (tests/test_distributed.py spawns them)."""
+import json
+import random
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+from safetensors.torch import load_file
+from test_distributed import one_thread, run_ranks
+from test_pm import write_marker_pairs
+from test_sft import write_sft_pairs
+
+from models import save_model
+
+LR = 1e-3
+# Updated weights: AdamW moves a weight by lr * m / (sqrt(v) + eps), so a relative rounding error d in
+# a gradient (different summation orders over 1 or 2 ranks, ~1e-6) moves it by about lr * d, far below
+# 1% of lr; only a gradient that is ~0 but for rounding has a noise sign, and lr times that sign is
+# the whole update (the pm's head bias, whose gradient cancels in r_c - r_r, so pm runs add centering).
+WEIGHT_ATOL = 0.01 * LR
+# Losses and metrics: fp32 sums over the same rows in another order (relative), and after the first step
+# of weights that differ by rounding; a difference of O(1) rewards (the pm's margin) is absolute.
+METRIC_RTOL, METRIC_ATOL = 1e-5, 1e-6
+
+
+# --- the ranks ---------------------------------------------------------------------------------------------------
+def _stage_rank(stage: str, argv: list[str]) -> None:
+    """What `torchrun train.py STAGE ARGV` runs on each rank."""
+    import train
+
+    assert train.main([stage, *argv]) == 0
+
+
+def one_process(stage: str, argv: list[str]) -> None:
+    import train
+
+    assert one_thread(train.main, [stage, *argv]) == 0
+
+
+def read_log(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+TIMING = ("step_s", "iter_s", "tokens_per_s", "save_s", "eval_s", "train_s", "seconds")
+
+
+def logged(out) -> list[dict]:
+    """The records two runs of the same schedule share, whatever stops and resumes they made: each step's
+    (or iteration's) metrics and the last dev evaluation."""
+    log = read_log(out)
+    return [r for r in log if "grad_norm" in r] + [r for r in log if r.get("eval") == "dev"][-1:]
+
+
+def assert_same_run(a, b, ckpt: str, files: tuple[str, ...]) -> None:
+    """Runs a and b logged the same metrics (timings aside) and wrote the same weights."""
+    la, lb = logged(a), logged(b)
+    assert [sorted(r) for r in la] == [sorted(r) for r in lb] and la
+    for ra, rb in zip(la, lb):
+        for k, v in ra.items():
+            if k in TIMING or k.startswith("t_") or not isinstance(v, float):
+                continue
+            assert rb[k] == pytest.approx(v, rel=METRIC_RTOL, abs=METRIC_ATOL), (ra.get("step"), k)
+    for f in files:
+        wa, wb = load_file(str(a / ckpt / f)), load_file(str(b / ckpt / f))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], atol=WEIGHT_ATOL, rtol=0, msg=f"{f}:{k}")
+
+
+# --- data --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist-train")
+    tok = make_tiny_tokenizer()
+    return {"model": save_model(make_tiny_model(0), tok, d / "tiny"),
+            "pm_pairs": write_marker_pairs(d / "pm.jsonl", 40),
+            "sft_pairs": write_sft_pairs(d / "sft.jsonl", 40)}
+
+
+def pm_argv(data, out, *extra):
+    # 2 steps of 8 pairs, 4 per rank in micro-batches of 2; dev scoring and the reward statistics run
+    # across the ranks too.
+    return ["--pairs", str(data["pm_pairs"]), "--out", str(out), "--model", str(data["model"]), "--no-progress",
+            "--batch-size", "8", "--micro-batch", "2", "--max-steps", "2", "--lr", str(LR), "--warmup", "0",
+            "--center-coef", "0.1", "--dev", "8", "--eval-every", "1", "--norm-samples", "4",
+            "--norm-max-new-tokens", "4", *map(str, extra)]
+
+
+def sft_argv(data, out, *extra):
+    return ["--pairs", str(data["sft_pairs"]), "--out", str(out), "--model", str(data["model"]), "--no-progress",
+            "--batch-size", "8", "--micro-batch", "2", "--max-steps", "2", "--lr", str(LR), "--warmup", "0",
+            "--dev", "8", "--eval-every", "1", *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def pm_one(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pm") / "one"
+    one_process("pm", pm_argv(data, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft_one(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "one"
+    one_process("sft", sft_argv(data, out))
+    return out
+
+
+# --- pm and sft --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicate", "fsdp"])
+def test_pm_at_world_two_equals_world_one(data, pm_one, tmp_path, fsdp):
+    out = tmp_path / "two"
+    run_ranks(_stage_rank, "pm", pm_argv(data, out, *(["--fsdp"] if fsdp else [])))
+    assert_same_run(pm_one, out, "reward", ("model.safetensors", "head.safetensors"))
+    # The same files as one process writes, but the resume state in torch.distributed.checkpoint's format.
+    assert (out / "reward" / "trainer_state").is_dir() and not (out / "reward" / "trainer_state.pt").exists()
+    assert (pm_one / "reward" / "trainer_state.pt").is_file()
+    # The reward statistics: 4 samples in one chunk, seeded as one process seeds them.
+    a, b = (json.loads((d / "reward" / "run.json").read_text())["reward_norm"] for d in (pm_one, out))
+    assert a["n"] == b["n"] == 4 and b["mean"] == pytest.approx(a["mean"], abs=1e-4)
+
+
+def test_sft_at_world_two_equals_world_one(data, sft_one, tmp_path):
+    out = tmp_path / "two"
+    run_ranks(_stage_rank, "sft", sft_argv(data, out, "--fsdp"))
+    assert_same_run(sft_one, out, "policy", ("model.safetensors",))
+    assert [r["n"] for r in read_log(out) if r.get("eval") == "dev"] == [8, 8]
+
+
+def test_resume_across_world_sizes(data, pm_one, sft_one, tmp_path):
+    # pm: the first step at world size 2 (FSDP), the second at world size 1
+    pm = tmp_path / "pm"
+    run_ranks(_stage_rank, "pm", pm_argv(data, pm, "--fsdp", "--stop-after", "1"))
+    one_process("pm", pm_argv(data, pm, "--resume"))
+    assert_same_run(pm_one, pm, "reward", ("model.safetensors", "head.safetensors"))
+    # sft: the first step in one process (trainer_state.pt), the second at world size 2
+    sft = tmp_path / "sft"
+    one_process("sft", sft_argv(data, sft, "--stop-after", "1"))
+    run_ranks(_stage_rank, "sft", sft_argv(data, sft, "--resume"))
+    assert_same_run(sft_one, sft, "policy", ("model.safetensors",))
