@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             run = runs.read_run_meta(ckpt)
             runs.write_json_atomic(ckpt / runs.RUN_JSON, {**run, "reward_norm": stats})
         runs.log_jsonl(ckpt.parent / runs.METRICS, {"step": summary["step"], "reward_norm": stats})
-        distributed.print0(f"pm: reward on {stats['n']} base-policy samples: mean {stats['mean']:.4f} std {stats['std']:.4f}",
+        distributed.print0(f"pm: reward on {stats['n']} base-policy samples: mean {stats['mean']:.4f} "
+                           f"std {stats['std']:.4f}",
               file=sys.stderr)
     distributed.barrier()                           # run.json is complete on every rank's return
     distributed.print0(json.dumps({k: summary[k] for k in summary if k != "summary"}))

@@ -43,12 +43,23 @@ iteration, "step" is the iteration; sample responses every --sample-every), OUT/
 Face-format policy that generate.py loads, plus value.safetensors or value_head.safetensors,
 trainer_state.pt and run.json with the KL controller), replaced atomically every --save-every iterations.
 
+Under torchrun (docs/SCALING.md): --batch-size stays the global number of rollouts; rank r samples and
+trains on its share of the iteration's prompts (batch[r::N]), --micro-batch is per rank, and each rank
+shuffles its own rows into its part of every minibatch. Whitening, explained variance, the loss
+denominators and the KL controller's measured KL are taken over the global batch (ppo_core's
+global_batch), the losses are scaled by N against FSDP's gradient averaging, and the logged metrics are
+global. The policy, value network (and, with --fsdp, the frozen reference and preference model) are
+made data-parallel by runs.parallelize; generation runs on `sampler`, a plain copy of the policy whose
+weights are refreshed from the (sharded) policy once per rollout, so decoding never waits on a
+collective and keeps its packed or compiled fast paths.
+
 Shapes: B rollouts, T = T_p + T_r columns (left-padded prompt, then the right-padded response),
 T_p prompt columns, T_r response columns, D model width, V vocabulary.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import resource
 import sys
@@ -65,9 +76,9 @@ from torch import Tensor
 from kernels import token_logprobs
 from models import CheckpointError, Tokenizer, Transformer, load_model
 from models.generation import Generation, SamplingParams, generate
-from rlcd import runs
+from rlcd import distributed, runs
 from rlcd.cli import parse_args
-from rlcd.ppo_core import (KL_ESTIMATORS, KLController, apply_missing_stop, explained_variance, gae,
+from rlcd.ppo_core import (KL_ESTIMATORS, KLController, apply_missing_stop, batch_mean, explained_variance, gae,
                            kl_per_token, masked_mean, masked_whiten, policy_loss, shape_rewards, value_loss)
 from rlcd.reward import RewardModel, end_marker, fp32_head, load_reward_model, score_tokens
 
@@ -235,6 +246,15 @@ class PPORun:
     kl_ctl: KLController
     device: torch.device
     end_id: int | None = None             # the PM's end marker (a stop token), appended to cut-off responses
+    sampler: Transformer | None = None    # under torchrun: the plain copy of the policy that generates
+
+    def rollout_policy(self) -> Transformer:
+        """The model that samples the rollouts: the policy itself in one process; under torchrun its
+        plain copy, first given the policy's current weights (gathered whole once per rollout)."""
+        if self.sampler is None:
+            return self.policy
+        distributed.refresh_copy(self.sampler, self.policy)
+        return self.sampler.eval()
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -301,23 +321,26 @@ def iteration(ppo: PPORun, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor
     amp = runs.autocast(a, dev)
     g = torch.Generator(dev).manual_seed(a.seed * 1_000_003 + it)
     beta = ppo.kl_ctl.value
+    world = distributed.world_size()
+    B = a.batch_size // world                   # this rank's rollouts (all of them in one process)
     # Old log-probs and values from the update's own forward (see the module docstring): possible when
     # nothing is updated before that forward, i.e. one epoch of one minibatch in one micro-batch.
-    old_from_update = a.ppo_epochs == 1 and a.minibatches == 1 and a.micro_batch >= a.batch_size
+    old_from_update = a.ppo_epochs == 1 and a.minibatches == 1 and a.micro_batch >= B
 
     # The sampling pass's log-probs serve as the old ones only with a separate value network whose values
     # come from a forward at rollout, and when the sampled distribution is the full tempered one (below).
     reuse_sampling_logp = (not old_from_update and ppo.value_head is None and a.top_k == 0
                            and a.top_p == 1.0)
 
-    # 1. Rollout: B prompts of this iteration (a pure function of seed and it), sampled in lock-step.
+    # 1. Rollout: B prompts of this iteration (a pure function of seed and it; this rank's share of them
+    #    under torchrun), sampled in lock-step.
     with timer("generate"), amp:
         policy.eval()
-        batch = runs.batch_indices(len(ppo.prompts), a.batch_size, it, a.seed)
+        batch = distributed.shard(runs.batch_indices(len(ppo.prompts), a.batch_size, it, a.seed))
         params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                                 top_p=a.top_p)
-        gen = generate(policy, [ppo.prompts[i] for i in batch], params, ppo.stop_ids, ppo.pad_id, generator=g,
-                       logprobs=reuse_sampling_logp)
+        gen = generate(ppo.rollout_policy(), [ppo.prompts[i] for i in batch], params, ppo.stop_ids, ppo.pad_id,
+                       generator=g, logprobs=reuse_sampling_logp)
         seq, start, T_p = gen.sequences, gen.start, gen.prompt_len         # (B, T), (B,), T_p
         tokens, mask = gen.tokens, gen.response_mask                       # (B, T_r) ids, (B, T_r) bool
 
@@ -369,14 +392,15 @@ def iteration(ppo: PPORun, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor
     stats = {k: torch.zeros((), device=dev) for k in
              ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "vf_clipfrac", "grad_norm")}
     n_steps = a.ppo_epochs * a.minibatches
-    mb_size = a.batch_size // a.minibatches
+    mb_size = B // a.minibatches
     lr = 0.0                # the learning rate the iteration's optimiser steps used, their mean
     policy.train()
     for _ in range(a.ppo_epochs):
-        perm = torch.arange(a.batch_size, device=dev) if old_from_update else \
-            torch.randperm(a.batch_size, generator=g, device=dev)                            # (B,)
+        perm = torch.arange(B, device=dev) if old_from_update else \
+            torch.randperm(B, generator=g, device=dev)                                       # (B,)
         for mb in perm.split(mb_size):
-            n_tok = mask[mb].sum()                          # response tokens of the minibatch: the loss mean's denominator
+            # Response tokens of the minibatch (every rank's part of it): the loss mean's denominator.
+            n_tok = distributed.all_reduce_sum(mask[mb].sum())
             for mi in mb.split(a.micro_batch):
                 m = mask[mi]                                                                 # (b, T_r)
                 with timer("forward"), amp:
@@ -401,30 +425,41 @@ def iteration(ppo: PPORun, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor
                                  ("approx_kl", approx_kl), ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac)):
                         stats[k] += v.detach().float() / n_steps
                 with timer("backward"):
-                    loss.backward()
+                    (loss * world if world > 1 else loss).backward()       # x N: FSDP averages the ranks' gradients
             with timer("optimiser"):
                 # clip_grad_norm_ with max_norm=inf only measures; it returns a tensor (no sync).
+                # Over sharded gradients it is a DTensor: the global norm once made whole.
                 grad_norm = torch.nn.utils.clip_grad_norm_(ppo.params, a.grad_clip or float("inf"))
+                grad_norm = distributed.full_tensor(grad_norm)
                 stats["grad_norm"] += grad_norm.float() / n_steps
                 lr += ppo.scheduler.get_last_lr()[0] / n_steps      # read before scheduler.step(); a float: no sync
                 ppo.optimizer.step()
                 ppo.scheduler.step()
                 ppo.optimizer.zero_grad(set_to_none=True)
 
+    # The diagnostics of the global batch (each a local computation at world size 1): the update's sums
+    # (already divided by the global token counts) added over the ranks, the rest global_batch statistics.
+    if world > 1:
+        keys = [k for k in stats if k != "grad_norm"]
+        stats |= dict(zip(keys, distributed.all_reduce_sum(torch.stack([stats[k] for k in keys])).unbind()))
     lengths = gen.lengths.float()
     log_ratio = torch.where(mask, old_logp - ref_logp, 0.0)                                  # (B, T_r)
     if a.ent_coef == 0:
         # No entropy bonus, so no exact entropies: log the Monte Carlo estimate H = E_{x~pi}[-log pi(x)]
         # over the sampled tokens (unbiased, and free).
-        stats["entropy"] = -masked_mean(old_logp, mask)
+        stats["entropy"] = -masked_mean(old_logp, mask, global_batch=True)
     stats |= {
-        "score": score.mean(), "pm_score": pm_score.float().mean(),
-        "kl": log_ratio.sum(1).mean(),                   # KL(pi || pi_ref) per sequence, k1 unclamped
-        "kl_penalty": (beta * torch.where(mask, kl, 0.0).sum(1)).mean(),   # what the reward paid for it
-        "explained_variance": explained_variance(old_values, returns, mask),
-        "value_mean": masked_mean(old_values, mask), "return_mean": masked_mean(returns, mask),
-        "response_length": lengths.mean(), "finished": gen.finished.float().mean(),
-        "tokens": lengths.sum(), "lr": torch.tensor(lr, device=dev),
+        "score": batch_mean(score, global_batch=True),
+        "pm_score": batch_mean(pm_score.float(), global_batch=True),
+        "kl": batch_mean(log_ratio.sum(1), global_batch=True),   # KL(pi || pi_ref) per sequence, k1 unclamped
+        # what the reward paid for it
+        "kl_penalty": batch_mean(beta * torch.where(mask, kl, 0.0).sum(1), global_batch=True),
+        "explained_variance": explained_variance(old_values, returns, mask, global_batch=True),
+        "value_mean": masked_mean(old_values, mask, global_batch=True),
+        "return_mean": masked_mean(returns, mask, global_batch=True),
+        "response_length": batch_mean(lengths, global_batch=True),
+        "finished": batch_mean(gen.finished.float(), global_batch=True),
+        "tokens": distributed.all_reduce_sum(lengths.sum()), "lr": torch.tensor(lr, device=dev),
     }
     return stats, gen, score
 
@@ -435,12 +470,13 @@ def advantages(a: Args, score: Tensor, old_logp: Tensor, ref_logp: Tensor, old_v
     # 4. Per-token KL reward: r_t = -beta KL_t, plus the score on the last real token.
     kl = kl_per_token(old_logp, ref_logp, a.kl_estimator, a.kl_clamp)                     # (B, T_r)
     rewards = shape_rewards(score, kl, mask, beta)                                        # (B, T_r)
-    # 5. Whitening (scale only, official code) and GAE over response tokens; padding masked.
+    # 5. Whitening (scale only, official code) and GAE over response tokens; padding masked. Whitening
+    #    statistics are those of the global batch (all_reduces under torchrun: every rank calls this).
     if a.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
+        rewards = masked_whiten(rewards, mask, shift_mean=False, global_batch=True)
     adv, returns = gae(rewards, old_values, mask, a.gamma, a.lam)                         # (B, T_r) each
     if a.whiten_advantages:
-        adv = masked_whiten(adv, mask)
+        adv = masked_whiten(adv, mask, global_batch=True)
     return adv, returns, kl
 
 
@@ -476,7 +512,10 @@ def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transf
           value_net: RewardModel | None, stop_ids: list[int], pad_id: int, device: torch.device,
           end_id: int | None = None) -> PPORun:
     """Freeze the reference and the PM, add the shared value head if asked, make the optimiser (one
-    AdamW over policy and value, as the official code's actor-critic) and its schedule."""
+    AdamW over policy and value, as the official code's actor-critic) and its schedule. Under torchrun,
+    also the policy's plain copy for generation, and every model made data-parallel in place before the
+    optimiser: the trained ones always, the frozen reference and PM only with --fsdp (without it each rank
+    keeps their whole weights, which need no communication)."""
     for m in (ref, pm):
         m.eval().requires_grad_(False)
     value_head = ValueHead(policy.args.dim, device) if args.value_model == "shared" else None
@@ -485,12 +524,25 @@ def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transf
         runs.freeze_lower_layers(value_net.trunk, args.train_layers)
         value_net.trunk.gradient_checkpointing = args.grad_checkpointing
     policy.gradient_checkpointing = args.grad_checkpointing
+    sampler = None
+    if distributed.active():
+        # FSDP with mixed precision computes in bf16: so does the copy, at half the memory.
+        bf16 = args.fsdp and device.type == "cuda" and args.autocast
+        sampler = copy.deepcopy(policy).requires_grad_(False).to(torch.bfloat16 if bf16 else policy.dtype)
+        runs.parallelize(args, policy, policy, device)
+        if value_net is not None:
+            runs.parallelize(args, value_net, value_net.trunk, device, methods=("values",))
+        else:
+            distributed.parallelize(value_head, fsdp=args.fsdp)
+        if args.fsdp:
+            runs.parallelize(args, ref, ref, device)
+            runs.parallelize(args, pm, pm.trunk, device)
     named = list(policy.named_parameters()) + list((value_net or value_head).named_parameters())
     total = args.iterations * args.ppo_epochs * args.minibatches
     optimizer, scheduler = runs.make_trainer(named, args, device, total)
     kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon)
     return PPORun(args, policy, ref, pm, value_net, value_head, prompts, stop_ids, pad_id, optimizer, scheduler,
-                  kl_ctl, device, end_id)
+                  kl_ctl, device, end_id, sampler)
 
 
 def phase_table(times: dict[str, float], peak_bytes: int | None, title: str = "") -> str:
@@ -526,9 +578,14 @@ def _line(it: int, total: int, r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = apply_preset(rename_deprecated(sys.argv[1:] if argv is None else list(argv)))
     args = parse_args(Args, argv, prog="train.py ppo", description=Args.__doc__)
+    prog = distributed.tag("train.py ppo")          # names the rank under torchrun
     device = runs.device_of(args)
     frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32   # reference and scorer
     try:
+        if args.batch_size % (distributed.world_size() * args.minibatches):
+            # every rank takes an equal share of each minibatch (the same number of collectives)
+            raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the world size "
+                             f"{distributed.world_size()} x --minibatches {args.minibatches}")
         resume_from = None if args.profile else runs.prepare_run(
             args, "ppo", may_change=frozenset({"sample_every", "n_samples"}))
         from rlcd.prompts import load_prompts
@@ -544,20 +601,20 @@ def main(argv: list[str] | None = None) -> int:
             value_net, _, _ = load_reward_model(args.pm, device, torch.float32)
             value_net.trunk.set_attn_impl(args.attn_impl)
     except (CheckpointError, ValueError, OSError) as e:
-        print(f"train.py ppo: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     pm.trunk.set_attn_impl(args.attn_impl)
     if args.normalize_reward and pm.norm_mean is None:
-        print(f"train.py ppo: {args.pm} has no reward statistics (trained with --norm-samples 0); "
+        print(f"{prog}: {args.pm} has no reward statistics (trained with --norm-samples 0); "
               f"pass --no-normalize-reward", file=sys.stderr)
         return 2
     prompts, keys, n_long = encode_prompts(records, tok, args.max_prompt_tokens)
     if len(prompts) < args.batch_size:
-        print(f"train.py ppo: {len(prompts)} prompts of <= {args.max_prompt_tokens} tokens, fewer than "
+        print(f"{prog}: {len(prompts)} prompts of <= {args.max_prompt_tokens} tokens, fewer than "
               f"--batch-size {args.batch_size}", file=sys.stderr)
         return 2
     if max(map(len, prompts)) + args.max_new_tokens > policy.args.max_seq_len:
-        print(f"train.py ppo: prompts plus --max-new-tokens exceed the context of {policy.args.max_seq_len}",
+        print(f"{prog}: prompts plus --max-new-tokens exceed the context of {policy.args.max_seq_len}",
               file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
@@ -569,10 +626,10 @@ def main(argv: list[str] | None = None) -> int:
         pm=args.pm, policy=args.policy, n_prompts=len(prompts))
     if resume_from is not None:
         ppo.kl_ctl.load_state_dict(runs.read_run_meta(resume_from)["kl_ctl"])
-    print(f"ppo: {len(prompts)} prompts ({n_long} over {args.max_prompt_tokens} tokens dropped), {args.batch_size} "
-          f"rollouts x {args.max_new_tokens} tokens per iteration, {args.value_model} value network, "
-          f"{meta['n_trainable'] / 1e6:.1f}M trainable parameters; iterations {start_it}..{args.iterations}",
-          file=sys.stderr)
+    distributed.print0(f"ppo: {len(prompts)} prompts ({n_long} over {args.max_prompt_tokens} tokens dropped), "
+                       f"{args.batch_size} rollouts x {args.max_new_tokens} tokens per iteration, {args.value_model} "
+                       f"value network, {meta['n_trainable'] / 1e6:.1f}M trainable parameters; iterations "
+                       f"{start_it}..{args.iterations}", file=sys.stderr)
     out = Path(args.out)
     if args.profile:
         return run_profile(ppo, out)
@@ -586,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         return rec | {f"t_{p}": times.get(p, 0.0) for p in PHASES}
 
     def after(rec: dict) -> None:
+        if not distributed.is_main():                   # rank 0 prints; its own rollouts are the samples
+            return
         print(_line(rec["step"], args.iterations, rec), flush=True)
         if args.sample_every and rec["step"] % args.sample_every == 0:
             samples = sample_records(last["gen"], last["score"], tok, args.n_samples)
@@ -601,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.run_loop(args, step, start_it, args.iterations, save, out / runs.METRICS, "ppo", progress=False,
                       time_key="iter_s", after=after)
     except FloatingPointError as e:
-        print(f"train.py ppo: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 3
     return 0
 
@@ -656,17 +715,19 @@ def timed_iterations(run: PPORun, warmup: int, iters: int,
 def run_profile(ppo: PPORun, out: Path, wait: int = 1, warmup: int = 1, active: int = 2) -> int:
     """--profile: wait + warmup + active iterations under torch.profiler (its wait/warm-up/active
     schedule); writes OUT/profile/trace.json (chrome://tracing, Perfetto) and prints the phase table of
-    the active iterations. Nothing is checkpointed."""
+    the active iterations. Nothing is checkpointed. Under torchrun each rank writes its own trace
+    (trace.rank<r>.json: its collectives show as gloo/nccl ranges) and rank 0 prints its table."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ppo.device.type == "cuda" else [])
-    trace = out / "profile" / "trace.json"
+    trace = out / "profile" / ("trace.json" if not distributed.active() else f"trace.rank{distributed.rank()}.json")
     trace.parent.mkdir(parents=True, exist_ok=True)
     with profile(activities=acts, schedule=schedule(wait=wait, warmup=warmup, active=active),
                  on_trace_ready=lambda p: p.export_chrome_trace(str(trace)), profile_memory=False) as prof:
         totals = timed_iterations(ppo, wait + warmup, active, lambda stats: prof.step())
-    print(phase_table(totals, peak_memory(ppo.device),
-                      f"PPO iteration, mean of {active} profiled ({ppo.args.value_model} value network, "
-                      f"{ppo.args.batch_size} x {ppo.args.max_new_tokens} tokens, {ppo.device})"))
-    print(f"chrome trace: {trace}")
+    distributed.print0(phase_table(totals, peak_memory(ppo.device),
+                                   f"PPO iteration, mean of {active} profiled ({ppo.args.value_model} value network, "
+                                   f"{ppo.args.batch_size} x {ppo.args.max_new_tokens} tokens, {ppo.device}"
+                                   + (f", {distributed.world_size()} ranks)" if distributed.active() else ")")))
+    distributed.print0(f"chrome trace: {trace}")
     return 0

@@ -94,7 +94,7 @@ class RunArgs:
     save_every: int = 100           # checkpoint every N steps (and always at the stop; 0 = at the stop only)
     seed: int = 0                   # data order, dev split, sampling and shuffling
     device: str = "cpu"             # cpu or cuda (under torchrun: rank r computes on cuda:LOCAL_RANK)
-    fsdp: bool = False              # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2; bf16 compute on GPU)
+    fsdp: bool = False              # under torchrun: shard weights, gradients, AdamW state over the ranks (FSDP2)
     autocast: bool = True           # bf16 autocast on CUDA (weights and optimiser stay fp32)
     attn_impl: str = "sdpa"         # naive, sdpa or triton
     threads: int = 0                # torch CPU threads (0 = leave as is)

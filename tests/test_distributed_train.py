@@ -4,7 +4,7 @@ of world size 1 with the same global batch, with and without --fsdp; a run saved
 at world size 1 (and one saved at 1 resumes at 2) to the weights of an uninterrupted run. The ranks run
 the same `main` a torchrun rank runs (tests/test_distributed.py spawns them)."""
 import json
-import random
+import zlib
 
 import pytest
 import torch
@@ -142,3 +142,73 @@ def test_resume_across_world_sizes(data, pm_one, sft_one, tmp_path):
     one_process("sft", sft_argv(data, sft, "--stop-after", "1"))
     run_ranks(_stage_rank, "sft", sft_argv(data, sft, "--resume"))
     assert_same_run(sft_one, sft, "policy", ("model.safetensors",))
+
+
+# --- ppo ---------------------------------------------------------------------------------------------------------
+def rowwise_generate(model, prompts, params, stop_ids, pad_id, generator=None, **kw):
+    """models.generation.generate, one prompt at a time, each seeded by its tokens and the iteration's seed:
+    rollouts that do not depend on which rank samples them or beside which rows. (The lock-step batch
+    draws every row's tokens from one stream, so N ranks sample other responses than one process, as
+    likely but not the same; PPO's update on given rollouts is what must not depend on N.)"""
+    from models.generation import Generation, generate
+
+    gens = []
+    for p in prompts:
+        g = torch.Generator(model.device).manual_seed(generator.initial_seed() + zlib.crc32(str(p).encode()))
+        gens.append(generate(model, [p], params, stop_ids, pad_id, generator=g, **kw))
+    T_p, T_n = max(x.prompt_len for x in gens), max(x.tokens.shape[1] for x in gens)
+    seq = torch.full((len(gens), T_p + T_n), pad_id, dtype=torch.long)                     # (B, T)
+    tokens = torch.full((len(gens), T_n), pad_id, dtype=torch.long)                        # (B, T_r)
+    logprobs = torch.zeros(len(gens), T_n)                                                 # (B, T_r)
+    for b, x in enumerate(gens):
+        n = x.tokens.shape[1]
+        seq[b, T_p - x.prompt_len:T_p + n] = x.sequences[0]        # left-padded prompt, then the response
+        tokens[b, :n] = x.tokens[0]
+        if x.logprobs is not None:
+            logprobs[b, :n] = x.logprobs[0]
+    return Generation(sequences=seq, start=torch.tensor([T_p - x.prompt_len for x in gens]), prompt_len=T_p,
+                      tokens=tokens, lengths=torch.cat([x.lengths for x in gens]),
+                      finished=torch.cat([x.finished for x in gens]),
+                      logprobs=logprobs if gens[0].logprobs is not None else None)
+
+
+def _ppo_rank(argv: list[str]) -> None:
+    import rlcd.ppo
+
+    rlcd.ppo.generate = rowwise_generate
+    _stage_rank("ppo", argv)
+
+
+@pytest.fixture(scope="module")
+def ppo_setup(data, tmp_path_factory):
+    from test_ppo import save_pm, write_prompt_file
+
+    d = tmp_path_factory.mktemp("ppo")
+    return data["model"], save_pm(make_tiny_model(1), make_tiny_tokenizer(), d / "pm"), write_prompt_file(d / "p.txt")
+
+
+def ppo_argv(setup, out, *extra):
+    # 2 iterations of 8 rollouts (4 per rank), an adaptive KL coefficient (its update uses the global KL)
+    policy, pm, prompts = setup
+    return ["--policy", str(policy), "--pm", str(pm), "--prompts", str(prompts), "--out", str(out),
+            "--batch-size", "8", "--max-new-tokens", "6", "--iterations", "2", "--lr", str(LR), "--warmup", "0",
+            "--kl-target", "1.0", "--sample-every", "0", *map(str, extra)]
+
+
+# (value network, micro-batch, sharding): the default path (old log-probs and values from the update's
+# forward: one micro-batch per rank, 8 >= 4) and the general one (values at rollout, 2 micro-batches).
+@pytest.mark.parametrize("value_model,micro_batch,fsdp", [("separate", 8, True), ("shared", 2, False)],
+                         ids=["separate-fused-fsdp", "shared-general-replicate"])
+def test_ppo_at_world_two_equals_world_one(ppo_setup, tmp_path, monkeypatch, value_model, micro_batch, fsdp):
+    from rlcd import ppo as ppo_mod
+
+    extra = ["--value-model", value_model, "--micro-batch", micro_batch, *(["--fsdp"] if fsdp else [])]
+    monkeypatch.setattr(ppo_mod, "generate", rowwise_generate)
+    one_process("ppo", ppo_argv(ppo_setup, tmp_path / "one", *extra))
+    run_ranks(_ppo_rank, ppo_argv(ppo_setup, tmp_path / "two", *extra))
+    value = "value.safetensors" if value_model == "separate" else "value_head.safetensors"
+    assert_same_run(tmp_path / "one", tmp_path / "two", "policy", ("model.safetensors", value))
+    beta = [[r["beta"] for r in read_log(tmp_path / d) if "beta" in r] for d in ("one", "two")]
+    assert beta[0][1] != beta[0][0] and beta[1] == pytest.approx(beta[0], rel=1e-6)   # the controller moved alike
+    meta = [json.loads((tmp_path / d / "policy" / "run.json").read_text())["kl_ctl"] for d in ("one", "two")]
+    assert meta[1]["value"] == pytest.approx(meta[0]["value"], rel=1e-6)
