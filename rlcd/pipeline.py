@@ -33,6 +33,7 @@ settings (arXiv 2307.12950, Appendix) for a GPU.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -260,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     from rlcd.cli import parse_args
 
     args = parse_args(Args, argv, prog="train.py pipeline", description=Args.__doc__)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank would run every stage, the judge and the report on its own: refuse instead.
+        print("train.py pipeline: not under torchrun (it runs the stages and the evaluation in one process); "
+              "run its stages one by one under torchrun (train.py simulate, pm, sft, ppo; eval.py respond), "
+              "see docs/SCALING.md", file=sys.stderr)
+        return 2
     try:
         report = run(args)
     except (ValueError, RuntimeError) as e:

@@ -212,3 +212,11 @@ def test_ppo_at_world_two_equals_world_one(ppo_setup, tmp_path, monkeypatch, val
     assert beta[0][1] != beta[0][0] and beta[1] == pytest.approx(beta[0], rel=1e-6)   # the controller moved alike
     meta = [json.loads((tmp_path / d / "policy" / "run.json").read_text())["kl_ctl"] for d in ("one", "two")]
     assert meta[1]["value"] == pytest.approx(meta[0]["value"], rel=1e-6)
+
+
+def test_pipeline_refuses_to_run_under_torchrun(monkeypatch, capsys):
+    import train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.main(["pipeline", "--task", "harmless", "--out", "unused"]) == 2
+    assert "not under torchrun" in capsys.readouterr().err
