@@ -11,7 +11,6 @@ GFLOP/s of each side; the best of --repeats after a warm-up.
 from __future__ import annotations
 
 import datetime
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import cpu_name  # noqa: E402
 from models import packed as pk  # noqa: E402
 from rlcd.cli import parse_args  # noqa: E402
 
@@ -46,7 +46,7 @@ def main() -> None:
     torch.manual_seed(0)
     weights = [torch.randn(n, k) for _ in range(a.layers) for n, k in LAYER_SHAPES] + [torch.randn(*HEAD_SHAPE)]
     flop = 2 * sum(w.numel() for w in weights)                       # per row
-    print(f"# {datetime.date.today()}  {platform.processor() or platform.machine()}  "
+    print(f"# {datetime.date.today()}  {cpu_name()}  packing pays here: {pk.PAYS}  "
           f"threads={torch.get_num_threads()}  torch {torch.__version__}  fp32, {a.layers} layers + head")
     print(f"{'rows':>4} {'plain ms':>9} {'packed ms':>10} {'speed-up':>8} {'plain GF/s':>10} {'packed GF/s':>11}")
     for rows in a.rows:

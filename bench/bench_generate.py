@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import describe  # noqa: E402
 from models import DTYPES, load_model  # noqa: E402
 from models.generation import SamplingParams, generate  # noqa: E402
 from models.llama import ModelArgs, Transformer  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> None:
         model, tok = load_model(args.model, device=args.device, dtype=dtype, attn_impl=args.attn_impl)
         prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    name = describe(args.device)
     print(f"# {datetime.date.today()}  device={name}  threads={torch.get_num_threads()}  dtype={args.dtype}"
           f"  prompt={len(prompt_ids)} tokens  new={args.new_tokens}  attn={args.attn_impl}"
           f"  weights={'random' if args.random else args.model}")

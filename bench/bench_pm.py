@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import describe  # noqa: E402
 from models import load_model, save_model  # noqa: E402
 from models.llama import ModelArgs, Transformer  # noqa: E402
 from rlcd.cli import parse_args  # noqa: E402
@@ -116,8 +116,7 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    where = describe(dev)
     lines = [f"## Preference-model step, {datetime.date.today()}, {where}, {versions}", "",
              f"{'real SmolLM2-135M-Instruct' if a.real else 'random weights of the SmolLM2-135M shape'}; "
              f"{B} x {T} tokens, forward + BT loss + backward, "

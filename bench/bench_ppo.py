@@ -21,13 +21,14 @@ figure measured elsewhere is ever divided into ours: without --trl there is no r
 Memory: "transient" is the peak during an iteration above the memory in use just before it (CUDA: allocated
 bytes; CPU: resident set, VmHWM reset through /proc/self/clear_refs), "static" the bytes of the contender's
 own weights and optimiser state. Contenders share the process, so its total resident set says nothing about
-any one of them.
+any one of them. On a CPU, memory freed by one contender stays in the process and is reused by the next
+without raising the resident set, so there the transient figure is a lower bound (0 where a contender fits
+in what the process already holds); for a CPU peak, time one contender alone (--value-models separate).
 """
 from __future__ import annotations
 
 import copy
 import datetime
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import describe  # noqa: E402
 from models import load_model, save_model  # noqa: E402
 from models.llama import ModelArgs, Transformer  # noqa: E402
 from rlcd import ppo  # noqa: E402
@@ -49,6 +51,8 @@ from rlcd.reward import RewardModel  # noqa: E402
 OURS_ROWS = {"generate": "generate", "score": "score + values", "values": "score + values",
              "reference": "reference", "forward": "update: forward", "backward": "update: backward",
              "optimiser": "update: optimiser", "update": "update", "advantages": "other"}
+ROW_ORDER = ["generate", "score + values", "reference", "update: forward", "update: backward", "update: optimiser",
+             "update", "other"]
 TRL_ROWS = {"generate": "generate", "score": "score + values", "reference": "reference",
             "forward": "update: forward", "backward": "update: backward", "optimiser": "update: optimiser",
             "other": "other"}
@@ -158,12 +162,8 @@ class Memory:
 
 def table(results: dict[str, dict[str, float]], rows_of: dict[str, dict[str, str]]) -> str:
     """Seconds per common row (columns = contenders), the iteration and its ratio to TRL when it ran."""
-    rows: list[str] = []
-    for name, times in results.items():
-        for p in times:
-            r = rows_of[name].get(p, p)
-            if r not in rows:
-                rows.append(r)
+    seen = {rows_of[name].get(p, p) for name, times in results.items() for p in times}
+    rows = [r for r in ROW_ORDER if r in seen] + sorted(seen - set(ROW_ORDER))
     per = {name: {} for name in results}
     for name, times in results.items():
         for p, s in times.items():
@@ -187,8 +187,7 @@ def main() -> None:
     device = torch.device(a.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    where = describe(device)
     policy, prompts = make_policy(a, device)
 
     contenders: dict[str, Callable[[], dict[str, float]]] = {}

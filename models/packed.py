@@ -4,7 +4,9 @@ Decoding multiplies the same weight matrices by a few rows (one per sequence) at
 plain GEMM re-packs the weight panel into its blocked layout on every call, which dominates at 4-64
 rows; its packed API (`cblas_sgemm_pack`, which PyTorch exposes as `torch.ops.mkl._mkl_linear`, the op
 inductor's freezing pass emits) packs once for a fixed row count. On the 2-core AVX-512 machine this
-makes the default model's decode-step GEMMs 1.3-1.8x faster at 4-64 rows (`bench/bench_gemm.py`).
+makes the default model's decode-step GEMMs 1.3-1.8x faster at 4-64 rows (`bench/bench_gemm.py`); on the
+AMD EPYC, where MKL runs its AVX2 kernels, it does not pay, so the model packs only on an Intel processor
+with AVX-512 in use (`PAYS`).
 
 `Packed` holds one weight's packed copy; `linear` uses it when it applies (no autograd, the row count it
 was packed for, the weight's storage and version counter unchanged since) and falls back to `F.linear`
@@ -20,11 +22,28 @@ import torch.nn.functional as F
 from torch import Tensor
 
 AVAILABLE = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def _intel_avx512() -> bool:
+    """An Intel processor with AVX-512 in use. MKL takes its AVX-512 code path on Intel processors only: the
+    project's AMD EPYC (Zen 4) has AVX-512 too, but MKL runs its AVX2 kernels there."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            intel = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        return False
+    return intel and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+# Packing pays with MKL's AVX-512 kernels (Intel Xeon: 1.3-1.8x at 4-64 rows, README "Generation") and not
+# with its AVX2 ones (AMD EPYC, 1 thread, 2026-11-28: 0.97-1.03x at 4-32 rows, while packing the default
+# model costs ~0.5 s per generation call).
+PAYS = AVAILABLE and _intel_avx512()
 MIN_ROWS = 2     # at 1 row MKL's packed path is no faster than its GEMV (bench/bench_gemm.py)
 
 
 def worth_packing(weight: Tensor, rows: int) -> bool:
-    return (AVAILABLE and weight.device.type == "cpu" and weight.dtype == torch.float32
+    return (PAYS and weight.device.type == "cpu" and weight.dtype == torch.float32
             and rows >= MIN_ROWS)
 
 

@@ -11,6 +11,12 @@ from models.generation import SamplingParams, generate
 pytestmark = pytest.mark.skipif(not pk.AVAILABLE, reason="this torch build has no MKL")
 
 
+@pytest.fixture(autouse=True)
+def packing_on(monkeypatch):
+    """The mechanism is tested on every processor, also where packing does not pay (pk.PAYS False: AVX2)."""
+    monkeypatch.setattr(pk, "PAYS", True)
+
+
 def test_packed_product_matches_linear_and_only_for_its_row_count():
     torch.manual_seed(0)
     w = torch.randn(96, 40)
@@ -65,7 +71,7 @@ def test_generation_with_packed_weights_matches_plain(monkeypatch, tied):
     model.clear_cache()
     assert model.layers[0].feed_forward.w2.packed is None and model.head_packed is None
     packed = generate(model, prompts, params, [], 0, torch.Generator().manual_seed(0))
-    monkeypatch.setattr(pk, "AVAILABLE", False)
+    monkeypatch.setattr(pk, "PAYS", False)
     plain = generate(model, prompts, params, [], 0, torch.Generator().manual_seed(0))
     assert torch.equal(packed.tokens, plain.tokens)
     torch.testing.assert_close(packed.logprobs, plain.logprobs, **NET_TOL)
@@ -88,5 +94,5 @@ def test_no_pack_outlives_a_training_step(monkeypatch):
     model.eval()
     assert w._version == version                      # the premise: no version bump
     after = generate(model, prompts, params, [], 0).tokens
-    monkeypatch.setattr(pk, "AVAILABLE", False)
+    monkeypatch.setattr(pk, "PAYS", False)
     assert torch.equal(after, generate(model, prompts, params, [], 0).tokens)

@@ -90,6 +90,7 @@ def test_incremental_decode_with_padding_matches_full_forward(impl):
 
 @pytest.mark.skipif(not pk.AVAILABLE, reason="this torch build has no MKL")
 def test_packed_decoding_adds_the_bias(monkeypatch):
+    monkeypatch.setattr(pk, "PAYS", True)           # the mechanism, on every processor
     model = make_tiny_qwen2()
     x = torch.randn(4, 1, 64)
     lin = model.layers[0].attention.wqkv
@@ -101,7 +102,7 @@ def test_packed_decoding_adds_the_bias(monkeypatch):
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12], [13, 14, 15]]
     params = SamplingParams(max_new_tokens=8, temperature=0.8)
     packed = generate(model, prompts, params, [], 0, torch.Generator().manual_seed(0))
-    monkeypatch.setattr(pk, "AVAILABLE", False)
+    monkeypatch.setattr(pk, "PAYS", False)
     plain = generate(model, prompts, params, [], 0, torch.Generator().manual_seed(0))
     assert torch.equal(packed.tokens, plain.tokens)
     torch.testing.assert_close(packed.logprobs, plain.logprobs, **TOL)
