@@ -314,14 +314,15 @@ class PhaseTimer:
 def iteration(ppo: PPORun, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor], Generation, Tensor]:
     """Iteration `it` (0-based): a batch of rollouts and the PPO epochs on it. Returns the diagnostics as
     0-d tensors (not synchronised), the rollouts and their scores. Sampling and shuffling draw from a
-    generator seeded by (seed, it), so an iteration is a function of the weights, the optimiser state
-    and `it`: what makes --resume exact."""
+    generator seeded by (seed, it) (and the rank under torchrun), so an iteration is a function of the
+    weights, the optimiser state and `it`: what makes --resume exact."""
     a, dev = ppo.args, ppo.device
     policy, ref, pm = ppo.policy, ppo.ref, ppo.pm
     amp = runs.autocast(a, dev)
-    g = torch.Generator(dev).manual_seed(a.seed * 1_000_003 + it)
-    beta = ppo.kl_ctl.value
     world = distributed.world_size()
+    # One stream per rank (under torchrun the ranks' rows get independent noise; one process: as ever).
+    g = torch.Generator(dev).manual_seed((a.seed * 1_000_003 + it) * world + distributed.rank())
+    beta = ppo.kl_ctl.value
     B = a.batch_size // world                   # this rank's rollouts (all of them in one process)
     # Old log-probs and values from the update's own forward (see the module docstring): possible when
     # nothing is updated before that forward, i.e. one epoch of one minibatch in one micro-batch.

@@ -151,10 +151,12 @@ def rowwise_generate(model, prompts, params, stop_ids, pad_id, generator=None, *
     draws every row's tokens from one stream, so N ranks sample other responses than one process, as
     likely but not the same; PPO's update on given rollouts is what must not depend on N.)"""
     from models.generation import Generation, generate
+    from rlcd import distributed
 
+    seed = (generator.initial_seed() - distributed.rank()) // distributed.world_size()   # the iteration's
     gens = []
     for p in prompts:
-        g = torch.Generator(model.device).manual_seed(generator.initial_seed() + zlib.crc32(str(p).encode()))
+        g = torch.Generator(model.device).manual_seed(seed + zlib.crc32(str(p).encode()))
         gens.append(generate(model, [p], params, stop_ids, pad_id, generator=g, **kw))
     T_p, T_n = max(x.prompt_len for x in gens), max(x.tokens.shape[1] for x in gens)
     seq = torch.full((len(gens), T_p + T_n), pad_id, dtype=torch.long)                     # (B, T)
