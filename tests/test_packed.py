@@ -1,4 +1,5 @@
-"""MKL-packed decoding GEMMs (models/packed.py): same products as F.linear, used only where they apply."""
+"""Decoding layouts of the weights (models/packed.py), MKL-packed and transposed: same products as F.linear,
+used only where they apply."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +14,10 @@ pytestmark = pytest.mark.skipif(not pk.AVAILABLE, reason="this torch build has n
 
 @pytest.fixture(autouse=True)
 def packing_on(monkeypatch):
-    """The mechanism is tested on every processor, also where packing does not pay (pk.PAYS False: AVX2)."""
+    """The MKL layout is tested on every processor, also where it does not pay (pk.PAYS False: the AMD EPYC);
+    the transposed one-row layout only where a test turns it on."""
     monkeypatch.setattr(pk, "PAYS", True)
+    monkeypatch.setattr(pk, "TRANSPOSE_GEMV", False)
 
 
 def test_packed_product_matches_linear_and_only_for_its_row_count():
@@ -96,3 +99,35 @@ def test_no_pack_outlives_a_training_step(monkeypatch):
     after = generate(model, prompts, params, [], 0).tokens
     monkeypatch.setattr(pk, "PAYS", False)
     assert torch.equal(after, generate(model, prompts, params, [], 0).tokens)
+
+
+def test_transposed_layout_at_one_row(monkeypatch):
+    monkeypatch.setattr(pk, "PAYS", False)                              # as on the AMD EPYC
+    monkeypatch.setattr(pk, "TRANSPOSE_GEMV", True)
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 40), torch.randn(96)
+    p = pk.repack(None, w, rows=1)
+    assert p is not None and p.kind == "transposed" and pk.repack(p, w, rows=1) is p
+    assert pk.repack(None, w, rows=2) is None                           # slower than F.linear at 4-16 rows
+    x = torch.randn(1, 1, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(pk.linear(x, w, p), F.linear(x, w), **NET_TOL)
+        torch.testing.assert_close(pk.linear(x, w, p, b), F.linear(x, w, b), **NET_TOL)
+        w.mul_(-2.0)                                                    # an in-place update retires it
+        assert torch.equal(pk.linear(x, w, p), F.linear(x, w))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_generation_at_batch_one_with_transposed_weights_matches_plain(monkeypatch, tied):
+    monkeypatch.setattr(pk, "PAYS", False)
+    monkeypatch.setattr(pk, "TRANSPOSE_GEMV", True)
+    model = make_tiny_model(tie_embeddings=tied)
+    params = SamplingParams(max_new_tokens=10, temperature=0.8)
+    model.setup_cache(1, 16)
+    assert model.layers[0].attention.wqkv.packed.kind == "transposed" and model.head_packed is not None
+    model.clear_cache()
+    packed = generate(model, [[5, 6, 7, 8, 9]], params, [], 0, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(pk, "TRANSPOSE_GEMV", False)
+    plain = generate(model, [[5, 6, 7, 8, 9]], params, [], 0, torch.Generator().manual_seed(0))
+    assert torch.equal(packed.tokens, plain.tokens)
+    torch.testing.assert_close(packed.logprobs, plain.logprobs, **NET_TOL)
