@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import cpu_name  # noqa: E402
+from common import cpu_name  # noqa: E402
 from models import packed as pk  # noqa: E402
 from rlcd.cli import parse_args  # noqa: E402
 

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import describe  # noqa: E402
+from common import describe  # noqa: E402
 from models import DTYPES, load_model  # noqa: E402
 from models.generation import SamplingParams, generate  # noqa: E402
 from models.llama import ModelArgs, Transformer  # noqa: E402

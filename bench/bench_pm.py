@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import describe  # noqa: E402
+from common import BenchArgs, describe  # noqa: E402
 from models import load_model, save_model  # noqa: E402
 from models.llama import ModelArgs, Transformer  # noqa: E402
 from rlcd.cli import parse_args  # noqa: E402
@@ -41,11 +41,7 @@ from rlcd.reward import RewardModel  # noqa: E402
 
 
 @dataclass
-class Args:
-    device: str = "cpu"                    # cpu or cuda
-    threads: int = 2                       # torch CPU threads (0 = leave as is)
-    real: bool = False                     # the real default model instead of random weights
-    model: str = "smollm2-135m-instruct"   # checkpoint for --real
+class Args(BenchArgs):
     hf: bool = False                       # also transformers (needs it importable: make trl-env)
     batch: int = 8                         # sequences per step (chosen/rejected halves)
     tokens: int = 128                      # tokens per sequence

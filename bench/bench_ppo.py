@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import describe  # noqa: E402
+from common import BenchArgs, describe  # noqa: E402
 from models import load_model, save_model  # noqa: E402
 from models.llama import ModelArgs, Transformer  # noqa: E402
 from rlcd import ppo  # noqa: E402
@@ -59,11 +59,7 @@ TRL_ROWS = {"generate": "generate", "score": "score + values", "reference": "ref
 
 
 @dataclass
-class Args:
-    device: str = "cpu"                    # cpu or cuda
-    threads: int = 2                       # torch CPU threads (0 = leave as is)
-    real: bool = False                     # the real default model instead of random weights
-    model: str = "smollm2-135m-instruct"   # checkpoint for --real
+class Args(BenchArgs):
     value_models: list[str] = field(default_factory=lambda: ["separate", "shared"])  # modes to time
     trl: bool = False                      # also TRL's PPOTrainer (needs trl + transformers: make trl-env)
     prompts: int = 16                      # rollouts per iteration

@@ -1,4 +1,5 @@
-"""What every benchmark prints beside its figures: the processor (or GPU) that produced them.
+"""What the benchmarks share: the settings of the model they time, and the processor (or GPU) they name
+beside every figure.
 
 platform.processor() is empty on these Linux machines, and the project's two CPU kinds (an Intel Xeon, an
 AMD EPYC) differ 3-4x in speed, so the name comes from /proc/cpuinfo.
@@ -6,8 +7,18 @@ AMD EPYC) differ 3-4x in speed, so the name comes from /proc/cpuinfo.
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class BenchArgs:
+    """Where and on which weights a benchmark runs (each benchmark's Args adds its own settings)."""
+    device: str = "cpu"                    # cpu or cuda
+    threads: int = 2                       # torch CPU threads (0 = leave as is)
+    real: bool = False                     # the real default model instead of random weights of its shape
+    model: str = "smollm2-135m-instruct"   # checkpoint for --real
 
 
 def cpu_name() -> str:
