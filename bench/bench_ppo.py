@@ -62,6 +62,7 @@ TRL_ROWS = {"generate": "generate", "score": "score + values", "reference": "ref
 class Args(BenchArgs):
     value_models: list[str] = field(default_factory=lambda: ["separate", "shared"])  # modes to time
     trl: bool = False                      # also TRL's PPOTrainer (needs trl + transformers: make trl-env)
+    cpu_bf16: bool = False                 # on a CPU, bf16 as on CUDA (autocast, frozen models in bf16), TRL too
     prompts: int = 16                      # rollouts per iteration
     prompt_len: int = 40                   # mean prompt length in tokens (random mode: 36..44)
     new_tokens: int = 64                   # response length (stop tokens disabled)
@@ -101,7 +102,7 @@ def our_run(a: Args, mode: str, policy: Transformer, frozen: tuple[Transformer, 
     args = ppo.Args(out="unused", pm="unused", batch_size=a.prompts, max_new_tokens=a.new_tokens,
                     ppo_epochs=a.ppo_epochs, minibatches=a.minibatches, micro_batch=a.micro_batch,
                     iterations=1000, normalize_reward=False, no_stop_score=None, value_model=mode,
-                    device=str(device), attn_impl=a.attn_impl)
+                    device=str(device), attn_impl=a.attn_impl, cpu_bf16=a.cpu_bf16)
     return ppo.build(args, prompts, copy.deepcopy(policy), ref, pm, value_net, stop_ids=[], pad_id=0,
                      device=device)
 
@@ -189,7 +190,8 @@ def main() -> None:
     contenders: dict[str, Callable[[], dict[str, float]]] = {}
     rows_of: dict[str, dict[str, str]] = {}
     static: dict[str, Callable[[], int]] = {}        # read after the rounds: optimiser state is created lazily
-    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bf16 = device.type == "cuda" or a.cpu_bf16
+    frozen_dtype = torch.bfloat16 if bf16 else torch.float32
     frozen = (copy.deepcopy(policy).to(frozen_dtype), RewardModel(copy.deepcopy(policy).to(frozen_dtype)))
     for mode in a.value_models:
         run = our_run(a, mode, policy, frozen, prompts, device)
@@ -212,7 +214,7 @@ def main() -> None:
         versions += f", transformers {transformers.__version__}, trl {trl.__version__}"
         model_dir = Path(tempfile.mkdtemp(prefix="bench-ppo-")) / "policy"
         save_model(policy, None, model_dir)
-        peer = TRLPeer(model_dir, prompts, a.prompts, a.new_tokens, device)
+        peer = TRLPeer(model_dir, prompts, a.prompts, a.new_tokens, device, bf16=bf16)
         contenders["TRL"], rows_of["TRL"] = peer.iteration, TRL_ROWS
         tr = peer.trainer
         static["TRL"] = lambda: static_bytes([tr.model, tr.ref_model, tr.reward_model], tr.optimizer.optimizer)
@@ -237,7 +239,7 @@ def main() -> None:
             f"{'real SmolLM2-135M-Instruct' if a.real else 'random weights of the SmolLM2-135M shape'}; "
             f"{a.prompts} prompts of ~{a.prompt_len} tokens, {a.new_tokens}-token responses, {a.ppo_epochs} "
             f"epoch(s) x {a.minibatches} minibatch(es), policy fp32"
-            + (" (bf16 autocast; reference and scorer in bf16)" if device.type == "cuda" else "")
+            + (" (bf16 autocast; reference and scorer in bf16)" if bf16 else "")
             + f", attention {a.attn_impl}; mean of {a.iters} interleaved rounds after {a.warmup} warm-up\n")
     gib = 2 ** 30
     memory = ("| memory, GiB | " + " | ".join(contenders) + " |\n|---|" + "---:|" * len(contenders) + "\n"

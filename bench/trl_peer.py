@@ -41,10 +41,11 @@ def _tokenizer():
 class TRLPeer:
     """TRL's PPOTrainer on the checkpoint directory `model_dir` (HF format), the prompts (token-id lists,
     pad id 0 never among them), `batch_size` rollouts of exactly `new_tokens` tokens, 1 epoch x 1 minibatch
-    x 1 micro-batch: the shapes of bench_ppo's default. Frozen models in bf16 on a GPU, as ours."""
+    x 1 micro-batch: the shapes of bench_ppo's default. With bf16 (a GPU, or --cpu-bf16): mixed precision
+    and frozen models in bf16, as ours."""
 
     def __init__(self, model_dir: Path, prompts: list[list[int]], batch_size: int, new_tokens: int,
-                 device: torch.device, lr: float = 2e-6):
+                 device: torch.device, lr: float = 2e-6, bf16: bool = False):
         import datasets
         import transformers
         from transformers import AutoModelForSequenceClassification, LlamaForCausalLM
@@ -52,7 +53,7 @@ class TRLPeer:
         from trl.experimental.ppo import ppo_trainer as mod
 
         self.mod, self.cuda = mod, device.type == "cuda"
-        frozen = torch.bfloat16 if self.cuda else torch.float32
+        frozen = torch.bfloat16 if bf16 else torch.float32
         transformers.logging.set_verbosity_error()
 
         def causal(dtype):
@@ -72,7 +73,7 @@ class TRLPeer:
             num_mini_batches=1, num_ppo_epochs=1, local_rollout_forward_batch_size=batch_size,
             response_length=new_tokens, total_episodes=batch_size, stop_token=None, missing_eos_penalty=None,
             learning_rate=lr, num_sample_generations=0, save_strategy="no", report_to=[], logging_steps=1,
-            use_cpu=not self.cuda, bf16=self.cuda, seed=0, disable_tqdm=True)
+            use_cpu=not self.cuda, bf16=bf16, seed=0, disable_tqdm=True)
         data = datasets.Dataset.from_dict({"input_ids": prompts[:batch_size]})
         self.trainer = PPOTrainer(args=config, processing_class=_tokenizer(), model=causal(torch.float32),
                                   ref_model=causal(frozen), reward_model=scorer(frozen), train_dataset=data,

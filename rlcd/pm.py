@@ -126,7 +126,7 @@ def reward_norm_stats(pm: RewardModel, tok: Tokenizer, recs: list[dict], args: A
     random.Random(args.seed).shuffle(prompts)
     prompts = prompts[:args.norm_samples]
     name = args.norm_policy or args.model
-    policy, ptok = load_model(name, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    policy, ptok = load_model(name, device=device, dtype=runs.frozen_dtype(args, device))
     params = SamplingParams(max_new_tokens=args.norm_max_new_tokens, temperature=args.norm_temperature)
     max_length = min(args.max_length, pm.trunk.args.max_seq_len)
     t0 = time.perf_counter()

@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(Args, argv, prog="train.py ppo", description=Args.__doc__)
     prog = distributed.tag("train.py ppo")          # names the rank under torchrun
     device = runs.device_of(args)
-    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32   # reference and scorer
+    frozen_dtype = runs.frozen_dtype(args, device)                              # reference and scorer
     try:
         if args.batch_size % (distributed.world_size() * args.minibatches):
             # every rank takes an equal share of each minibatch (the same number of collectives)

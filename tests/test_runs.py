@@ -182,3 +182,17 @@ def test_resume_checks_settings_and_drops_metrics_after_the_checkpoint(tmp_path)
         runs.prepare_run(runs.TrainArgs(out=str(tmp_path / "run"), lr=2e-3, resume=True), "sft")
     with pytest.raises(CheckpointError, match="cannot resume it as 'ppo'|not a 'ppo'"):
         runs.prepare_run(runs.TrainArgs(out=str(tmp_path / "run"), lr=1e-3, resume=True), "ppo")
+
+
+def test_bf16_on_cuda_by_default_and_on_a_cpu_only_when_asked():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    plain, asked = runs.TrainArgs(out="x"), runs.TrainArgs(out="x", cpu_bf16=True)
+    assert runs.low_precision(plain, cuda) and not runs.low_precision(runs.TrainArgs(out="x", autocast=False), cuda)
+    assert not runs.low_precision(plain, cpu) and runs.frozen_dtype(plain, cpu) == torch.float32
+    assert runs.low_precision(asked, cpu) and runs.frozen_dtype(asked, cpu) == torch.bfloat16
+    model = make_tiny_model()
+    with runs.autocast(asked, cpu):
+        assert torch.is_autocast_enabled("cpu")
+        assert model(torch.tensor([[5, 6, 7]])).dtype == torch.bfloat16          # the head ran in bf16
+    with runs.autocast(plain, cpu):
+        assert not torch.is_autocast_enabled("cpu")
