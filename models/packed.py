@@ -47,8 +47,10 @@ MIN_ROWS = 2     # at 1 row MKL's packed path is no faster than its GEMV (bench/
 
 
 def layout(weight: Tensor, rows: int) -> str | None:
-    """The decoding layout that pays for `weight` at `rows` rows on this processor, or None."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    """The decoding layout that pays for `weight` at `rows` rows on this processor, or None. None under CPU
+    autocast (--cpu-bf16): the products then run in bf16 through F.linear, whose autocast casts each weight
+    once per generation call, where an fp32 copy would either run in fp32 or be cast again at every step."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return None
     if PAYS and rows >= MIN_ROWS:
         return "mkl"
@@ -90,7 +92,7 @@ def repack(packed: Packed | None, weight: Tensor, rows: int) -> Packed | None:
 def linear(x: Tensor, weight: Tensor, packed: Packed | None, bias: Tensor | None = None) -> Tensor:
     """x (..., K) @ weight (N, K).T (+ bias (N,)), through `packed` when it applies."""
     if packed is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
-            and x.dtype == torch.float32 and x.numel() == packed.rows * x.shape[-1] \
+            and not torch.is_autocast_enabled("cpu") and x.dtype == torch.float32 and x.numel() == packed.rows * x.shape[-1] \
             and packed.fresh(weight, packed.rows):
         x2 = x.reshape(packed.rows, -1)
         if packed.kind == "mkl":

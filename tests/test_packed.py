@@ -131,3 +131,13 @@ def test_generation_at_batch_one_with_transposed_weights_matches_plain(monkeypat
     plain = generate(model, [[5, 6, 7, 8, 9]], params, [], 0, torch.Generator().manual_seed(0))
     assert torch.equal(packed.tokens, plain.tokens)
     torch.testing.assert_close(packed.logprobs, plain.logprobs, **NET_TOL)
+
+
+def test_no_pack_under_cpu_autocast(monkeypatch):
+    monkeypatch.setattr(pk, "TRANSPOSE_GEMV", True)
+    w = torch.randn(64, 32)
+    p = pk.repack(None, w, rows=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pk.repack(None, w, rows=4) is None and pk.repack(None, w, rows=1) is None
+        with torch.no_grad():
+            assert pk.linear(torch.randn(4, 32), w, p).dtype == torch.bfloat16   # F.linear under autocast
