@@ -4,6 +4,7 @@
     python bench/bench_ppo.py --real                   # the real default model (its tokenizer's chat prompts)
     python bench/bench_ppo.py --device cuda            # on a GPU (bf16 autocast, frozen models in bf16)
     .trl-env/bin/python bench/bench_ppo.py --trl       # also TRL 1.12's PPOTrainer, interleaved (make trl-env)
+    torchrun --nproc_per_node 2 bench/bench_ppo.py     # data parallel: 2 ranks share the 16 rollouts (--fsdp too)
     python bench/bench_ppo.py --out bench/ppo.md       # also write the tables as markdown
 
 Settings (the TRL side-by-side of the PPO hot-path issue): 16 prompts of ~40 tokens, responses of exactly 64
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import BenchArgs, describe  # noqa: E402
 from models import load_model, save_model  # noqa: E402
 from models.llama import ModelArgs, Transformer  # noqa: E402
-from rlcd import ppo  # noqa: E402
+from rlcd import distributed, ppo  # noqa: E402
 from rlcd.cli import parse_args  # noqa: E402
 from rlcd.reward import RewardModel  # noqa: E402
 
@@ -63,6 +64,7 @@ class Args(BenchArgs):
     value_models: list[str] = field(default_factory=lambda: ["separate", "shared"])  # modes to time
     trl: bool = False                      # also TRL's PPOTrainer (needs trl + transformers: make trl-env)
     cpu_bf16: bool = False                 # on a CPU, bf16 as on CUDA (autocast, frozen models in bf16), TRL too
+    fsdp: bool = False                     # under torchrun: shard with FSDP2 (else whole replicas, as DDP)
     prompts: int = 16                      # rollouts per iteration
     prompt_len: int = 40                   # mean prompt length in tokens (random mode: 36..44)
     new_tokens: int = 64                   # response length (stop tokens disabled)
@@ -102,7 +104,7 @@ def our_run(a: Args, mode: str, policy: Transformer, frozen: tuple[Transformer, 
     args = ppo.Args(out="unused", pm="unused", batch_size=a.prompts, max_new_tokens=a.new_tokens,
                     ppo_epochs=a.ppo_epochs, minibatches=a.minibatches, micro_batch=a.micro_batch,
                     iterations=1000, normalize_reward=False, no_stop_score=None, value_model=mode,
-                    device=str(device), attn_impl=a.attn_impl, cpu_bf16=a.cpu_bf16)
+                    device=str(device), attn_impl=a.attn_impl, cpu_bf16=a.cpu_bf16, fsdp=a.fsdp)
     return ppo.build(args, prompts, copy.deepcopy(policy), ref, pm, value_net, stop_ids=[], pad_id=0,
                      device=device)
 
@@ -119,10 +121,13 @@ def our_iteration(run: ppo.PPORun) -> Callable[[], dict[str, float]]:
 
 
 def static_bytes(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of the modules' weights and the optimiser's state held by this process (a sharded tensor's
+    local shard under torchrun)."""
     tensors = {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()]}
     if optimizer is not None:
         tensors |= {id(t): t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors.values()]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 class Memory:
@@ -179,12 +184,16 @@ def table(results: dict[str, dict[str, float]], rows_of: dict[str, dict[str, str
 
 def main() -> None:
     a = parse_args(Args, prog="bench_ppo.py")
+    world = distributed.init(a.device)          # 1 without torchrun: no process group
     if a.threads:
-        torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
+        torch.set_num_threads(max(1, a.threads // world))       # the cores are shared among the ranks
+    if world > 1 and a.trl:
+        raise SystemExit("bench_ppo.py: --trl runs in one process (TRL's trainer is not sharded here)")
+    device = torch.device(distributed.device_for_rank(a.device))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    where = describe(device)
+    where = describe(device) + (f", {world} processes (torchrun, {'FSDP' if a.fsdp else 'replicas'}; rank 0's "
+                                f"times and memory)" if world > 1 else "")
     policy, prompts = make_policy(a, device)
 
     contenders: dict[str, Callable[[], dict[str, float]]] = {}
@@ -225,11 +234,13 @@ def main() -> None:
     transient = {n: 0 for n in contenders}
     for r in range(a.warmup + a.iters):
         for name, step in contenders.items():
+            distributed.barrier()                 # under torchrun the ranks start each iteration together
             mem.start()
             t0 = time.perf_counter()
-            times = step()
-            print(f"round {r + 1}/{a.warmup + a.iters} {name}: {time.perf_counter() - t0:.1f} s"
-                  + (" (warm-up)" if r < a.warmup else ""), file=sys.stderr, flush=True)
+            times = step()                        # rank 0's phase times (the ranks meet in every collective)
+            if distributed.is_main():
+                print(f"round {r + 1}/{a.warmup + a.iters} {name}: {time.perf_counter() - t0:.1f} s"
+                      + (" (warm-up)" if r < a.warmup else ""), file=sys.stderr, flush=True)
             if r >= a.warmup:
                 transient[name] = max(transient[name], mem.peak())
                 for p, s in times.items():
@@ -247,9 +258,10 @@ def main() -> None:
               + " |\n| transient (peak above the start of an iteration) | "
               + " | ".join(f"{transient[n] / gib:.2f}" for n in contenders) + " |")
     text = "\n\n".join([head, table(sums, rows_of), memory]) + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    if distributed.is_main():
+        print(text)
+        if a.out:
+            Path(a.out).write_text(text)
 
 
 if __name__ == "__main__":
