@@ -35,4 +35,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rlcd import distributed
+
+    distributed.exit(main())        # sys.exit, or under torchrun a clean exit of every rank

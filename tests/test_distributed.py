@@ -43,6 +43,7 @@ def _rank_main(rank: int, world: int, port: int, fn, args: tuple) -> None:
     torch.set_num_threads(1)
     distributed.init("cpu", timeout_s=COLLECTIVE_TIMEOUT_S)
     fn(*args)
+    distributed.exit(0)         # as train.py and eval.py end under torchrun (an exception above: exit code 1)
 
 
 def run_ranks(fn, *args, world: int = 2) -> None:
