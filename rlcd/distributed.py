@@ -85,16 +85,17 @@ def close() -> None:
 def exit(code: int) -> NoReturn:
     """End the process with `code`: what train.py and eval.py do when their command returns.
 
-    At world size 1, sys.exit. Under torchrun the ranks first meet (after a success: no rank tears down
-    while a peer is still in a collective), leave the process group, flush their output, and end with
-    os._exit, skipping the interpreter's teardown: there a rank holding FSDP/gloo objects aborted now
-    and then ("terminate called without an active exception", SIGABRT, after complete output: 2 of 6
-    manual torchrun runs and 1 CI run of the 2-rank tests on the AMD EPYC, 2026-11-28)."""
+    At world size 1, sys.exit. Under torchrun the ranks first meet (after a success: no rank leaves while
+    a peer is still in a collective), flush their output and end with os._exit, skipping the teardown of
+    the process group and of the interpreter (the operating system closes the sockets): there a rank
+    now and then aborted ("terminate called without an active exception", SIGABRT, after complete
+    output: 2 of 6 manual torchrun runs and 1 CI run of the 2-rank tests on the AMD EPYC, 2026-11-28;
+    whether in destroy_process_group or in the C++ destructors after it was not pinned down, so both are
+    skipped)."""
     if not active():
         sys.exit(code)
     if code == 0:
         barrier()
-    close()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
