@@ -11,7 +11,8 @@ layout runs those products fastest depends on the processor's MKL code path:
 - "transposed": at one row a product is a GEMV that streams the weight from memory, and MKL's AVX2 GEMV
   reads a (N, K) weight at ~11 GB/s where the same product as x @ W^T with W^T stored (K, N) contiguous
   reaches ~20 GB/s (AMD EPYC, 1 thread, 2026-11-28: one decode step's products 46.5 -> 31.8 ms, 1.46x;
-  at 4 and 16 rows it is slower, 0.83x and 0.92x). Used at one row where MKL runs its AVX2 kernels.
+  at 4 and 16 rows it is slower, 0.83x and 0.92x). Used at one row where MKL runs its AVX2 kernels
+  (`TRANSPOSE_GEMV`: MKL present, not an Intel processor with AVX-512).
 
 `Packed` holds one weight's copy in its layout; `linear` uses it when it applies (no autograd, the row
 count it was made for, the weight's storage and version counter unchanged since) and falls back to
@@ -42,7 +43,7 @@ def _intel_avx512() -> bool:
 
 INTEL_AVX512 = _intel_avx512()
 PAYS = AVAILABLE and INTEL_AVX512                 # the "mkl" layout (at MIN_ROWS rows and more)
-TRANSPOSE_GEMV = not INTEL_AVX512                 # the "transposed" layout at one row
+TRANSPOSE_GEMV = AVAILABLE and not INTEL_AVX512   # the "transposed" layout at one row (MKL's AVX2 GEMV)
 MIN_ROWS = 2     # at 1 row MKL's packed path is no faster than its GEMV (bench/bench_gemm.py)
 
 
@@ -92,8 +93,8 @@ def repack(packed: Packed | None, weight: Tensor, rows: int) -> Packed | None:
 def linear(x: Tensor, weight: Tensor, packed: Packed | None, bias: Tensor | None = None) -> Tensor:
     """x (..., K) @ weight (N, K).T (+ bias (N,)), through `packed` when it applies."""
     if packed is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
-            and not torch.is_autocast_enabled("cpu") and x.dtype == torch.float32 and x.numel() == packed.rows * x.shape[-1] \
-            and packed.fresh(weight, packed.rows):
+            and not torch.is_autocast_enabled("cpu") and x.dtype == torch.float32 \
+            and x.numel() == packed.rows * x.shape[-1] and packed.fresh(weight, packed.rows):
         x2 = x.reshape(packed.rows, -1)
         if packed.kind == "mkl":
             y = torch.ops.mkl._mkl_linear(x2, packed.data, weight, bias, packed.rows)
