@@ -101,8 +101,9 @@ def main() -> None:
         from models import save_model
         from models.checkpoint import resolve
         # The same weights: the checkpoint, or the random model written out in Hugging Face format.
-        path = save_model(model, None, Path(tempfile.mkdtemp()) / "random") if args.random else resolve(args.model)
-        hf = transformers.LlamaForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+        with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
+            path = save_model(model, None, Path(tmp) / "random") if args.random else resolve(args.model)
+            hf = transformers.LlamaForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     print(f"{'batch':>5} {'ours tok/s':>11} {'ms/token':>9}" + (f" {'compiled':>9}" if args.compile else "")
           + (f" {'HF tok/s':>9} {'speed-up':>8}" if hf else ""))
     for B in args.batches:

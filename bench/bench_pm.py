@@ -88,11 +88,12 @@ def main() -> None:
         except ImportError as e:
             raise SystemExit(f"bench_pm.py --hf: {e}; make trl-env, then .trl-env/bin/python bench/bench_pm.py --hf")
         versions += f", transformers {transformers.__version__}"
-        path = save_model(trunk, None, Path(tempfile.mkdtemp(prefix="bench-pm-")) / "trunk")
         kw = dict(dtype=torch.float32, attn_implementation="sdpa")
-        cls = transformers.LlamaForSequenceClassification.from_pretrained(path, num_labels=1, **kw).to(dev).train()
+        with tempfile.TemporaryDirectory(prefix="bench-pm-") as tmp:        # the same weights, in HF format
+            path = save_model(trunk, None, Path(tmp) / "trunk")
+            cls = transformers.LlamaForSequenceClassification.from_pretrained(path, num_labels=1, **kw).to(dev).train()
+            lm = transformers.LlamaForCausalLM.from_pretrained(path, **kw).to(dev).train()
         cls.config.pad_token_id = 0                    # no id is 0 here: the score is read at the last token
-        lm = transformers.LlamaForCausalLM.from_pretrained(path, **kw).to(dev).train()
 
         def step_cls():
             with amp:

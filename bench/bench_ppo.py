@@ -221,9 +221,9 @@ def main() -> None:
             raise SystemExit(f"bench_ppo.py --trl: {e}; run it with the side environment: make trl-env, then "
                              ".trl-env/bin/python bench/bench_ppo.py --trl") from None
         versions += f", transformers {transformers.__version__}, trl {trl.__version__}"
-        model_dir = Path(tempfile.mkdtemp(prefix="bench-ppo-")) / "policy"
-        save_model(policy, None, model_dir)
-        peer = TRLPeer(model_dir, prompts, a.prompts, a.new_tokens, device, bf16=bf16)
+        with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:     # the same weights, in HF format
+            peer = TRLPeer(save_model(policy, None, Path(tmp) / "policy"), prompts, a.prompts, a.new_tokens,
+                           device, bf16=bf16)
         contenders["TRL"], rows_of["TRL"] = peer.iteration, TRL_ROWS
         tr = peer.trainer
         static["TRL"] = lambda: static_bytes([tr.model, tr.ref_model, tr.reward_model], tr.optimizer.optimizer)

@@ -392,10 +392,21 @@ def save_checkpoint(ckpt: Path, trunk: Transformer, tok: Tokenizer, meta: dict,
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng_state(), "data": data}, partial / STATE_FILE)
         replace_dir(partial, ckpt)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(partial, ignore_errors=True)
-        raise
+        raise _write_failed(ckpt, e) from e
     return ckpt
+
+
+def _write_failed(ckpt: Path, err: BaseException) -> BaseException:
+    """What a failed checkpoint write raises: an I/O failure (a full disk, which torch.save reports only as
+    'iostream error' or 'unexpected pos') becomes an OSError naming the checkpoint and the free space left;
+    anything else (an interrupt, a bug) is passed on as it is. The previous checkpoint is intact either way."""
+    if not isinstance(err, (OSError, RuntimeError)) or isinstance(err, NotImplementedError):
+        return err
+    free = shutil.disk_usage(ckpt.parent).free / 2**30
+    return OSError(f"writing checkpoint {ckpt} failed with {free:.1f} GiB free on its disk; the previous "
+                   f"checkpoint there, if any, is intact ({type(err).__name__}: {err})")
 
 
 def plain_model(args, state: dict[str, Tensor]) -> Transformer:
@@ -433,10 +444,10 @@ def save_checkpoint_distributed(ckpt: Path, trunk: Transformer, tok: Tokenizer, 
         if distributed.is_main():
             replace_dir(partial, ckpt)
         distributed.barrier()                   # the checkpoint is in place on every rank's return
-    except BaseException:
+    except BaseException as e:
         if distributed.is_main():
             shutil.rmtree(partial, ignore_errors=True)
-        raise
+        raise _write_failed(ckpt, e) from e
     return ckpt
 
 

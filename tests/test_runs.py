@@ -99,6 +99,15 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     model, _ = load_model(ckpt)
     assert torch.all(model.norm.weight == 2.0)
     assert sorted(os.listdir(ckpt.parent)) == ["policy"]
+    # a full disk (torch.save's own words for it) is reported with the checkpoint's path and the free space
+    def disk_full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 54912 vs 54804")
+    monkeypatch.setattr(runs.torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"writing checkpoint .*policy failed with [0-9.]+ GiB free .* is intact "
+                                      r"\(RuntimeError: .*unexpected pos"):
+        _checkpoint(tmp_path, step=5, scale=5.0)
+    monkeypatch.undo()
+    assert runs.read_run_meta(ckpt)["step"] == 2 and sorted(os.listdir(ckpt.parent)) == ["policy"]
     # a crash between the two renames of the swap leaves only .policy.old: it is found and restored
     os.replace(ckpt, ckpt.with_name(".policy.old"))
     found, meta = runs.find_checkpoint(ckpt.parent, "sft")
