@@ -26,6 +26,8 @@ AdamW state. Either way the parameters become DTensors, the module keeps its cla
 the same helpers save and load it: full_state_dict() (a full copy on rank 0, for the Hugging Face-format
 checkpoint), and the resume state through torch.distributed.checkpoint (save_resume_state /
 load_resume_state), which reshards on load, so a run saved at one world size resumes at another.
+With gradient accumulation, replicated models reduce their gradients once per optimiser step, in the
+last micro-batch's backward (sync_gradients); sharded ones reduce-scatter in every backward.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import functools
 import os
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -351,9 +354,25 @@ def parallelize(model: nn.Module, blocks: Iterable[nn.Module] = (), fsdp: bool =
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    if not fsdp:
+        _REPLICATED.add(model)
     for name in methods:
         register_fsdp_forward_method(model, name)
     return model
+
+
+_REPLICATED: weakref.WeakSet[nn.Module] = weakref.WeakSet()    # the models parallelize() replicated
+
+
+def sync_gradients(enabled: bool) -> None:
+    """Whether the backward passes that follow all-reduce the gradients of the replicated models
+    (parallelize without fsdp). Gradient accumulation turns it off for every micro-batch of an optimiser
+    step but the last: the gradients add up on each rank and are all-reduced once, in the last backward,
+    instead of once per micro-batch (FSDP2's set_requires_gradient_sync). Sharded models (--fsdp) reduce
+    in every backward whatever this says: deferring would keep every block's whole gradient on every
+    rank, the memory FSDP is there to save. A no-op at world size 1."""
+    for model in _REPLICATED:
+        model.set_requires_gradient_sync(enabled)
 
 
 def full_tensor(t: Tensor) -> Tensor:

@@ -402,7 +402,9 @@ def iteration(ppo: PPORun, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor
         for mb in perm.split(mb_size):
             # Response tokens of the minibatch (every rank's part of it): the loss mean's denominator.
             n_tok = distributed.all_reduce_sum(mask[mb].sum())
-            for mi in mb.split(a.micro_batch):
+            micros = mb.split(a.micro_batch)
+            for j, mi in enumerate(micros):
+                distributed.sync_gradients(j == len(micros) - 1)        # all-reduce in the last backward
                 m = mask[mi]                                                                 # (b, T_r)
                 with timer("forward"), amp:
                     logp, ent, values = ppo.values_and_logprobs(seq[mi], start[mi], T_p, tokens[mi], m)

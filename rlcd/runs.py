@@ -640,7 +640,9 @@ def accumulation_step(args: TrainArgs, params: list[nn.Parameter], optimizer: to
     Under torchrun `batch` is the global batch and rank r's micro-batches cut its share batch[r::N]
     (similar lengths on every rank): the loss is still normalised to the global batch, so the ranks'
     losses add up to it; it is multiplied by N before backward because FSDP averages the gradients over
-    the ranks; the metrics and token counts are summed over the ranks (one all_reduce per step)."""
+    the ranks; replicated models all-reduce their gradients once, in the last micro-batch's backward
+    (distributed.sync_gradients); the metrics and token counts are summed over the ranks (one all_reduce
+    per step)."""
     world = distributed.world_size()
 
     def step(s: int) -> dict:
@@ -650,6 +652,7 @@ def accumulation_step(args: TrainArgs, params: list[nn.Parameter], optimizer: to
         n_tok = 0
         for lo in range(0, len(mine), args.micro_batch):
             micro = mine[lo:lo + args.micro_batch]
+            distributed.sync_gradients(lo + args.micro_batch >= len(mine))   # all-reduce in the last backward
             with autocast(args, device):
                 loss, metrics, n = loss_fn(micro, batch)
             (loss * world if world > 1 else loss).backward()
