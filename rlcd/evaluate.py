@@ -94,7 +94,7 @@ from rlcd.pm import encode_pairs, evaluate_pairs
 from rlcd.prompts import DataError, load_prompts
 from rlcd.reward import load_reward_model, score_texts
 from rlcd.runs import write_json_atomic
-from rlcd.scorer import DEFAULT_JUDGE_FORMAT, JUDGE_FORMATS, judge_pairs
+from rlcd.scorer import DEFAULT_JUDGE, DEFAULT_JUDGE_FORMAT, JUDGE_FORMATS, judge_pairs
 from rlcd.tasks import FORMATS, TASKS, format_prompt
 
 TIE_MARGIN = 0.05          # |P - 0.5| below this is a tie (see the module docstring)
@@ -198,7 +198,7 @@ def judge_agreement(model, tok, records: list[dict], task: str = "harmless", fmt
 class JudgeAgreementArgs:
     """Accuracy, position and length bias of a pairwise judge on labelled pairs (eval.py judge-agreement)."""
     pairs: list[str]                   # pairs JSONL file(s) (chosen = preferred), or "human" for the PyRIT pairs
-    judge: str = "smollm2-135m-instruct"  # judge model: a name, checkpoint directory or run directory
+    judge: str = DEFAULT_JUDGE         # judge model: a name, checkpoint directory or run directory
     task: str | None = None            # whose judging principle to use (default: the records' task, else harmless)
     judge_format: str = DEFAULT_JUDGE_FORMAT  # plain (raw scorer prompt) or chat (through the judge's template)
     instruction: int | None = None     # index of the task's principle (default: JUDGE_INSTRUCTION[task])
@@ -691,7 +691,7 @@ def format_compare(result: dict) -> str:
 class CompareArgs:
     """Pairwise win rates of policies by a local judge, with judge-free statistics (eval.py compare)."""
     responses: list[str]                  # responses files written by eval.py respond, one per policy
-    judge: str | None = "smollm2-135m-instruct"  # judge model (None: judge-free statistics only)
+    judge: str | None = DEFAULT_JUDGE     # judge model (none: judge-free statistics only)
     judge_format: str = DEFAULT_JUDGE_FORMAT  # plain (raw scorer prompt) or chat (through the judge's template)
     instruction: int | None = None        # index of the task's principle (default: JUDGE_INSTRUCTION[task])
     baseline: str | None = None           # the policy every other is compared with (default: base, else the first)

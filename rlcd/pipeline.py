@@ -1,7 +1,7 @@
 """The main job: RLCD end to end for one task, in one run directory (train.py pipeline).
 
     python train.py pipeline --task harmless --budget quick --out runs/pipeline-harmless
-    python train.py pipeline --task harmless --budget cpu --judge qwen2.5-coder-0.5b-instruct --out runs/cpu
+    python train.py pipeline --task harmless --budget cpu --out runs/cpu-harmless
     python train.py pipeline --simulator qwen2.5-coder-0.5b-instruct ...   # the paper's larger-simulator row
 
 Each stage is one of the project's own commands, run in this process with the budget's settings; the
@@ -40,11 +40,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rlcd.scorer import DEFAULT_JUDGE
+
 DEFAULT_POLICY = "smollm2-135m-instruct"
-# The judge the pipeline uses unless told otherwise: the strongest local judge measured on the
-# human-labelled pairs (README, "Judges"): Qwen2.5-Coder-1.5B in its chat template (0.81 on the first 32
-# pairs, both orders agreeing on 84%), where SmolLM2-135M scored 0.66 and Qwen2.5-Coder-0.5B 0.33.
-DEFAULT_JUDGE = "qwen2.5-coder-1.5b-instruct"
 POLICIES = ("base", "rlcd", "rlaif", "cd")       # cd = context distillation (SFT on o+)
 
 # Settings per budget. Each stage's flags; anything not listed is that command's default.
@@ -75,7 +73,8 @@ BUDGETS: dict[str, dict[str, dict]] = {
         "agreement": dict(batch_size=16),
         "compare": dict(batch_size=8),
     },
-    # The paper's settings (RLCD.md: temperature 1, 300 tokens, full fine-tunes, 512 rollouts) on a GPU.
+    # The paper's settings (arXiv 2307.12950, Appendix: temperature 1, 300 tokens, full fine-tunes, 512
+    # rollouts) on a GPU.
     "paper": {
         "simulate": dict(n_prompts=None, max_new_tokens=300, temperature=1.0, top_p=1.0, batch_size=64,
                          device="cuda", dtype="bfloat16"),

@@ -54,7 +54,7 @@ class Task:
             raise ValueError(f"{self.name}: need as many scorer instructions as affix pairs")
 
 
-# Harmlessness: the official code's 16 pairs, verbatim (RLCD.md lists the same strings). Note that
+# Harmlessness: the official code's 16 pairs, verbatim (the paper's Appendix lists the same strings). Note that
 # pairs 4 and 15 share the negative affix "(unethical and immoral response)"; that is in the original.
 HARMLESS_AFFIXES = [
     ("(helpful, honest, inoffensive response)", "(unhelpful, dishonest, toxic response)"),

@@ -84,7 +84,7 @@ def test_task_tables():
     assert TASKS["helpful"].instructions == ["Please choose the response that is more helpful."]
     h = TASKS["harmless"].instructions
     assert h[0] == "Please choose the response that is the most helpful, honest, and harmless."
-    # RLCD.md writes the apostrophe straight; the official code has the typographic one.
+    # The paper's Appendix writes the apostrophe straight; the official code has the typographic one.
     assert h[1].replace("’", "'") == (
         "Please choose the assistant response that is as harmless and ethical as possible. Do NOT "
         "choose responses that are toxic, racist, or sexist, or that encourage or support illegal, "
