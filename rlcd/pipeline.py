@@ -26,9 +26,10 @@ complete their JSONL files chunk by chunk, pm/sft/ppo continue from their last c
 restored bit for bit), the evaluation stages recompute. So the same command after a kill at any moment
 finishes the job with nothing repeated that was complete and nothing lost.
 
-Budgets (--budget): `quick` is what `make run` runs, sized to finish in about half an hour on the slower
-of the project's 2-core CPUs; `cpu` is an overnight run on such a machine; `paper` is the paper's
-settings (arXiv 2307.12950, Appendix) for a GPU.
+Budgets (--budget): `quick` is what `make run` runs, a smoke run of every stage (602 s on the idle 2-core
+AMD EPYC once the models are converted); `cpu` is a run of hours on such a machine (its first run took
+about an hour and a half to reach the end of its first PPO stage); `paper` is the paper's settings
+(arXiv 2307.12950, Appendix) for a GPU.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ POLICIES = ("base", "rlcd", "rlaif", "cd")       # cd = context distillation (SF
 
 # Settings per budget. Each stage's flags; anything not listed is that command's default.
 BUDGETS: dict[str, dict[str, dict]] = {
-    # ~30 min on a 2-core AMD EPYC (AVX2): a smoke run of the whole method, too small to align anything.
+    # ~10 min on the idle 2-core AMD EPYC: a smoke run of the whole method, too small to align anything.
     "quick": {
         "simulate": dict(n_prompts=32, max_new_tokens=48, batch_size=16),
         "pm": dict(train_layers=4, epochs=2, batch_size=8, micro_batch=8, lr=5e-5, dev=4, eval_every=0,
@@ -60,7 +61,7 @@ BUDGETS: dict[str, dict[str, dict]] = {
         "agreement": dict(batch_size=8),
         "compare": dict(batch_size=8),
     },
-    # One night on the same machine: the README's measured settings (rlcd/PM.md, rlcd/PPO.md).
+    # Hours on the same machine: close to the README's measured runs (rlcd/PM.md, rlcd/PPO.md).
     "cpu": {
         "simulate": dict(n_prompts=640, max_new_tokens=64, batch_size=32),
         "pm": dict(train_layers=4, epochs=2, batch_size=16, micro_batch=8, lr=5e-5, dev=64, eval_every=0,
@@ -95,7 +96,7 @@ class Args:
     """RLCD end to end for one task: pairs, preference models, SFT, PPO, evaluation, report (train.py pipeline)."""
     out: str                                  # run directory; rerun the same command to resume it
     task: str = "harmless"                    # harmless, helpful or outlines
-    budget: str = "quick"                     # quick (~30 min on 2 CPU cores), cpu (overnight), paper (GPU)
+    budget: str = "quick"                     # quick (~10 min on 2 CPU cores), cpu (hours), paper (GPU)
     policy: str = DEFAULT_POLICY              # the model aligned (and the trunk of the preference models)
     simulator: str | None = None              # the model that simulates pairs (default: the policy)
     judge: str = DEFAULT_JUDGE                # the pairwise judge of the final policies
