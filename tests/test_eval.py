@@ -1,4 +1,4 @@
-"""Policy evaluation: the judge's both-orders math, judge-agreement, respond (resume gives the same file as an
+"""Policy evaluation: the judge's both-orders math, judge_agreement with a stub judge, respond (resume gives the same file as an
 uninterrupted run), compare (known win rates with a stub judge, a policy against itself is all ties,
 bootstrap intervals), one-line errors for bad or mismatched responses files, and pm-agreement's length
 split. Tiny random models in fp32."""
@@ -14,6 +14,7 @@ import eval as eval_cli
 import rlcd.evaluate as ev
 import rlcd.scorer as scorer
 from models import load_model, save_model
+from rlcd.judge import JudgeSpec
 from rlcd.scorer import ANSWER_STUB, choice_ids, judge_pairs, judge_prompt
 from rlcd.tasks import HARMLESS_INSTRUCTIONS, scorer_prompt
 
@@ -79,23 +80,28 @@ def test_a_response_against_itself_is_exactly_a_tie(tiny):
     assert torch.equal(j.p_a[:, 0], j.p_a[:, 1])
 
 
-def fake_prob_b(model, tokenizer, texts, batch_size=8):
-    """A stub judge: 0.1 position bias towards "B", and +-0.3 for a response containing "good"."""
+def fake_choice_logits(model, tokenizer, texts, token_ids, batch_size=8, progress=False):
+    """A stub judge: P("B") = 0.6 (a 0.1 position bias towards "B"), +-0.3 for a response containing "good";
+    returned as the logits (log P("A"), log P("B")) that rlcd.scorer.choice_logits would give."""
     def good(t, letter):
         seg = t.split(f"({letter}) ", 1)[1].split("\n\n\n\n", 1)[0]
         return "good" in seg
-    return torch.tensor([0.6 + 0.3 * good(t, "B") - 0.3 * good(t, "A") for t in texts])
+    p_b = torch.tensor([0.6 + 0.3 * good(t, "B") - 0.3 * good(t, "A") for t in texts], dtype=torch.float64)
+    return torch.stack([torch.log1p(-p_b), torch.log(p_b)], dim=1).float()
+
+
+STUB = JudgeSpec("stub", "pairwise", "plain", (1,), 0, "prob")
 
 
 def test_judge_agreement_with_a_stub_judge(monkeypatch):
-    monkeypatch.setattr(scorer, "prob_b", fake_prob_b)
+    monkeypatch.setattr(scorer, "choice_logits", fake_choice_logits)
     tok = make_tiny_tokenizer()
     msgs = [{"role": "user", "content": "q"}]
     recs = [{"messages": msgs, "chosen": "good short", "rejected": "bad but longer", "label": 1.0},
             {"messages": msgs, "chosen": "a good, long response", "rejected": "bad", "label": 1.0},
             {"messages": msgs, "chosen": "bad one", "rejected": "good one", "label": 1.0},     # judge wrong
             {"messages": msgs, "chosen": "meh", "rejected": "meh!", "label": 1.0}]             # no content signal
-    m = ev.judge_agreement(None, tok, recs, "harmless", "plain")
+    m = ev.judge_agreement(None, tok, recs, "harmless", STUB)
     # P(chosen): good chosen: order 1 (chosen = A) P(A) = 1 - 0.3 = 0.7, order 2 P(A) = 1 - 0.9 = 0.1 -> 0.8;
     # judge wrong -> 0.2; no signal: P(A) = 0.4 both orders -> 0.5, which counts half.
     assert m["accuracy"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
@@ -105,20 +111,6 @@ def test_judge_agreement_with_a_stub_judge(monkeypatch):
     # chosen shorter: pairs 1, 3, 4 (right, wrong, half); chosen longer: pair 2 (right)
     assert (m["n_chosen_shorter"], m["accuracy_chosen_shorter"]) == (3, pytest.approx(0.5))
     assert (m["n_chosen_longer"], m["accuracy_chosen_longer"]) == (1, 1.0)
-
-
-def test_judge_agreement_cli(ckpt, tmp_path, capsys):
-    f = tmp_path / "pairs.jsonl"
-    f.write_text("".join(json.dumps({"prompt": "Human: q\n\nAssistant:", "chosen": c, "rejected": r}) + "\n"
-                         for c, r in (("no", "yes, here is how"), ("I won't.", "ok"))))
-    out = tmp_path / "m.json"
-    assert eval_cli.main(["judge-agreement", "--judge", str(ckpt), "--pairs", str(f), "--out", str(out)]) == 0
-    m = json.loads(out.read_text())
-    assert m["n"] == 2 and m["n_chosen_shorter"] == 1 and m["n_chosen_longer"] == 1
-    assert f"accuracy {m['accuracy']:.3f}" in capsys.readouterr().out
-    assert eval_cli.main(["judge-agreement", "--judge", str(ckpt), "--pairs", str(tmp_path / "none.jsonl")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "none.jsonl: no such file" in err and "\n" not in err
 
 
 # --- respond -----------------------------------------------------------------------------------------------
@@ -209,15 +201,15 @@ def write_responses(path: Path, policy: str, responses: list[str], settings=None
 
 
 def test_compare_with_a_stub_judge(tmp_path, monkeypatch):
-    monkeypatch.setattr(scorer, "prob_b", fake_prob_b)
+    monkeypatch.setattr(scorer, "choice_logits", fake_choice_logits)
     n = 8
     base = write_responses(tmp_path / "base.jsonl", "base", ["bad answer"] * n)
     # "rlcd" is good on 6 prompts and bad (a tie with base) on 2; "worse" is never good.
     rlcd = write_responses(tmp_path / "rlcd.jsonl", "rlcd", ["good answer"] * 6 + ["bad answer"] * 2)
     worse = write_responses(tmp_path / "worse.jsonl", "worse", ["I'm sorry, no."] * n)
-    res = ev.compare([str(rlcd), str(base), str(worse)], None, make_tiny_tokenizer(), fmt="plain", n_boot=500)
+    res = ev.compare([str(rlcd), str(base), str(worse)], None, make_tiny_tokenizer(), n_boot=500)
     assert res["comparisons"] == []                     # no judge: judge-free statistics only
-    res = ev.compare([str(rlcd), str(base), str(worse)], object(), make_tiny_tokenizer(), fmt="plain", n_boot=500)
+    res = ev.compare([str(rlcd), str(base), str(worse)], object(), make_tiny_tokenizer(), spec=STUB, n_boot=500)
     assert res["baseline"] == "base"
     by = {(c["a"], c["b"]): c for c in res["comparisons"]}
     assert list(by) == [("rlcd", "base"), ("worse", "base"), ("rlcd", "worse")]
@@ -236,12 +228,12 @@ def test_compare_with_a_stub_judge(tmp_path, monkeypatch):
     table = ev.format_compare(res)
     assert "| rlcd vs base | 0.75 | 0.25 | 0.00 | 0.875 [" in table
     # focus: only that policy against every other, with the same numbers for the pairs both orders share
-    f = ev.compare([str(rlcd), str(base), str(worse)], object(), make_tiny_tokenizer(), fmt="plain", n_boot=500,
+    f = ev.compare([str(rlcd), str(base), str(worse)], object(), make_tiny_tokenizer(), spec=STUB, n_boot=500,
                    focus="rlcd")
     assert [(c["a"], c["b"]) for c in f["comparisons"]] == [("rlcd", "base"), ("rlcd", "worse")]
     assert f["comparisons"][0]["p"] == c["p"]
     with pytest.raises(ev.ResponsesError, match="--focus 'nobody'"):
-        ev.compare([str(rlcd), str(base)], object(), make_tiny_tokenizer(), fmt="plain", focus="nobody")
+        ev.compare([str(rlcd), str(base)], object(), make_tiny_tokenizer(), spec=STUB, focus="nobody")
 
 
 def test_a_policy_against_itself_is_all_ties(tiny, tmp_path):
@@ -249,7 +241,7 @@ def test_a_policy_against_itself_is_all_ties(tiny, tmp_path):
     texts = ["Sure, here you go.", "No.", "I cannot help with that.", "Maybe later, friend."]
     a = write_responses(tmp_path / "a.jsonl", "base", texts)
     b = write_responses(tmp_path / "b.jsonl", "copy", texts)
-    res = ev.compare([str(a), str(b)], model, tok, fmt="plain", n_boot=200)
+    res = ev.compare([str(a), str(b)], model, tok, spec=STUB, n_boot=200)
     (c,) = res["comparisons"]
     assert c["p"] == [0.5] * 4 and (c["win"], c["tie"], c["loss"]) == (0.0, 1.0, 0.0) and c["win_rate"] == 0.5
 
@@ -311,11 +303,11 @@ def test_compare_cli_json(ckpt, tmp_path, capsys):
     a = write_responses(tmp_path / "base.jsonl", "base", ["Sure, do it.", "No."])
     b = write_responses(tmp_path / "rlcd.jsonl", "rlcd", ["I cannot help.", "Yes, here is how."])
     out = tmp_path / "c.json"
-    assert eval_cli.main(["compare", "--responses", str(a), str(b), "--judge", str(ckpt), "--judge-format", "plain",
+    assert eval_cli.main(["compare", "--responses", str(a), str(b), "--judge", f"{ckpt}:pairwise:plain:p1:prob",
                           "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert [(c["a"], c["b"]) for c in res["comparisons"]] == [("rlcd", "base")]
-    assert res["judge"]["instruction"] == HARMLESS_INSTRUCTIONS[ev.JUDGE_INSTRUCTION["harmless"]]
+    assert res["judge"]["spec"] == f"{ckpt}:pairwise:plain:p1:prob" and res["judge"]["measured"] is None
     assert "| rlcd vs base |" in capsys.readouterr().out
 
 
