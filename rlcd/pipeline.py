@@ -9,7 +9,7 @@ exact command lines are written to OUT/commands.sh, so any stage can be rerun or
 
      stage            command                                         output
   1. pairs-rlcd       train.py simulate --method rlcd                 OUT/pairs-rlcd.jsonl
-  2. pairs-rlaif      train.py simulate --method rlaif (same prompts) OUT/pairs-rlaif.jsonl
+  2. pairs-rlaif      train.py simulate --method rlaif (judge labels)  OUT/pairs-rlaif.jsonl
   3. pm-rlcd          train.py pm on 1                                OUT/pm-rlcd/
   4. pm-rlaif         train.py pm on 2                                OUT/pm-rlaif/
   5. sft              train.py sft on 1's o+ (context distillation)   OUT/sft/
@@ -98,7 +98,7 @@ class Args:
     budget: str = "quick"                     # quick (~10 min on 2 CPU cores), cpu (hours), paper (GPU)
     policy: str = DEFAULT_POLICY              # the model aligned (and the trunk of the preference models)
     simulator: str | None = None              # the model that simulates pairs (default: the policy)
-    judge: str = "default"                    # the judge of the final policies (an rlcd.judge spec; default: the task's chosen judge)
+    judge: str = "default"                    # the judge of RLAIF's labels and of the final policies (an rlcd.judge spec; default: the task's chosen judge)
     prompts: str | None = None                # a prompts file instead of the task's built-in set
     human_pairs: str = "human"                # labelled pairs for pm-agreement ("human": PyRIT's allowed half)
     seed: int = 0                             # every stage's seed
@@ -156,7 +156,7 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
     ppo = dict(policy=args.policy, prompts=prompts, **b["ppo"], seed=args.seed)      # ppo prints a line per iteration
     cmds: dict[str, list[list[str]]] = {
         "pairs-rlcd": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlcd.jsonl", method="rlcd", **sim))]],
-        "pairs-rlaif": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlaif.jsonl", method="rlaif", **sim))]],
+        "pairs-rlaif": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlaif.jsonl", method="rlaif", judge=args.judge, **sim))]],
         "pm-rlcd": [["train.py", "pm", *argv_of(dict(out=out / "pm-rlcd", pairs=[out / "pairs-rlcd.jsonl"],
                                                      **train, **b["pm"]))]],
         "pm-rlaif": [["train.py", "pm", *argv_of(dict(out=out / "pm-rlaif", pairs=[out / "pairs-rlaif.jsonl"],

@@ -8,14 +8,17 @@ a pairs file.
 Methods (the official code: facebookresearch/RLCD scripts/simulate_preference_data.py)
     rlcd          o+ sampled from p+, o- from p- (rlcd.tasks.contrastive_pair); chosen = o+,
                   rejected = o-, label 1.0 by construction. No scorer.
-    rlaif         two i.i.d. samples from the neutral prompt p, judged by the same model
-                  (rlcd.scorer) with the principle `affix_index` of the task. The first sample is
-                  option A and is stored as "chosen", the second is B and stored as "rejected";
-                  label = P(A better) = 1 - P("B"). The label is soft and either side may be better.
-    rlcd-rescore  pairs from p+ / p- as in rlcd, labels from the rlaif scorer with the principle
-                  aligned with the affix. As in the official code, o+ and o- are shown as A/B in a random
-                  order (a coin from a hash of the seed and id); chosen = o+, rejected = o- and
-                  label = P(o+ better) whichever order they were shown in.
+    rlaif         two i.i.d. samples from the neutral prompt p, judged; the first sample is stored as
+                  "chosen", the second as "rejected", label = P(first better). The label is soft and
+                  either side may be better.
+    rlcd-rescore  pairs from p+ / p- as in rlcd (chosen = o+, rejected = o-), label = P(o+ better)
+                  from the same judge.
+The judge (`--judge`) is the task's default judge (rlcd.judge, the one chosen on human labels; the same
+judge eval.py compare uses), any rlcd.judge spec, or "self": the paper's scorer, the simulating model
+itself with the task's principle `affix_index` (rlcd.scorer; the paper's plain prompt in one order, or
+`--judge-format chat` / `--both-orders`). With "self", rlaif shows the first sample as option A (label =
+P(A better) = 1 - P("B")), and rlcd-rescore shows o+ and o- as A/B in a random order (a coin from a hash
+of the seed and id), as the official code does.
     Context distillation (the SFT baseline) reads an rlcd file differently: "prompt" -> "chosen".
 
 Post-processing (rlcd.tasks.postprocess): a leading role marker is stripped, the response is cut at the
@@ -30,7 +33,8 @@ Record (one JSON line per pair; rlcd/pm.py and rlcd/sft.py read these fields):
     (null for rlaif, which samples from p only), settings, model, seed; plus tries {chosen, rejected}
     (samples drawn), ended {chosen, rejected} (ended with a stop token or next-turn marker rather than
     at max_new_tokens) and scorer {instruction_index, p_b, a, both_orders} (null for rlcd), where
-    p_b is the scorer's P("B") and a names the stored response that was shown as option A.
+    p_b is the scorer's P("B") and a names the stored response that was shown as option A; with a judge
+    spec, scorer is {judge (its spec name), p_first}.
 
 Resuming: records are appended and flushed after every chunk of `batch_size` prompts. Re-running the
 same command skips the ids already in the file. A last line without its newline is a write cut short
@@ -68,6 +72,7 @@ from rlcd.cli import parse_args, save_config
 from rlcd.jsonl import drop_partial_line, read_objects
 from rlcd.pairs import PairsError
 from rlcd.prompts import DataError, load_prompts
+from rlcd import judge as judges
 from rlcd.scorer import JUDGE_FORMATS, judge_pairs, score_pairs
 from rlcd.tasks import FORMATS, TASKS, ContrastivePair, contrastive_pair, format_prompt, postprocess
 
@@ -98,8 +103,8 @@ class Args:
     max_tries: int = 5                    # samples per response before the prompt is dropped
     require_end: bool = False             # re-sample responses cut off at max_new_tokens
     both_orders: bool = False             # score A/B and B/A and average (rlaif, rlcd-rescore)
-    judge: str | None = None              # scorer model for rlaif / rlcd-rescore (default: --model, as the paper)
-    judge_format: str = "plain"           # scorer prompt: plain (the paper's) or chat (the judge's template; both orders)
+    judge: str = "default"                # judge of rlaif / rlcd-rescore: default (the task's, rlcd.judge), a judge spec, or self (the paper's: --model scores its own samples)
+    judge_format: str = "plain"           # --judge self: plain (the paper's) or chat (the model's template; both orders)
     batch_size: int = 16                  # sequences per generation / scoring batch; prompts per saved chunk
     seed: int = 0                         # affix choice, A/B order and sampling seed
     device: str = "cpu"                   # cpu or cuda
@@ -233,30 +238,35 @@ def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastiveP
         conv = [format_prompt(items[j][0]["messages"], "plain") for j in keep]
         instr = [task.instructions[items[j][1].index] for j in keep]
         if args.method == "rlaif":
-            # Sample 1 is option A = chosen; the two samples are i.i.d., so no order to randomise.
+            # (--judge self) Sample 1 is option A = chosen; the two samples are i.i.d., so no order to randomise.
             plus_first = [True] * len(keep)
         else:
             plus_first = [_hash_int("order", args.seed, ids[j]) % 2 == 0 for j in keep]
         a = [f if pf else s for f, s, pf in zip(first, second, plus_first)]
         b = [s if pf else f for f, s, pf in zip(first, second, plus_first)]
-        j_model, j_tok = judge or (model, tokenizer)      # the simulator scores itself unless --judge
-        if args.judge_format == "chat":
-            # Through the judge's chat template, both orders always (rlcd.scorer.judge_pairs).
-            p_b = (1.0 - judge_pairs(j_model, j_tok, conv, instr, a, b, "chat", args.batch_size).p_first).tolist()
+        if args.judge == "self":
+            if args.judge_format == "chat":
+                # Through the model's chat template, both orders always (rlcd.scorer.judge_pairs).
+                p_b = (1.0 - judge_pairs(model, tokenizer, conv, instr, a, b, "chat", args.batch_size).p_first).tolist()
+            else:
+                p_b = score_pairs(model, tokenizer, conv, instr, a, b, both_orders=args.both_orders,
+                                  batch_size=args.batch_size).tolist()
+            # label = P(chosen better); chosen is `first`, which is option A when plus_first.
+            labels = [1.0 - p if pf else p for p, pf in zip(p_b, plus_first)]
+            scorer = [{"instruction_index": items[j][1].index, "p_b": p, "a": "chosen" if pf else "rejected",
+                       "both_orders": args.both_orders} for j, p, pf in zip(keep, p_b, plus_first)]
         else:
-            p_b = score_pairs(j_model, j_tok, conv, instr, a, b, both_orders=args.both_orders,
-                              batch_size=args.batch_size).tolist()
-        # label = P(chosen better); chosen is `first`, which is option A when plus_first.
-        labels = [1.0 - p if pf else p for p, pf in zip(p_b, plus_first)]
-        scorer = [{"instruction_index": items[j][1].index, "p_b": p, "a": "chosen" if pf else "rejected",
-                   "both_orders": args.both_orders} for j, p, pf in zip(keep, p_b, plus_first)]
+            spec, j_model, j_tok = judge
+            labels = judges.judge(spec, j_model, j_tok, conv, args.task, first, second, args.batch_size).p_first.tolist()
+            scorer = [{"judge": spec.name, "p_first": p} for p in labels]
 
     # 3. records
     settings = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                 "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": args.max_prompt_tokens,
                 "max_tries": args.max_tries, "require_end": args.require_end, "carrier": args.carrier,
                 "both_orders": args.both_orders or args.judge_format == "chat", "dtype": args.dtype,
-                "judge": args.judge or args.model, "judge_format": args.judge_format}
+                "judge": judge[0].name if judge else None if args.method == "rlcd" else "self",
+                "judge_format": args.judge_format}
     out = []
     for k, j in enumerate(keep):
         rec, cp = items[j]
@@ -290,9 +300,21 @@ def _check(args: Args) -> None:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     if args.judge_format not in JUDGE_FORMATS:
         raise ValueError(f"--judge-format must be one of {', '.join(JUDGE_FORMATS)}, got {args.judge_format!r}")
+    if args.method != "rlcd" and args.judge != "self":
+        _judge_spec(args)
     for name in ("batch_size", "max_tries", "max_new_tokens", "max_prompt_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def _judge_spec(args: Args) -> judges.JudgeSpec:
+    """The judge spec of --judge (not "self"); ValueError naming the flag when it does not parse or fit."""
+    try:
+        spec = judges.default_judge(args.task) if args.judge == "default" else judges.JudgeSpec.parse(args.judge)
+        spec.check(args.task)
+    except ValueError as e:
+        raise ValueError(f"--judge: {e}") from None
+    return spec
 
 
 def simulate(args: Args) -> dict:
@@ -305,9 +327,15 @@ def simulate(args: Args) -> dict:
     done = _resume(out, args)
     records = load_prompts(args.prompts or args.task, split=args.split)
     model, tok = load_model(args.model, device=device, dtype=DTYPES[args.dtype])
-    judge = None
-    if args.judge and args.method != "rlcd":
-        judge = load_model(args.judge, device=device, dtype=DTYPES[args.dtype])
+    judge = None               # (spec, model, tokenizer) of a judge spec; None: no judge, or --judge self
+    if args.method != "rlcd" and args.judge != "self":
+        spec = _judge_spec(args)
+        if not spec.needs_model:
+            judge = (spec, None, None)
+        elif spec.model == args.model:
+            judge = (spec, model, tok)
+        else:
+            judge = (spec, *load_model(spec.model, device=device, dtype=DTYPES[args.dtype]))
 
     # p+, p-, p for every prompt; drop the too long ones, then take the first n_prompts.
     items, n_long = [], 0
@@ -409,7 +437,7 @@ def pair_stats(records: list[dict], tokenizer: Tokenizer) -> dict:
         return len(a & b) / len(a | b) if a | b else 1.0
 
     ended = [r for r in records if isinstance(r.get("ended"), dict)]
-    scored = [r["scorer"]["p_b"] for r in records if isinstance(r.get("scorer"), dict)]
+    scored = [r["scorer"]["p_b"] for r in records if isinstance(r.get("scorer"), dict) and "p_b" in r["scorer"]]
     return {
         "pairs": n,
         "method": ",".join(sorted({r["method"] for r in records})),
@@ -425,8 +453,8 @@ def pair_stats(records: list[dict], tokenizer: Tokenizer) -> dict:
         "mean_label": sum(float(r["label"]) for r in records) / n,
         # |2 label - 1|: 1 for hard labels, near 0 for soft labels that barely prefer either side.
         "mean_label_margin": sum(abs(2 * float(r["label"]) - 1) for r in records) / n,
-        # The stored P("B") of scored files: for rlaif, whose A and B are i.i.d., any distance from 0.5
-        # is the scorer's position bias.
+        # The stored P("B") of files scored by --judge self: for rlaif, whose A and B are i.i.d., any
+        # distance from 0.5 is the scorer's position bias (a judge spec averages both orders: no P("B")).
         "mean_stored_p_b": sum(scored) / len(scored) if scored else None,
     }
 

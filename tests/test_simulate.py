@@ -115,7 +115,7 @@ def test_rlaif_label_is_p_of_a_from_the_scorer(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(sim, "score_pairs", fake_score)
     out = tmp_path / "pairs.jsonl"
     assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl", QUESTIONS[:4]), out,
-                         "--method", "rlaif", "--batch-size", "8", "--both-orders")) == 0
+                         "--method", "rlaif", "--judge", "self", "--batch-size", "8", "--both-orders")) == 0
     recs = read(out)
     assert len(recs) == 4
     for r in recs:
@@ -144,7 +144,7 @@ def test_rescore_label_is_p_of_o_plus_in_either_order(ckpt, tmp_path, monkeypatc
     monkeypatch.setattr(sim, "generate_texts", FakeGenerate())
     monkeypatch.setattr(sim, "score_pairs", fake_score)
     out = tmp_path / "pairs.jsonl"
-    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl"), out, "--method", "rlcd-rescore")) == 0
+    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl"), out, "--method", "rlcd-rescore", "--judge", "self")) == 0
     recs = read(out)
     assert len(recs) == len(QUESTIONS)
     for r in recs:
@@ -155,29 +155,37 @@ def test_rescore_label_is_p_of_o_plus_in_either_order(ckpt, tmp_path, monkeypatc
     assert {r["scorer"]["a"] for r in recs} == {"chosen", "rejected"}
 
 
-def test_rlaif_with_another_judge_in_its_chat_template(ckpt, tmp_path, monkeypatch):
-    """--judge M --judge-format chat: the labels come from M through rlcd.scorer.judge_pairs (both
-    orders), not from the simulating model."""
+def test_rlaif_labels_from_a_judge_spec(ckpt, tmp_path, monkeypatch):
+    """--judge SPEC: the labels are P(chosen better) from that judge (rlcd.judge.judge) on the stored
+    texts, with the judge's own weights, not the simulating model's."""
+    import rlcd.judge as judges
     judge_dir = save_model(make_tiny_model(seed=5, max_seq_len=1024), make_tiny_tokenizer(), tmp_path / "judge")
     seen = {}
 
-    def fake_judge(model, tokenizer, conv, instr, first, second, fmt, batch_size):
-        seen.update(fmt=fmt, model=model)
-        return sim_scorer.Judgement(p_first=torch.full((len(first),), 0.7), p_a=torch.full((len(first), 2), 0.5))
+    def fake_judge(spec, model, tokenizer, conv, task, first, second, batch_size=8, progress=False):
+        seen.update(spec=spec, model=model, conv=conv, first=first, second=second, task=task)
+        return sim_scorer.Judgement(p_first=torch.linspace(0.6, 0.8, len(first)))
 
     monkeypatch.setattr(sim, "generate_texts", FakeGenerate())
-    monkeypatch.setattr(sim, "judge_pairs", fake_judge)
+    monkeypatch.setattr(judges, "judge", fake_judge)
     out = tmp_path / "pairs.jsonl"
+    spec = f"{judge_dir}:pointwise:chat:q0"
     assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl", QUESTIONS[:3]), out, "--method", "rlaif",
-                         "--judge", str(judge_dir), "--judge-format", "chat")) == 0
+                         "--judge", spec)) == 0
     recs = read(out)
-    assert len(recs) == 3 and seen["fmt"] == "chat"
-    # the judge's weights, not the simulator's (different seeds)
+    assert len(recs) == 3 and seen["spec"] == judges.JudgeSpec.parse(spec) and seen["task"] == "harmless"
     sim_model = load_model(ckpt)[0]
     assert not torch.equal(seen["model"].tok_embeddings.weight, sim_model.tok_embeddings.weight)
+    p = dict(zip(seen["first"], torch.linspace(0.6, 0.8, 3).tolist()))
     for r in recs:
-        assert r["label"] == pytest.approx(0.7)                              # P(chosen = first better)
-        assert r["settings"]["judge"] == str(judge_dir) and r["settings"]["judge_format"] == "chat"
+        i = seen["first"].index(r["chosen"])
+        assert seen["second"][i] == r["rejected"]
+        assert seen["conv"][i] == f"Human: {r['messages'][0]['content']}\n\nAssistant:"
+        assert r["label"] == pytest.approx(p[r["chosen"]]) and r["scorer"] == {"judge": spec, "p_first": r["label"]}
+        assert r["settings"]["judge"] == spec
+    # a spec that does not fit the task is a one-line error naming the flag, before any work
+    with pytest.raises(ValueError, match="--judge: judge .*question 7 out of range"):
+        sim._check(sim.Args(out=str(tmp_path / "x.jsonl"), method="rlaif", judge=f"{judge_dir}:pointwise:chat:q7"))
 
 
 def test_context_distillation_reads_neutral_prompt_to_chosen(ckpt, tmp_path, monkeypatch):
@@ -354,7 +362,7 @@ def test_simulate_and_stats_end_to_end(ckpt, tmp_path):
     prompts, out = write_prompts(tmp_path / "p.jsonl", QUESTIONS[:3]), tmp_path / "runs" / "pairs.jsonl"
     # Temperature 1 and no nucleus: the random tiny model's sharpest token is a space, which a cooler
     # sampler repeats until every response cleans to nothing.
-    cmd = [sys.executable, str(ROOT / "train.py"), "simulate", "--method", "rlaif", "--n-prompts", "3",
+    cmd = [sys.executable, str(ROOT / "train.py"), "simulate", "--method", "rlaif", "--judge", "self", "--n-prompts", "3",
            "--temperature", "1", "--top-p", "1", *argv(ckpt, prompts, out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
