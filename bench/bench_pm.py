@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 2 bench/bench_pm.py    # data parallel: 2 ranks share the batch (--fsdp too)
 
 Timed: forward + Bradley-Terry loss + backward of one batch (no optimiser step: that is the same fused
-AdamW whoever computes the gradients), for the top-4 blocks trained (the PM recipe of rlcd/PM.md) and for
+AdamW whoever computes the gradients), for the top-4 blocks trained (the PM recipe of docs/PM.md) and for
 a full fine-tune. Contenders, same weights, same ids, same frozen layers:
   ours          rlcd.reward.RewardModel on models.llama (scalar head at the last token; `train.py pm`'s step)
   hf seqcls     transformers LlamaForSequenceClassification (score head at the last non-pad token: the
@@ -17,7 +17,7 @@ Each round runs every contender once (a slow spell of a shared machine hits them
 after one warm-up; the table reports tokens/s of the best and the median round. Without --hf there is no
 peer and no ratio: no figure measured elsewhere is divided into ours.
 
-Under torchrun (the world-size comparison of the scaling issue): --batch stays the global batch, each rank
+Under torchrun: --batch stays the global batch, each rank
 takes its share of the pairs, and the model is made data-parallel exactly as `train.py pm` does
 (rlcd.distributed.parallelize: whole replicas with gradients all-reduced, or FSDP2 with --fsdp); the
 --threads are shared among the ranks. Beside it, "ours, no exchange" runs each rank's share of the same

@@ -2,7 +2,7 @@
 # How strongly the RLCD affixes steer a simulator: RLCD pairs from the default 135M model and from
 # Qwen2.5-Coder-0.5B in each prompt format / affix carrier, then the judge's preference for o+ over o-
 # (eval.py judge-agreement: "accuracy" = the fraction of pairs where the judge, both orders averaged,
-# prefers the positive-affix response). Results go to rlcd/SIMULATE.md by hand.
+# prefers the positive-affix response). The measured table: docs/SIMULATE.md.
 #   bash bench/contrast.sh [N_PROMPTS] [JUDGE] [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
