@@ -12,6 +12,9 @@ from __future__ import annotations
 import importlib
 import sys
 
+from models import CheckpointError
+from rlcd import distributed
+
 COMMANDS = {
     "respond": ("rlcd.evaluate", "respond_main",
                 "responses of each policy to the same held-out prompts (one resumable JSONL per policy)"),
@@ -31,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
               "\n".join(f"  {k:<16} {v[2]}" for k, v in COMMANDS.items()), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module, fn, _ = COMMANDS[argv[0]]
-    return getattr(importlib.import_module(module), fn)(argv[1:]) or 0
+    try:
+        return getattr(importlib.import_module(module), fn)(argv[1:]) or 0
+    except CheckpointError as e:        # a checkpoint read past a command's own checks: one line, not a traceback
+        print(f"{distributed.tag('eval.py ' + argv[0])}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    from rlcd import distributed
-
     distributed.exit(main())        # sys.exit, or under torchrun a clean exit of every rank

@@ -15,6 +15,9 @@ from __future__ import annotations
 import importlib
 import sys
 
+from models import CheckpointError
+from rlcd import distributed
+
 STAGES = {
     "pipeline": ("rlcd.pipeline", "every stage below plus evaluation and a report, resumable (the main job)"),
     "simulate": ("rlcd.simulate", "simulate preference pairs (rlcd, rlaif, rlcd-rescore)"),
@@ -34,10 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     stage, rest = argv[0], argv[1:]
     module = importlib.import_module(STAGES[stage][0])
     entry = getattr(module, "stats_main" if stage == "stats" else "main")
-    return entry(rest) or 0
+    try:
+        return entry(rest) or 0
+    except CheckpointError as e:        # a checkpoint a stage reads past its own checks: one line, not a traceback
+        print(f"{distributed.tag('train.py ' + stage)}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    from rlcd import distributed
-
     distributed.exit(main())        # sys.exit, or under torchrun a clean exit of every rank

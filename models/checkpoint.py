@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from models import qwen2, smollm2
@@ -142,6 +142,13 @@ def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
         raise CheckpointError(f"{where}: use_sliding_window=true is not supported (full attention only)")
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act={cfg['hidden_act']!r}, only 'silu' is supported")
+    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size",
+             "num_key_value_heads", "head_dim", "max_position_embeddings")
+    for key in sizes:
+        v = cfg.get(key)
+        if key in cfg and v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0
+                                             or (v == 0 and key != "head_dim")):
+            raise CheckpointError(f"{where}: {key} must be a positive integer, got {v!r}")
     try:
         n_heads = cfg["num_attention_heads"]
         return ModelArgs(
@@ -155,6 +162,8 @@ def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
             qkv_bias=model_type == "qwen2", model_type=model_type)
     except KeyError as e:
         raise CheckpointError(f"{where}: missing key {e.args[0]!r}") from None
+    except (ValueError, TypeError) as e:                    # ModelArgs' own checks, a number of the wrong type
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def hf_config_from_args(a: ModelArgs, torch_dtype: torch.dtype) -> dict:
@@ -200,14 +209,45 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 
 
 def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: the shards its index names (each must exist), or
+    model.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (expected JSON with a 'weight_map' "
+                                  f"object of tensor -> shard file; {type(e).__name__}: {e})") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{path / missing[0]}: listed in {index.name} but missing"
+                                  + (f" (and {len(missing) - 1} more shard(s))" if len(missing) > 1 else ""))
         return [path / s for s in shards]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
                           f"(only safetensors checkpoints are read)")
+
+
+def open_safetensors(file: Path):
+    """safe_open(file), with a file that is not safetensors (cut short, overwritten, empty) a
+    CheckpointError naming it."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); a truncated or corrupt "
+                              f"download or write: restore or re-create it") from None
+
+
+def read_safetensors(file: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (a checkpoint's head or value network), errors naming the file."""
+    with open_safetensors(file) as f:
+        return {k: f.get_tensor(k).to(device) for k in f.keys()}
+
+
+# safetensors dtype codes of the floating-point tensors a model's weights may be stored in.
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
 def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device: str | torch.device = "cpu",
@@ -222,8 +262,10 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device
     cfg_file = path / "config.json"
     try:
         cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except (ValueError, OSError) as e:                      # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
     args = args_from_hf_config(cfg, str(cfg_file))
     args.attn_impl = attn_impl
     with torch.device("meta"):
@@ -231,9 +273,7 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device
     expected = {n: p.shape for n, p in model.named_parameters()}
     parts: dict[str, dict[int, torch.Tensor]] = {}
     for file in _weight_files(path):
-        if not file.is_file():
-            raise CheckpointError(f"{file}: listed in the index but missing")
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for hf_name in f.keys():
                 found = from_hf_name(hf_name)
                 if found is None and _IGNORED.match(hf_name):
@@ -241,15 +281,20 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device
                 if found is not None and found[0] == "output.weight" and args.tie_embeddings:
                     continue                                      # tied: the embedding is the head
                 if found is None or found[0] not in expected:
-                    raise CheckpointError(f"{file.name}: unexpected tensor {hf_name!r}")
+                    raise CheckpointError(f"{file}: unexpected tensor {hf_name!r}")
                 ours, i = found
                 rows = part_rows(ours, args)
                 want = (rows[i], *expected[ours][1:]) if rows else tuple(expected[ours])
-                t = f.get_tensor(hf_name)
-                if tuple(t.shape) != tuple(want):
-                    raise CheckpointError(f"{file.name}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
-                                          f"expected {tuple(want)}")
-                parts.setdefault(ours, {})[i] = t.to(device=device, dtype=dtype)
+                # Shape and dtype from the header, before the tensor is read.
+                sl = f.get_slice(hf_name)
+                shape, st_dtype = tuple(sl.get_shape()), sl.get_dtype()
+                if shape != tuple(want):
+                    raise CheckpointError(f"{file}: tensor {hf_name!r} has shape {shape}, expected "
+                                          f"{tuple(want)} from {cfg_file.name}")
+                if st_dtype not in _FLOAT_DTYPES:
+                    raise CheckpointError(f"{file}: tensor {hf_name!r} has dtype {st_dtype}, expected a "
+                                          f"floating-point one ({', '.join(sorted(_FLOAT_DTYPES))})")
+                parts.setdefault(ours, {})[i] = f.get_tensor(hf_name).to(device=device, dtype=dtype)
     state: dict[str, torch.Tensor] = {}
     missing = []
     for name in expected:
@@ -267,7 +312,11 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device
     from models.llama import rope_inv_freq
     model.inv_freq = rope_inv_freq(args).to(device)
     model.eval()
-    return model, Tokenizer.from_dir(path)
+    try:
+        tok = Tokenizer.from_dir(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    return model, tok
 
 
 # --- save -----------------------------------------------------------------------------------------------

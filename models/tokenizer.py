@@ -26,6 +26,19 @@ PLAIN_TEMPLATE = (
 TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>")
 
 
+def _json_object(file: Path) -> dict:
+    """A JSON object from `file`; {} when the file does not exist, ValueError naming it when unreadable."""
+    if not file.is_file():
+        return {}
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{file}: invalid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 class Tokenizer:
     def __init__(self, tok: HFTokenizer, config: dict | None = None, eos_ids: list[int] | None = None):
         self.tok = tok
@@ -54,20 +67,22 @@ class Tokenizer:
     # --- loading / saving -------------------------------------------------------------------------
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """The tokenizer of a checkpoint directory. A missing tokenizer.json is a FileNotFoundError, an
+        unreadable one (or tokenizer_config.json, generation_config.json) a ValueError naming the file."""
         path = Path(path)
         tj = path / "tokenizer.json"
         if not tj.is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json (this project reads fast-tokenizer files)")
-        config = {}
-        if (path / "tokenizer_config.json").is_file():
-            config = json.loads((path / "tokenizer_config.json").read_text())
+        config = _json_object(path / "tokenizer_config.json")
         if not config.get("chat_template") and (path / "chat_template.jinja").is_file():
             config["chat_template"] = (path / "chat_template.jinja").read_text()
-        eos_ids = None
-        if (path / "generation_config.json").is_file():
-            e = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
-            eos_ids = [e] if isinstance(e, int) else list(e or [])
-        return cls(HFTokenizer.from_file(str(tj)), config, eos_ids)
+        e = _json_object(path / "generation_config.json").get("eos_token_id")
+        eos_ids = None if e is None else [e] if isinstance(e, int) else list(e)
+        try:
+            tok = HFTokenizer.from_file(str(tj))
+        except Exception as err:              # the tokenizers library raises a bare Exception
+            raise ValueError(f"{tj}: not a readable tokenizer file ({err})") from None
+        return cls(tok, config, eos_ids)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

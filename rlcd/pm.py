@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models import CheckpointError, Tokenizer, load_model
+from models.checkpoint import resolve
 from rlcd import distributed, runs
 from rlcd.cli import parse_args
 from rlcd.pairs import PairsError, in_own_template, read_pairs
@@ -167,16 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         runs.check_world(args)
         resume_from = runs.prepare_run(args, "pm", NORM_SETTINGS)
         recs = read_pairs(args.pairs)
-    except (CheckpointError, PairsError, ValueError) as e:
+        # Data: a dev split by prompt id, the same for RLCD and RLAIF files over the same prompts.
+        train_idx, dev_idx = runs.split_dev([r["id"] for r in recs], args.dev, args.seed)
+        if args.norm_policy is not None and args.norm_samples > 0:
+            resolve(args.norm_policy)           # sampled after training: a bad name fails now, not then
+        # Model: trunk + head; when resuming, runs.checkpoints restores the head with the optimiser state.
+        trunk, tok = runs.load_trunk(args, resume_from, device)
+    except (CheckpointError, PairsError, ValueError, FileNotFoundError) as e:
         print(f"{distributed.tag('train.py pm')}: {e}", file=sys.stderr)
         return 2
-
-    # Data: a dev split by prompt id, the same for RLCD and RLAIF files over the same prompts.
-    train_idx, dev_idx = runs.split_dev([r["id"] for r in recs], args.dev, args.seed)
     train, dev = [recs[i] for i in train_idx], [recs[i] for i in dev_idx]
-
-    # Model: trunk + head; when resuming, runs.checkpoints restores the head with the optimiser state.
-    trunk, tok = runs.load_trunk(args, resume_from, device)
     torch.manual_seed(args.seed)
     pm = RewardModel(trunk)
     train, dev = in_own_template(train, tok), in_own_template(dev, tok)     # pairs from another simulator
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = runs.train(args, "pm", pm, trunk, tok, resume_from, [r["id"] for r in train], lengths, total,
                              loss_fn, evaluate, {HEAD_FILE: pm.head}, n_train=len(train), n_dev=len(dev),
                              pairs=args.pairs, end_markers={f: end_marker(tok, f) for f in FORMATS})
+    except CheckpointError as e:                    # the checkpoint resumed from (read before any step)
+        print(f"{distributed.tag('train.py pm')}: {e}", file=sys.stderr)
+        return 2
     except FloatingPointError as e:
         print(f"{distributed.tag('train.py pm')}: {e}", file=sys.stderr)
         return 3

@@ -161,16 +161,19 @@ def load_reward_model(run_dir: str | Path, device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32) -> tuple[RewardModel, Tokenizer, dict]:
     """Load a preference model written by `train.py pm`: the run directory (OUT) or its reward/
     checkpoint. Returns (model in eval mode, tokenizer, run.json). Another stage's run is an error."""
-    from safetensors.torch import load_file
+    from models.checkpoint import read_safetensors
 
     ckpt, meta = runs.find_checkpoint(run_dir, "pm")
     head_file = ckpt / f"{HEAD_FILE}.safetensors"
     if not head_file.is_file():
         raise CheckpointError(f"{ckpt}: no {head_file.name} (an incomplete preference-model checkpoint)")
+    head = read_safetensors(head_file)                  # read first: a corrupt head fails before the trunk loads
     trunk, tok = load_model(ckpt, device=device, dtype=dtype)
     pm = RewardModel(trunk)
-    head = load_file(str(head_file))
-    pm.head.load_state_dict({k: v.float() for k, v in head.items()})
+    try:
+        pm.head.load_state_dict({k: v.float() for k, v in head.items()})
+    except RuntimeError as e:                           # missing, unexpected or misshaped tensors
+        raise CheckpointError(f"{head_file}: does not fit the trunk ({str(e).splitlines()[-1].strip()})") from None
     stats = meta.get("reward_norm") or {}
     pm.norm_mean, pm.norm_std = stats.get("mean"), stats.get("std")
     return pm.eval(), tok, meta

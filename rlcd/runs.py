@@ -465,8 +465,13 @@ def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler, 
     entries to parameters whenever the two differ (a distributed run or checkpoint); without it, the
     one-process optimizer.load_state_dict."""
     if (ckpt / STATE_FILE).is_file():
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-        opt_state = state["optimizer"]
+        try:
+            state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+            opt_state = state["optimizer"]
+        except Exception as e:                  # a truncated or foreign file: torch raises many kinds
+            first = str(e).split(". ")[0].splitlines()[0][:200] if str(e) else ""
+            raise CheckpointError(f"{ckpt / STATE_FILE}: unreadable ({type(e).__name__}: {first}); "
+                                  f"the checkpoint cannot be resumed") from None
     elif (ckpt / STATE_DIR).is_dir() and model is not None:
         state, opt_state = distributed.load_resume_state(ckpt / STATE_DIR, model, optimizer), None
     else:
@@ -539,7 +544,7 @@ def checkpoints(args: RunArgs, stage: str, trunk: Transformer, tok: Tokenizer, o
     number of trainable parameters; a stage may add to the returned dict before a save) and the optimiser,
     scheduler and RNG states. On resume from `resume_from`, the modules' weights and those states are
     restored here; the trunk was loaded from the checkpoint by the stage."""
-    from safetensors.torch import load_file
+    from models.checkpoint import read_safetensors
 
     fingerprint = data_fingerprint(train_keys, args)
     # Sharded parameters (DTensors) count their global size.
@@ -549,7 +554,13 @@ def checkpoints(args: RunArgs, stage: str, trunk: Transformer, tok: Tokenizer, o
     if resume_from is not None:
         device = distributed.device_for_rank(args.device)
         for name, m in modules.items():
-            distributed.load_full_state_dict(m, load_file(str(resume_from / f"{name}.safetensors"), device=device))
+            file = resume_from / f"{name}.safetensors"
+            if not file.is_file():
+                raise CheckpointError(f"{resume_from}: no {file.name} (an incomplete checkpoint)")
+            try:
+                distributed.load_full_state_dict(m, read_safetensors(file, device))
+            except RuntimeError as e:                   # missing, unexpected or misshaped tensors
+                raise CheckpointError(f"{file}: does not fit this run ({str(e).splitlines()[-1].strip()})") from None
         start = load_trainer_state(resume_from, optimizer, scheduler, fingerprint, _named(trunk, modules))
     ckpt = Path(args.out) / CKPT_DIRS[stage]
 

@@ -107,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         runs.check_world(args)
         resume_from = runs.prepare_run(args, "sft", frozenset({"eval_batch_size"}))
         recs = read_examples(args.pairs, args.field)
-    except (CheckpointError, PairsError, ValueError) as e:
+        model, tok = runs.load_trunk(args, resume_from, device)
+    except (CheckpointError, PairsError, ValueError, FileNotFoundError) as e:
         print(f"{distributed.tag('train.py sft')}: {e}", file=sys.stderr)
         return 2
-    model, tok = runs.load_trunk(args, resume_from, device)
 
     # Data: prompts in this model's own template (pairs from another simulator), encode, drop examples
     # whose prompt fills max_length, split off dev by prompt id.
@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = runs.train(args, "sft", model, model, tok, resume_from, [recs[i]["id"] for i in train_idx], lengths,
                              total, loss_fn, evaluate, n_train=len(train), n_dev=len(dev), pairs=args.pairs)
+    except CheckpointError as e:                    # the checkpoint resumed from (read before any step)
+        print(f"{distributed.tag('train.py sft')}: {e}", file=sys.stderr)
+        return 2
     except FloatingPointError as e:
         print(f"{distributed.tag('train.py sft')}: {e}", file=sys.stderr)
         return 3
