@@ -73,7 +73,8 @@ def read_prompts(path: str) -> list[list[dict] | str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(Args, argv, prog="generate.py", description=__doc__.split("\n")[0])
     if (args.prompt is None) == (args.prompts_file is None):
-        raise SystemExit("generate.py: give exactly one of --prompt or --prompts-file")
+        print("generate.py: give exactly one of --prompt or --prompts-file", file=sys.stderr)
+        return 2
     if args.dtype not in DTYPES:
         raise SystemExit(f"generate.py: --dtype must be one of {sorted(DTYPES)}")
     try:

@@ -146,8 +146,6 @@ class Args(runs.RunArgs):
             (self.kl_estimator in KL_ESTIMATORS, f"--kl-estimator must be one of {KL_ESTIMATORS}"),
             (self.temperature > 0, "--temperature must be > 0 (PPO needs a sampling distribution)"),
             (self.batch_size % self.minibatches == 0, "--minibatches must divide --batch-size"),
-            (min(self.batch_size, self.micro_batch, self.ppo_epochs, self.iterations) >= 1,
-             "--batch-size, --micro-batch, --ppo-epochs and --iterations must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:

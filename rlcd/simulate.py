@@ -302,9 +302,6 @@ def _check(args: Args) -> None:
         raise ValueError(f"--judge-format must be one of {', '.join(JUDGE_FORMATS)}, got {args.judge_format!r}")
     if args.method != "rlcd" and args.judge != "self":
         _judge_spec(args)
-    for name in ("batch_size", "max_tries", "max_new_tokens", "max_prompt_tokens"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
 
 
 def _judge_spec(args: Args) -> judges.JudgeSpec:
