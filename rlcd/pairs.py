@@ -4,6 +4,7 @@ naming the file and line; the lines themselves are read by rlcd.jsonl.read_objec
 
     read_pairs(paths, default_format="chat", format_override=None) -> list[dict]   validated records
     check_format(fmt, where) -> fmt                                              "chat" or "plain"
+    check_label(rec, where) -> float                                             a label in [0, 1]
     in_own_template(recs, tok, fmt=None) -> list[dict]     prompts re-rendered with the reader's tokenizer
 """
 from __future__ import annotations
@@ -25,6 +26,15 @@ def check_format(fmt: str, where: str) -> str:
     return fmt
 
 
+def check_label(rec: dict, where: str) -> float:
+    """The record's label (P(chosen is better); 1.0 when absent) as a float, else a PairsError at `where`
+    (file:line): it must be a number in [0, 1], so NaN, infinities, booleans and strings are refused."""
+    label = rec.get("label", 1.0)
+    if not isinstance(label, (int, float)) or isinstance(label, bool) or not 0.0 <= label <= 1.0:
+        raise PairsError(f"{where}: label must be a number in [0, 1], got {label!r}")
+    return float(label)
+
+
 def read_pairs(paths: list[str] | str, default_format: str = "chat", format_override: str | None = None,
                ) -> list[dict]:
     """Read JSONL pairs: each line needs string fields prompt, chosen, rejected; optional label (float in
@@ -39,11 +49,9 @@ def read_pairs(paths: list[str] | str, default_format: str = "chat", format_over
                     raise PairsError(f"{path}:{n}: missing field {k!r} (a pair needs prompt, chosen, rejected)")
                 if not isinstance(rec[k], str):
                     raise PairsError(f"{path}:{n}: field {k!r} must be a string, got {type(rec[k]).__name__}")
-            label = rec.get("label", 1.0)
-            if not isinstance(label, (int, float)) or isinstance(label, bool) or not 0.0 <= label <= 1.0:
-                raise PairsError(f"{path}:{n}: label must be a number in [0, 1], got {label!r}")
+            label = check_label(rec, f"{path}:{n}")
             fmt = check_format(format_override or rec.get("format") or default_format, f"{path}:{n}")
-            recs.append({**rec, "label": float(label), "format": fmt, "id": str(rec.get("id", rec["prompt"]))})
+            recs.append({**rec, "label": label, "format": fmt, "id": str(rec.get("id", rec["prompt"]))})
         if not lines:
             raise PairsError(f"{path}: no pairs (empty file)")
     return recs

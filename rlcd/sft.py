@@ -36,7 +36,7 @@ from models import CheckpointError, Tokenizer
 from rlcd import distributed, runs
 from rlcd.cli import parse_args
 from rlcd.jsonl import read_objects
-from rlcd.pairs import PairsError, check_format, in_own_template
+from rlcd.pairs import PairsError, check_format, check_label, in_own_template
 from rlcd.reward import encode_parts
 
 
@@ -62,6 +62,7 @@ def read_examples(paths: list[str], field: str) -> list[dict]:
             for k in ("prompt", key):
                 if not isinstance(rec.get(k), str):
                     raise PairsError(f"{path}:{n}: missing string field {k!r}")
+            check_label(rec, f"{path}:{n}")        # a pairs file's label, checked as train.py pm checks it
             fmt = check_format(rec.get("format") or "chat", f"{path}:{n}")
             out.append({"prompt": rec["prompt"], "response": rec[key], "format": fmt,
                         "id": str(rec.get("id", rec["prompt"])), "messages": rec.get("messages")})
