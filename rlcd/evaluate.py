@@ -355,6 +355,17 @@ def _chunks(items: list[tuple[dict, str, int]], batch_size: int) -> list[list[tu
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
 
+def _moved_with(old: str, new: str, root: Path) -> bool:
+    """Whether policy `old` (as a record names it) is `new` in a run directory `root` that moved (a
+    pipeline's: its policies and responses/ inside it): `new` lies under root and `old`, which no longer
+    exists, ends with the same path relative to it."""
+    try:
+        rel = Path(new).resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return not Path(old).exists() and Path(old).parts[-len(rel.parts):] == rel.parts
+
+
 def respond_policy(name: str, model_spec: str, prompts: list[dict], args: RespondArgs) -> dict:
     """Write (or complete) OUT_DIR/NAME.jsonl for one policy; returns a summary (under torchrun, the same
     on every rank, with the file complete on return)."""
@@ -379,7 +390,8 @@ def respond_policy(name: str, model_spec: str, prompts: list[dict], args: Respon
         for lineno, rec in lines:
             theirs = {"policy": rec["policy"], "model": rec["model"], **rec["settings"]}
             ours = {"policy": name, "model": model_spec, **settings}
-            diff = [k for k in ours if theirs.get(k) != ours[k]]
+            diff = [k for k in ours if theirs.get(k) != ours[k]
+                    and not (k == "model" and _moved_with(theirs[k], model_spec, path.parent.parent))]
             if diff:
                 raise ResponsesError(
                     f"{f}:{lineno}: written with {', '.join(f'{k}={theirs.get(k)!r}' for k in diff)}, but this "

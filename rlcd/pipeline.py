@@ -33,6 +33,7 @@ about an hour and a half to reach the end of its first PPO stage); `paper` is th
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -205,25 +206,80 @@ def _resumable(argv: list[str]) -> list[str]:
     return argv + ["--resume"] if ckpt.is_file() else argv
 
 
+def check_plan(cmds: dict[str, list[list[str]]]) -> None:
+    """Parse every stage's command line as the stage will (rlcd.cli.read_args), before any stage runs: a
+    bad --set value or flag is a ValueError naming the stage now, not after the stages before it."""
+    import importlib
+
+    from rlcd import ppo
+    from rlcd.cli import ArgsError, read_args
+
+    eval_args = {"pm-agreement": "PMAgreementArgs", "respond": "RespondArgs", "compare": "CompareArgs"}
+    for stage, argvs in cmds.items():
+        for argv in argvs:
+            script, command, rest = argv[0], argv[1], [str(a) for a in argv[2:]]
+            if script == "train.py":
+                cls = importlib.import_module(f"rlcd.{command}").Args
+                rest = ppo.apply_preset(rest) if command == "ppo" else rest
+            else:
+                cls = getattr(importlib.import_module("rlcd.evaluate"), eval_args[command])
+            try:
+                read_args(cls, rest, prog=f"{script} {command}")
+            except ArgsError as e:
+                raise ValueError(f"stage {stage} ({script} {command}): {e}") from None
+
+
+# Settings that name files or directories: on resume, the same file spelled another way is the same setting.
+PATH_SETTINGS = ("policy", "simulator", "prompts", "human_pairs")
+
+
+def _same_path(a, b) -> bool:
+    """Whether two settings name the same existing file or directory (runs/x, ./runs/x, /abs/runs/x)."""
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def resume_settings(args: Args, saved: dict) -> Args:
+    """`args` for resuming the pipeline whose settings pipeline.json holds (`saved`), or a ValueError
+    naming every setting that differs. The directory itself is the run: --out is not compared, so the
+    run resumes under any spelling of its path and after the directory moved. A file setting spelled
+    differently but naming the same file is the same setting; the saved spelling is kept (so the stages'
+    command lines, which their own resumes compare, are those of the first invocation), as is the saved
+    --out when it still names this directory."""
+    now = {k: v for k, v in asdict(args).items() if k != "progress"}
+    keep = {k: saved[k] for k in PATH_SETTINGS if k in saved and saved[k] != now[k] and _same_path(saved[k], now[k])}
+    if _same_path(saved.get("out"), args.out):
+        keep["out"] = saved["out"]
+    changed = sorted(k for k in now if k != "out" and k not in keep and saved.get(k) != now[k])
+    if changed:
+        raise ValueError(f"{args.out}: a pipeline with other settings is there "
+                         f"({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in changed)}); its path does "
+                         f"not matter, these settings do: rerun with the saved ones (pipeline.json) or choose "
+                         f"another --out")
+    return dataclasses.replace(args, **keep)
+
+
 def _log(msg: str) -> None:
     print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def run(args: Args) -> Path:
     """Run (or resume) every stage; returns the report's path."""
+    config = Path(args.out) / "pipeline.json"
+    if config.is_file():
+        try:
+            saved = json.loads(config.read_text())
+        except ValueError as e:
+            raise ValueError(f"{config}: invalid JSON ({e})") from None
+        args = resume_settings(args, saved)
     out = Path(args.out)
     cmds = plan(args)
+    check_plan(cmds)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stages").mkdir(exist_ok=True)
-    config = out / "pipeline.json"
-    if config.is_file():
-        saved = json.loads(config.read_text())
-        now = {k: v for k, v in asdict(args).items() if k != "progress"}
-        changed = sorted(k for k in now if saved.get(k) != now[k])
-        if changed:
-            raise ValueError(f"{out}: a pipeline with other settings is there ({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in changed)}); "
-                             f"choose another --out")
-    else:
+    if not config.is_file():
         from rlcd.runs import write_json_atomic
         write_json_atomic(config, {k: v for k, v in asdict(args).items() if k != "progress"})
     lines = ["#!/usr/bin/env bash", "# The commands train.py pipeline runs, in order (each resumes when rerun).",

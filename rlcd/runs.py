@@ -151,8 +151,9 @@ def prepare_run(args: RunArgs, stage: str, may_change: frozenset[str] = frozense
     if meta.get("stage") != stage:
         raise CheckpointError(f"{ckpt}: written by stage {meta.get('stage')!r}, cannot resume it as {stage!r}")
     saved, now = meta["config"], json.loads(json.dumps(dataclasses.asdict(args), default=str))
-    free = RESUMABLE_CHANGES | may_change
-    changed = sorted(k for k in set(saved) | set(now) if k not in free and saved.get(k) != now.get(k))
+    free = RESUMABLE_CHANGES | may_change | {"out"}         # the directory is the run, under any name
+    saved_rel, now_rel = _beside_run(saved), _beside_run(now)
+    changed = sorted(k for k in set(saved) | set(now) if k not in free and saved_rel.get(k) != now_rel.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise CheckpointError(f"{out}: --resume with different settings ({diffs}); they would change the result")
@@ -162,6 +163,23 @@ def prepare_run(args: RunArgs, stage: str, may_change: frozenset[str] = frozense
         keep = [line for line in log.read_text().splitlines() if json.loads(line).get("step", 0) <= meta["step"]]
         log.write_text("".join(line + "\n" for line in keep))
     return ckpt
+
+
+def _beside_run(config: dict) -> dict:
+    """A run's settings for comparison on resume: each path under the run directory's parent as
+    ("beside the run", its path relative to that parent). So runs/x/pm, ./runs/x/pm and /abs/runs/x/pm
+    with their pairs files beside them compare equal, and so does a pipeline directory that moved with
+    everything in it, while another input file does not."""
+    root = os.path.dirname(os.path.abspath(config.get("out") or "."))
+
+    def rel(v):
+        if isinstance(v, list):
+            return [rel(x) for x in v]
+        if not isinstance(v, str) or not v:
+            return v
+        r = os.path.relpath(os.path.abspath(os.path.expanduser(v)), root)
+        return v if r == os.pardir or r.startswith(os.pardir + os.sep) else ("beside the run", r)
+    return {k: rel(v) for k, v in config.items()}
 
 
 def read_run_meta(ckpt: Path) -> dict:

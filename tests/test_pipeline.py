@@ -1,6 +1,7 @@
 """train.py pipeline on a tiny random model: the whole job end to end, its report, and SIGKILL during
 every stage followed by the same command, which must finish with the same stage outputs as an
 uninterrupted run."""
+import dataclasses
 import json
 import os
 import random
@@ -165,3 +166,26 @@ def test_changed_settings_are_refused(setup, tmp_path):
     (out / "pipeline.json").write_text(json.dumps({"task": "helpful"}))
     proc = subprocess.run(command(setup, out), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "a pipeline with other settings is there" in proc.stderr
+
+
+def test_resume_is_by_directory_not_by_how_its_path_is_spelled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "prompts.txt").write_text("q\n")
+    saved = {k: v for k, v in dataclasses.asdict(pipeline.Args(out="runs/x", prompts="prompts.txt")).items()
+             if k != "progress"}
+    # the same directory and file spelled otherwise: resumed with the saved spelling, so every stage's
+    # command line is the first invocation's
+    args = pipeline.resume_settings(pipeline.Args(out=str(tmp_path / "runs" / "x"), prompts="./prompts.txt"), saved)
+    assert (args.out, args.prompts) == ("runs/x", "prompts.txt")
+    assert pipeline.resume_settings(pipeline.Args(out="./runs/x", prompts="prompts.txt"), saved).out == "runs/x"
+    # a directory that moved: its new path, since the old one names nothing
+    moved = pipeline.resume_settings(pipeline.Args(out="elsewhere/x", prompts="prompts.txt"),
+                                     saved | {"out": "/gone/runs/x"})
+    assert moved.out == "elsewhere/x"
+    # a setting that matters is refused, whatever the path
+    with pytest.raises(ValueError, match=r"a pipeline with other settings is there \(seed: 0 -> 1\); its path does "
+                                         r"not matter, these settings do"):
+        pipeline.resume_settings(pipeline.Args(out="./runs/x", prompts="prompts.txt", seed=1), saved)
+    with pytest.raises(ValueError, match=r"prompts: 'prompts\.txt' -> 'other\.txt'"):
+        pipeline.resume_settings(pipeline.Args(out="runs/x", prompts="other.txt"), saved)
