@@ -10,6 +10,7 @@ tokenizer_config.json, generation_config.json) that `models.load_model` and tran
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,7 @@ def convert_gguf(gguf_path: Path, out: Path, source: str, max_shard_bytes: int =
     `source` says where the file came from (recorded in config.json as `_converted_from`)."""
     import gguf
     from safetensors.torch import save_file
+    from tqdm import tqdm
 
     from models.checkpoint import family_config, hf_shapes
 
@@ -134,6 +136,8 @@ def convert_gguf(gguf_path: Path, out: Path, source: str, max_shard_bytes: int =
     files = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))])
     weight_map, total = {}, 0
+    bar = tqdm(total=len(order), unit="tensor", desc=f"convert {gguf_path.name}", file=sys.stderr,
+               dynamic_ncols=True)
     for file, group in zip(files, groups):
         state = {}
         for t in (order[i] for i in group):
@@ -146,8 +150,10 @@ def convert_gguf(gguf_path: Path, out: Path, source: str, max_shard_bytes: int =
             state[names[t.name]] = torch.from_numpy(np.ascontiguousarray(w))
             weight_map[names[t.name]] = file
             total += 4 * w.size
+            bar.update()
         save_file(state, str(out / file), metadata={"format": "pt"})
         del state
+    bar.close()
     if len(files) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))

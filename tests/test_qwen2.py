@@ -334,7 +334,7 @@ def _fake_chunked(tmp_path, monkeypatch, n_parts: int = 3):
         with zipfile.ZipFile(wheels / f"fake_part{i}-0.1-py3-none-any.whl", "w") as z:
             z.writestr(member.format(i=i), c)
 
-    def fetch(name, version):
+    def fetch(name, version, note=""):
         p = wheels / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
         if not p.is_file():
             raise RuntimeError(f"no {name}=={version} on the index")
