@@ -317,6 +317,23 @@ def test_a_corrupt_trainer_state_is_named(stopped_run, data, tmp_path, capsys):
     assert err.startswith(f"train.py sft: {state}: unreadable (RuntimeError: PytorchStreamReader failed")
 
 
+def test_a_corrupt_ppo_checkpoint_is_named(data, tmp_path, capsys):
+    from test_ppo import save_pm
+
+    pm = save_pm(make_tiny_model(1), make_tiny_tokenizer(), tmp_path / "pm")
+    argv = ["ppo", "--policy", str(data["good"]), "--pm", str(pm), "--prompts", str(data["prompts"]), "--out",
+            str(tmp_path / "ppo"), "--batch-size", "4", "--micro-batch", "4", "--max-new-tokens", "4",
+            "--iterations", "2", "--no-normalize-reward"]
+    assert train_cli.main(argv + ["--stop-after", "1"]) == 0
+    ckpt = tmp_path / "ppo" / "policy"
+    for file, words in (("value.safetensors", "not a readable safetensors file"),
+                        ("trainer_state.pt", "unreadable (RuntimeError: PytorchStreamReader failed")):
+        good = (ckpt / file).read_bytes()
+        (ckpt / file).write_bytes(good[:100])
+        assert f"{ckpt / file}: {words}" in one_line_error(capsys, train_cli.main, argv + ["--resume"])
+        (ckpt / file).write_bytes(good)
+
+
 @pytest.mark.parametrize("how", ["moved", "relative"])
 def test_a_run_resumes_under_another_path(how, stopped_run, data, tmp_path, monkeypatch, capsys):
     base = shutil.copytree(stopped_run, tmp_path / "moved" / "y")               # the directory moved
