@@ -17,9 +17,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from models import DTYPES, CheckpointError, load_model
+from models import CheckpointError, load_model
 from models.generation import SamplingParams, generate_texts
 from rlcd.cli import parse_args
+from rlcd.precision import resolve as resolve_precision
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Args:
     batch_size: int = 8                    # prompts per generation batch
     seed: int = 0                          # sampling seed
     device: str = "cpu"                    # cpu or cuda
-    dtype: str = "float32"                 # float32, bfloat16 or float16
+    precision: str = "auto"                # auto, fp32 or bf16 (rlcd.precision): the weights' dtype
     attn_impl: str = "sdpa"                # naive, sdpa or triton
     raw: bool = False                      # do not apply the chat template
     compile: bool = False                  # torch.compile the decode step on a CPU too (always on CUDA: a CUDA graph)
@@ -75,11 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     if (args.prompt is None) == (args.prompts_file is None):
         print("generate.py: give exactly one of --prompt or --prompts-file", file=sys.stderr)
         return 2
-    if args.dtype not in DTYPES:
-        raise SystemExit(f"generate.py: --dtype must be one of {sorted(DTYPES)}")
     try:
+        dtype = resolve_precision(args.precision, args.device).inference_dtype
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file)
-        model, tok = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype],
+        model, tok = load_model(args.model, device=args.device, dtype=dtype,
                                 attn_impl=args.attn_impl)
         texts = []
         for p in prompts:

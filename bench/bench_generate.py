@@ -1,7 +1,7 @@
 """Decode throughput of the generation engine.
 
     python bench/bench_generate.py                       # default model, fp32, CPU, batch 1 8 32
-    python bench/bench_generate.py --device cuda --dtype bfloat16 --batches 1 64 --random
+    python bench/bench_generate.py --device cuda --precision bf16 --batches 1 64 --random
     python bench/bench_generate.py --hf                  # also time transformers' generate (scratch env)
 
 Each row generates exactly --new-tokens tokens (stop tokens disabled) after a ~40-token chat prompt,
@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import describe  # noqa: E402
-from models import DTYPES, load_model  # noqa: E402
+from models import load_model  # noqa: E402
+from rlcd.precision import resolve as resolve_precision  # noqa: E402
 from models.generation import SamplingParams, generate  # noqa: E402
 from models.llama import ModelArgs, Transformer  # noqa: E402
 from rlcd.cli import parse_args  # noqa: E402
@@ -39,7 +40,7 @@ PROMPT = ("Write a short, friendly note to a neighbour asking them to water the 
 class Args:
     model: str = "smollm2-135m-instruct"   # checkpoint name or directory
     device: str = "cpu"                    # cpu or cuda
-    dtype: str = "float32"                 # float32 or bfloat16 (any name in models.DTYPES)
+    precision: str = "auto"                # auto, fp32 or bf16 (rlcd.precision): the weights' dtype, transformers' too
     batches: list[int] = field(default_factory=lambda: [1, 8, 32])  # batch sizes to time
     new_tokens: int = 64                   # tokens generated per row
     repeats: int = 3                       # timed calls per batch size and contender (best reported)
@@ -76,9 +77,11 @@ def main() -> None:
     args = parse_args(Args, prog="bench_generate.py")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.dtype not in DTYPES:
-        raise SystemExit(f"bench_generate.py: --dtype must be one of {sorted(DTYPES)}")
-    dtype = DTYPES[args.dtype]
+    try:
+        prec = resolve_precision(args.precision, args.device)
+    except ValueError as e:
+        raise SystemExit(f"bench_generate.py: {e}") from None
+    dtype = prec.inference_dtype
     if args.random:
         torch.manual_seed(0)
         with torch.device(args.device):
@@ -90,7 +93,7 @@ def main() -> None:
         prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
     name = describe(args.device)
-    print(f"# {datetime.date.today()}  device={name}  threads={torch.get_num_threads()}  dtype={args.dtype}"
+    print(f"# {datetime.date.today()}  device={name}  threads={torch.get_num_threads()}  precision={prec.describe()}"
           f"  prompt={len(prompt_ids)} tokens  new={args.new_tokens}  attn={args.attn_impl}"
           f"  weights={'random' if args.random else args.model}")
     hf = None

@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 2 bench/bench_ppo.py     # data parallel: 2 ranks share the 16 rollouts (--fsdp too)
     python bench/bench_ppo.py --out bench/ppo.md       # also write the tables as markdown
 
-Settings (the TRL side-by-side of the PPO hot-path issue): 16 prompts of ~40 tokens, responses of exactly 64
+Settings (the same-run comparison with TRL): 16 prompts of ~40 tokens, responses of exactly 64
 tokens (stop tokens disabled; TRL gets min_new_tokens = response_length), 1 PPO epoch, 1 minibatch, 1
 micro-batch, fp32, 2 threads. Random weights by default, so the script also runs on a lent GPU where the
 real weights cannot travel; the work per iteration does not depend on the weights since every response has
@@ -47,6 +47,8 @@ from models.llama import ModelArgs, Transformer  # noqa: E402
 from rlcd import distributed, ppo  # noqa: E402
 from rlcd.cli import parse_args  # noqa: E402
 from rlcd.reward import RewardModel  # noqa: E402
+from rlcd.precision import freeze_for  # noqa: E402
+from rlcd.precision import resolve as resolve_precision  # noqa: E402
 
 # Rows of the comparison table: each contender's phases mapped onto common names.
 OURS_ROWS = {"generate": "generate", "score": "score + values", "values": "score + values",
@@ -63,7 +65,7 @@ TRL_ROWS = {"generate": "generate", "score": "score + values", "reference": "ref
 class Args(BenchArgs):
     value_models: list[str] = field(default_factory=lambda: ["separate", "shared"])  # modes to time
     trl: bool = False                      # also TRL's PPOTrainer (needs trl + transformers: make trl-env)
-    cpu_bf16: bool = False                 # on a CPU, bf16 as on CUDA (autocast, frozen models in bf16), TRL too
+    precision: str = "auto"                # auto, fp32 or bf16 (rlcd.precision), TRL the same (bf16=True in bf16)
     fsdp: bool = False                     # under torchrun: shard with FSDP2 (else whole replicas, as DDP)
     prompts: int = 16                      # rollouts per iteration
     prompt_len: int = 40                   # mean prompt length in tokens (random mode: 36..44)
@@ -104,7 +106,7 @@ def our_run(a: Args, mode: str, policy: Transformer, frozen: tuple[Transformer, 
     args = ppo.Args(out="unused", pm="unused", batch_size=a.prompts, max_new_tokens=a.new_tokens,
                     ppo_epochs=a.ppo_epochs, minibatches=a.minibatches, micro_batch=a.micro_batch,
                     iterations=1000, normalize_reward=False, no_stop_score=None, value_model=mode,
-                    device=str(device), attn_impl=a.attn_impl, cpu_bf16=a.cpu_bf16, fsdp=a.fsdp)
+                    device=str(device), attn_impl=a.attn_impl, precision=a.precision, fsdp=a.fsdp)
     return ppo.build(args, prompts, copy.deepcopy(policy), ref, pm, value_net, stop_ids=[], pad_id=0,
                      device=device)
 
@@ -199,9 +201,9 @@ def main() -> None:
     contenders: dict[str, Callable[[], dict[str, float]]] = {}
     rows_of: dict[str, dict[str, str]] = {}
     static: dict[str, Callable[[], int]] = {}        # read after the rounds: optimiser state is created lazily
-    bf16 = device.type == "cuda" or a.cpu_bf16
-    frozen_dtype = torch.bfloat16 if bf16 else torch.float32
-    frozen = (copy.deepcopy(policy).to(frozen_dtype), RewardModel(copy.deepcopy(policy).to(frozen_dtype)))
+    prec = resolve_precision(a.precision, device)
+    bf16 = prec.bf16
+    frozen = (freeze_for(copy.deepcopy(policy), prec), freeze_for(RewardModel(copy.deepcopy(policy)), prec))
     for mode in a.value_models:
         run = our_run(a, mode, policy, frozen, prompts, device)
         name = f"ours, {mode}"
@@ -249,8 +251,8 @@ def main() -> None:
     head = (f"## PPO iteration, {datetime.date.today()}, {where}, {versions}\n\n"
             f"{'real SmolLM2-135M-Instruct' if a.real else 'random weights of the SmolLM2-135M shape'}; "
             f"{a.prompts} prompts of ~{a.prompt_len} tokens, {a.new_tokens}-token responses, {a.ppo_epochs} "
-            f"epoch(s) x {a.minibatches} minibatch(es), policy fp32"
-            + (" (bf16 autocast; reference and scorer in bf16)" if bf16 else "")
+            f"epoch(s) x {a.minibatches} minibatch(es), precision {prec.describe()}"
+            + (" (policy fp32 under bf16 autocast; reference and scorer blocks in bf16)" if bf16 else "")
             + f", attention {a.attn_impl}; mean of {a.iters} interleaved rounds after {a.warmup} warm-up\n")
     gib = 2 ** 30
     memory = ("| memory, GiB | " + " | ".join(contenders) + " |\n|---|" + "---:|" * len(contenders) + "\n"

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Everything a lent GPU session checks and measures, in one call (device time is scarce: see README,
-# "Performance"). Run from the repository root on the device machine:
+# Everything checked and measured on a GPU machine, in one call (device time is scarce: see docs/PERFORMANCE.md,
+# "GPU"). Run from the repository root on the device machine:
 #
 #     bash bench/device.sh            # logs and markdown tables under $OUT (or /tmp/device-out)
 #
 # Order: correctness first (the model-level CUDA checks and the kernel tests, side by side: neither is
 # timed), then the benchmarks one at a time. Every step has its own time limit and the whole script a
 # deadline (DEADLINE_S, default 400 s), so one hung step costs its limit, not the call. TRL for the PPO
-# comparison travels as wheels in .whl/ (trl, datasets, dill, multiprocess; see README) and is installed
+# comparison travels as wheels in .whl/ (trl, datasets, dill, multiprocess; see docs/PERFORMANCE.md) and is installed
 # into /tmp/site for that step only. ONLY="name ..." runs just the named steps (a rerun in the time left).
 set -u
 OUT=${OUT:-/tmp/device-out}
@@ -56,7 +56,7 @@ step kernels 90 python3 bench/bench_kernels.py --out "$OUT/kernels.md"
 tail -n 30 "$OUT/kernels.log" 2>/dev/null
 
 # 4. decode: eager vs compiled (CUDA graph) vs transformers, bf16
-step generate 150 python3 bench/bench_generate.py --device cuda --dtype bfloat16 --random --batches 1 64 \
+step generate 150 python3 bench/bench_generate.py --device cuda --precision bf16 --random --batches 1 64 \
     --compile --hf --repeats 3
 tail -n 6 "$OUT/generate.log" 2>/dev/null
 

@@ -1,7 +1,7 @@
 """TRL's PPOTrainer as the peer of bench/bench_ppo.py --trl: the same weights, prompts and shapes, timed per
 phase in the same process, one iteration per call so that its iterations interleave with ours.
 
-TRL and transformers are not dependencies of this project. Make a side environment for them (README,
+TRL and transformers are not dependencies of this project. Make a side environment for them (docs/PERFORMANCE.md,
 "Performance"): `make trl-env`, then `.trl-env/bin/python bench/bench_ppo.py --trl`.
 
 How the phases are read. TRL 1.12's `trl.experimental.ppo.PPOTrainer.train()` calls module-level functions
@@ -41,8 +41,8 @@ def _tokenizer():
 class TRLPeer:
     """TRL's PPOTrainer on the checkpoint directory `model_dir` (HF format), the prompts (token-id lists,
     pad id 0 never among them), `batch_size` rollouts of exactly `new_tokens` tokens, 1 epoch x 1 minibatch
-    x 1 micro-batch: the shapes of bench_ppo's default. With bf16 (a GPU, or --cpu-bf16): mixed precision
-    and frozen models in bf16, as ours."""
+    x 1 micro-batch: the shapes of bench_ppo's default. With bf16 (bench_ppo's --precision resolved to bf16):
+    TRL's mixed precision and its frozen models in bf16."""
 
     def __init__(self, model_dir: Path, prompts: list[list[int]], batch_size: int, new_tokens: int,
                  device: torch.device, lr: float = 2e-6, bf16: bool = False):

@@ -51,7 +51,7 @@ _HF_LAYER_TO_OURS = {h: (ours, i) for ours, hs in _LAYER_NAMES.items() for i, h 
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-# The dtype names every command line accepts (--dtype).
+# dtype names (load_model, the benchmarks).
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 

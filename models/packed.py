@@ -49,7 +49,7 @@ MIN_ROWS = 2     # at 1 row MKL's packed path is no faster than its GEMV (bench/
 
 def layout(weight: Tensor, rows: int) -> str | None:
     """The decoding layout that pays for `weight` at `rows` rows on this processor, or None. None under CPU
-    autocast (--cpu-bf16): the products then run in bf16 through F.linear, whose autocast casts each weight
+    autocast (bf16 precision): the products then run in bf16 through F.linear, whose autocast casts each weight
     once per generation call, where an fp32 copy would either run in fp32 or be cast again at every step."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return None

@@ -85,7 +85,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import DTYPES, CheckpointError, load_model
+from models import CheckpointError, load_model
 from models.generation import SamplingParams, generate_texts
 from rlcd.cli import parse_args, save_config
 from rlcd.jsonl import drop_partial_line, read_objects
@@ -94,6 +94,7 @@ from rlcd.pm import encode_pairs, evaluate_pairs
 from rlcd.prompts import DataError, load_prompts
 from rlcd.reward import load_reward_model, score_texts
 from rlcd.runs import write_json_atomic
+from rlcd.precision import resolve as resolve_precision
 from rlcd.judge import (COMBINE, DEFAULT, JUDGE_FREE, METHODS, JudgeSpec, default_judge, describe_accuracy, expand,
                         format_table, judge, measure, measured_accuracy, pair_correct, request_key,
                         selection_table)
@@ -196,7 +197,7 @@ class JudgeAgreementArgs:
     cache: str | None = None           # keep each model measurement here (resumes an interrupted selection); default $RLCD_HOME/judge-cache
     batch_size: int = 8                # judge prompts per forward
     device: str = "cpu"                # cpu or cuda
-    dtype: str = "float32"             # float32 or bfloat16
+    precision: str = "auto"            # auto, fp32 or bf16 (rlcd.precision): the judges' weights
     progress: bool = True              # progress bars
     out: str | None = None             # also write the table as JSON here
 
@@ -204,7 +205,7 @@ class JudgeAgreementArgs:
 def run_judge_agreement(args: JudgeAgreementArgs) -> dict:
     """Measure every candidate on the pairs, then the cross-validated selection table (rlcd.judge)."""
     from models.hub import rlcd_home
-    _check_choices(dtype=(args.dtype, DTYPES))
+    precision = resolve_precision(args.precision, args.device)
     for name, allowed_, given in (("methods", METHODS, args.methods), ("formats", JUDGE_FORMATS, args.formats),
                                   ("combine", COMBINE, args.combine)):
         for v in given or ():
@@ -221,10 +222,10 @@ def run_judge_agreement(args: JudgeAgreementArgs) -> dict:
         s.check(task)
     t0 = time.perf_counter()
     cache = args.cache or str(rlcd_home() / "judge-cache")
-    measured = measure(specs, recs, task, cache, args.device, DTYPES[args.dtype], args.batch_size, args.progress,
+    measured = measure(specs, recs, task, cache, args.device, precision.inference_dtype, args.batch_size, args.progress,
                        log=lambda m: print(m, file=sys.stderr))
     table = selection_table(measured, recs, min(args.folds, len({request_key(r) for r in recs})))
-    return {"pairs": paths, "task": task, "dtype": args.dtype, "candidates": [s.name for s in specs], **table,
+    return {"pairs": paths, "task": task, "precision": precision.name, "candidates": [s.name for s in specs], **table,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -252,17 +253,17 @@ class PMAgreementArgs:
     batch_size: int = 16               # sequences per forward
     max_length: int = 512              # tokens per sequence (the start of the prompt is cut beyond)
     device: str = "cpu"                # cpu or cuda
-    dtype: str = "float32"             # float32 or bfloat16
+    precision: str = "auto"            # auto, fp32 or bf16 (rlcd.precision): the PM's weights
     out: str | None = None             # also write the metrics as JSON here
 
 
 def pm_agreement_main(argv: list[str] | None = None) -> int:
     args = parse_args(PMAgreementArgs, argv, prog="eval.py pm-agreement", description=PMAgreementArgs.__doc__)
     try:
-        _check_choices(dtype=(args.dtype, DTYPES))
+        dtype = resolve_precision(args.precision, args.device).inference_dtype
         paths = resolve_pairs(args.pairs)
         recs = read_pairs(paths, format_override=args.format)
-        pm, tok, meta = load_reward_model(args.pm, args.device, DTYPES[args.dtype])
+        pm, tok, meta = load_reward_model(args.pm, args.device, dtype)
     except (CheckpointError, ValueError) as e:                                   # PairsError is a ValueError
         print(f"eval.py pm-agreement: {e}", file=sys.stderr)
         return 2
@@ -306,7 +307,7 @@ class RespondArgs:
     batch_size: int = 16                  # prompts per generation call and per saved chunk (changes the sample)
     seed: int = 0                         # sampling seed, the same for every policy
     device: str = "cpu"                   # cpu or cuda
-    dtype: str = "float32"                # float32, bfloat16 or float16
+    precision: str = "auto"               # auto, fp32 or bf16 (rlcd.precision): the policies' weights
     progress: bool = True                 # progress bar
 
 
@@ -330,7 +331,8 @@ def _settings(args: RespondArgs) -> dict:
     return {"task": args.task, "prompts": args.prompts or args.task, "split": args.split,
             "n_prompts": args.n_prompts, "format": args.format, "temperature": args.temperature,
             "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
-            "batch_size": args.batch_size, "seed": args.seed, "dtype": args.dtype}
+            "batch_size": args.batch_size, "seed": args.seed,
+            "precision": resolve_precision(args.precision, args.device).name}
 
 
 def _read_lines(path: Path) -> tuple[list[tuple[int, dict]], int]:
@@ -407,7 +409,8 @@ def respond_policy(name: str, model_spec: str, prompts: list[dict], args: Respon
         distributed.barrier()
         return {"policy": name, "path": str(path), "n": len(want), "written": 0, "seconds": 0.0}
 
-    model, tok = load_model(model_spec, device=distributed.device_for_rank(args.device), dtype=DTYPES[args.dtype])
+    model, tok = load_model(model_spec, device=distributed.device_for_rank(args.device),
+                            dtype=resolve_precision(args.precision, args.device).inference_dtype)
     texts = [format_prompt(r["messages"], args.format, tok) for r in prompts]
     chunks = _chunks([(r, t, len(tok.encode(t))) for r, t in zip(prompts, texts)], args.batch_size)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -457,7 +460,8 @@ def respond(args: RespondArgs) -> dict:
     """Every policy of args.policy answers the same prompts; returns {name: summary}."""
     from rlcd import distributed
 
-    _check_choices(format=(args.format, FORMATS), dtype=(args.dtype, DTYPES))
+    _check_choices(format=(args.format, FORMATS))
+    resolve_precision(args.precision, args.device)
     distributed.init(args.device)
     policies = parse_policies(args.policy)
     prompts = load_prompts(args.prompts or args.task, args.split, args.n_prompts)
@@ -710,7 +714,7 @@ class CompareArgs:
     seed: int = 0                         # bootstrap seed
     batch_size: int = 8                   # judge prompts per forward
     device: str = "cpu"                   # cpu or cuda
-    dtype: str = "float32"                # judge dtype: float32 or bfloat16
+    precision: str = "auto"               # auto, fp32 or bf16 (rlcd.precision): the judge's weights
     progress: bool = True                 # progress bar over judge prompts
     out: str | None = None                # also write the result as JSON here
 
@@ -718,7 +722,7 @@ class CompareArgs:
 def run_compare(args: CompareArgs) -> dict:
     """compare() and, with args.pm, pm_rewards() for the files of args.responses; the result as a dict
     (what --out writes). The files are read and checked before any model is loaded."""
-    _check_choices(dtype=(args.dtype, DTYPES))
+    precision = resolve_precision(args.precision, args.device)
     files = {p: read_responses(p) for p in args.responses}
     check_responses(files)
     if len({recs[0]["policy"] for recs in files.values()}) < 2 and args.judge:
@@ -729,7 +733,7 @@ def run_compare(args: CompareArgs) -> dict:
         spec.check(task)
     model = tok = None
     if spec is not None and spec.needs_model:
-        model, tok = load_model(spec.model, device=args.device, dtype=DTYPES[args.dtype])
+        model, tok = load_model(spec.model, device=args.device, dtype=precision.inference_dtype)
     result = compare(args.responses, model, tok, args.baseline, spec, args.tie, args.n_boot, args.seed,
                      args.batch_size, focus=args.focus, progress=args.progress)
     del model

@@ -127,7 +127,7 @@ def reward_norm_stats(pm: RewardModel, tok: Tokenizer, recs: list[dict], args: A
     random.Random(args.seed).shuffle(prompts)
     prompts = prompts[:args.norm_samples]
     name = args.norm_policy or args.model
-    policy, ptok = load_model(name, device=device, dtype=runs.frozen_dtype(args, device))
+    policy, ptok = load_model(name, device=device, dtype=runs.precision_of(args, device).inference_dtype)
     params = SamplingParams(max_new_tokens=args.norm_max_new_tokens, temperature=args.norm_temperature)
     max_length = min(args.max_length, pm.trunk.args.max_seq_len)
     t0 = time.perf_counter()
@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = runs.train(args, "pm", pm, trunk, tok, resume_from, [r["id"] for r in train], lengths, total,
                              loss_fn, evaluate, {HEAD_FILE: pm.head}, n_train=len(train), n_dev=len(dev),
-                             pairs=args.pairs, end_markers={f: end_marker(tok, f) for f in FORMATS})
+                             pairs=args.pairs, end_markers={f: end_marker(tok, f) for f in FORMATS},
+                             formats=sorted({r["format"] for r in recs}))
     except CheckpointError as e:                    # the checkpoint resumed from (read before any step)
         print(f"{distributed.tag('train.py pm')}: {e}", file=sys.stderr)
         return 2
@@ -223,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     # Reward statistics on base-policy samples, once the schedule is complete (PPO normalises with them).
     if summary["step"] == total and args.norm_samples > 0:
         pm.eval()
-        stats = reward_norm_stats(pm, tok, train + dev, args, device)
+        with runs.autocast(args, device):          # the precision PPO scores in (rlcd.precision.freeze_for)
+            stats = reward_norm_stats(pm, tok, train + dev, args, device)
         ckpt = Path(args.out) / runs.CKPT_DIRS["pm"]
         if distributed.is_main():
             run = runs.read_run_meta(ckpt)

@@ -81,6 +81,7 @@ from rlcd.cli import parse_args
 from rlcd.ppo_core import (KL_ESTIMATORS, KLController, apply_missing_stop, batch_mean, explained_variance, gae,
                            kl_per_token, masked_mean, masked_whiten, policy_loss, shape_rewards, value_loss)
 from rlcd.reward import RewardModel, end_marker, fp32_head, load_reward_model, score_tokens
+from rlcd.precision import freeze_for
 
 # Phases of an iteration, timed by PhaseTimer: the numbered steps of `iteration`, its update (step 6) as
 # forward (the policy and value forward and the losses), backward, and optimiser (gradient clip, AdamW,
@@ -156,7 +157,7 @@ class Args(runs.RunArgs):
 # recipe scaled to a 2-core CPU (Args' defaults): 16 rollouts of 64 tokens, 1 epoch x 1 minibatch, and
 # the learning rate scaled with the square root of the batch, as usual for Adam (1e-5 x sqrt(16/512)):
 # with 32x fewer rollouts per step the gradient is ~6x noisier, and at 3e-5 the default model drifted
-# into gibberish within 10 iterations (rlcd/PPO.md).
+# into gibberish within 10 iterations (docs/PPO.md).
 PRESETS: dict[str, dict] = {
     "default": {},
     # RLCD (arXiv 2307.12950, App. / official code): 512 rollouts, 2 epochs x 2 minibatches, responses up
@@ -327,9 +328,11 @@ def iteration(ppo: PPORun, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor
     old_from_update = a.ppo_epochs == 1 and a.minibatches == 1 and a.micro_batch >= B
 
     # The sampling pass's log-probs serve as the old ones only with a separate value network whose values
-    # come from a forward at rollout, and when the sampled distribution is the full tempered one (below).
+    # come from a forward at rollout, when the sampled distribution is the full tempered one (below), and
+    # in fp32: the incremental decode rounds differently from a full forward, ~1e-6 nat in fp32 but up to
+    # ~3e-2 in bf16, which would make the first ratio and the KL to the reference visibly not 1 and 0.
     reuse_sampling_logp = (not old_from_update and ppo.value_head is None and a.top_k == 0
-                           and a.top_p == 1.0)
+                           and a.top_p == 1.0 and not runs.precision_of(a, dev).bf16)
 
     # 1. Rollout: B prompts of this iteration (a pure function of seed and it; this rank's share of them
     #    under torchrun), sampled in lock-step.
@@ -349,8 +352,10 @@ def iteration(ppo: PPORun, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor
         with timer("score"), amp:
             seq_pm, last = seq, T_p + gen.lengths - 1                                      # (B,) column
             if ppo.end_id is not None:
-                # A cut-off response gets the end marker appended in one extra column, so the PM reads
-                # the input it was trained and normalised on (rlcd.reward.encode_input always ends with it).
+                # The PM reads the input it was trained and normalised on (rlcd.reward.encode_input always
+                # ends with its end marker): a cut-off response gets the marker appended in one extra
+                # column, and a finished one has its stop token, whichever of the policy's it was (Qwen
+                # has two), replaced by the marker.
                 last = last + (~gen.finished).long()                                          # (B,)
                 seq_pm = F.pad(seq, (0, 1), value=ppo.pad_id).scatter(1, last[:, None], ppo.end_id)  # (B, T + 1)
             pm_score = score_tokens(pm, seq_pm, start, last, normalize=a.normalize_reward)    # (B,)
@@ -496,9 +501,14 @@ def encode_prompts(records: list[dict], tok: Tokenizer, max_len: int) -> tuple[l
     return ids, keys, len(records) - len(ids)
 
 
-def check_pm_matches(pm_tok: Tokenizer, tok: Tokenizer) -> int:
-    """The PM reads the policy's token ids, so the vocabularies must be the same, and (chat format) the
-    PM's end marker must be a single token the policy stops on."""
+def check_pm_matches(pm_tok: Tokenizer, tok: Tokenizer, pm_meta: dict | None = None) -> int:
+    """The PM reads the policy's token ids, so the vocabularies must be the same; it must have been trained
+    on chat-format pairs, the format PPO renders its prompts in (encode_prompts; a PM's run.json records
+    its pairs' formats); and its chat end marker must be a single token the policy stops on."""
+    formats = (pm_meta or {}).get("formats")
+    if formats is not None and "chat" not in formats:
+        raise CheckpointError(f"the preference model was trained on {', '.join(formats)}-format pairs, but PPO "
+                              f"renders its prompts as chat; train it on chat pairs (train.py simulate --format chat)")
     if pm_tok.tok.get_vocab() != tok.tok.get_vocab():
         raise CheckpointError("the preference model's tokenizer differs from the policy's; PPO scores the "
                               "policy's token ids directly, so both must share one vocabulary")
@@ -528,7 +538,7 @@ def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transf
     sampler = None
     if distributed.active():
         # FSDP with mixed precision computes in bf16: so does the copy, at half the memory.
-        bf16 = args.fsdp and device.type == "cuda" and args.autocast
+        bf16 = args.fsdp and device.type == "cuda" and runs.precision_of(args, device).bf16
         sampler = copy.deepcopy(policy).requires_grad_(False).to(torch.bfloat16 if bf16 else policy.dtype)
         runs.parallelize(args, policy, policy, device)
         if value_net is not None:
@@ -581,8 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(Args, argv, prog="train.py ppo", description=Args.__doc__)
     prog = distributed.tag("train.py ppo")          # names the rank under torchrun
     device = runs.device_of(args)
-    frozen_dtype = runs.frozen_dtype(args, device)                              # reference and scorer
     try:
+        precision = runs.precision_of(args, device)
         if args.batch_size % (distributed.world_size() * args.minibatches):
             # every rank takes an equal share of each minibatch (the same number of collectives)
             raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the world size "
@@ -591,11 +601,15 @@ def main(argv: list[str] | None = None) -> int:
             args, "ppo", may_change=frozenset({"sample_every", "n_samples"}))
         from rlcd.prompts import load_prompts
         records = load_prompts(args.prompts, split="train")
-        pm, pm_tok, _ = load_reward_model(args.pm, device, frozen_dtype)
+        # The reference and the preference model compute as the policy does (rlcd.precision.freeze_for):
+        # in bf16 the reference at iteration 0 is the policy bit for bit.
+        pm, pm_tok, pm_meta = load_reward_model(args.pm, device, torch.float32)
+        freeze_for(pm, precision)
         policy, tok = load_model(resume_from or args.policy, device=device, dtype=torch.float32,
                                  attn_impl=args.attn_impl)
-        ref, _ = load_model(args.policy, device=device, dtype=frozen_dtype, attn_impl=args.attn_impl)
-        end_id = check_pm_matches(pm_tok, tok)
+        ref = freeze_for(load_model(args.policy, device=device, dtype=torch.float32, attn_impl=args.attn_impl)[0],
+                         precision)
+        end_id = check_pm_matches(pm_tok, tok, pm_meta)
         value_net = None
         if args.value_model == "separate":
             # The value network starts as the preference model (paper), trained from there.
@@ -629,8 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         ppo.kl_ctl.load_state_dict(runs.read_run_meta(resume_from)["kl_ctl"])
     distributed.print0(f"ppo: {len(prompts)} prompts ({n_long} over {args.max_prompt_tokens} tokens dropped), "
                        f"{args.batch_size} rollouts x {args.max_new_tokens} tokens per iteration, {args.value_model} "
-                       f"value network, {meta['n_trainable'] / 1e6:.1f}M trainable parameters; iterations "
-                       f"{start_it}..{args.iterations}", file=sys.stderr)
+                       f"value network, {meta['n_trainable'] / 1e6:.1f}M trainable parameters, precision "
+                       f"{precision.describe()}; iterations {start_it}..{args.iterations}", file=sys.stderr)
     out = Path(args.out)
     if args.profile:
         return run_profile(ppo, out)

@@ -66,6 +66,8 @@ from models import CheckpointError, Tokenizer, Transformer, load_model, save_mod
 from models.checkpoint import replace_dir
 from rlcd import distributed
 from rlcd.cli import save_config
+from rlcd.precision import Precision
+from rlcd.precision import resolve as resolve_precision
 
 CKPT_DIRS = {"pm": "reward", "sft": "policy", "ppo": "policy"}
 RUN_JSON = "run.json"
@@ -95,8 +97,7 @@ class RunArgs:
     seed: int = 0                   # data order, dev split, sampling and shuffling
     device: str = "cpu"             # cpu or cuda (under torchrun: rank r computes on cuda:LOCAL_RANK)
     fsdp: bool = False              # under torchrun: shard weights, gradients, AdamW state over the ranks (FSDP2)
-    autocast: bool = True           # bf16 autocast on CUDA (weights and optimiser stay fp32)
-    cpu_bf16: bool = False          # on a CPU too: bf16 autocast, frozen models in bf16 (pays with avx512_bf16 / AMX)
+    precision: str = "auto"         # auto, fp32 or bf16 (rlcd.precision): auto is bf16 on CUDA and on CPUs with native bf16
     attn_impl: str = "sdpa"         # naive, sdpa or triton
     threads: int = 0                # torch CPU threads (0 = leave as is)
 
@@ -225,9 +226,10 @@ def log_jsonl(path: str | os.PathLike, record: dict) -> None:
 
 
 def run_meta(stage: str, args: RunArgs, total_steps: int, **extra) -> dict:
-    """run.json's content (the step is added at save time)."""
+    """run.json's content (the step is added at save time), with what --precision resolved to."""
     return {"stage": stage, "total_steps": total_steps,
-            "config": json.loads(json.dumps(dataclasses.asdict(args), default=str)), **extra}
+            "config": json.loads(json.dumps(dataclasses.asdict(args), default=str)),
+            **resolve_precision(args.precision, args.device).record(), **extra}
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -344,24 +346,15 @@ def schedule_length(args: TrainArgs, n_train: int) -> int:
     return args.max_steps or max(1, math.ceil(args.epochs * n_train / args.batch_size))
 
 
-def low_precision(args: RunArgs, device: torch.device) -> bool:
-    """Whether this run computes in bf16: on CUDA (--autocast, the default), on a CPU only with --cpu-bf16.
-    On a CPU with native bf16 (the AMD EPYC Zen 4 here has avx512_bf16) bf16 GEMMs ran 2.4-2.7x faster
-    than fp32 ones (1 thread, 2026-11-28); elsewhere they are emulated and slower."""
-    return args.autocast and (device.type == "cuda" or args.cpu_bf16)
-
-
-def frozen_dtype(args: RunArgs, device: torch.device) -> torch.dtype:
-    """The dtype of the frozen models (reference policy, scorer): bf16 when the run computes in bf16."""
-    return torch.bfloat16 if low_precision(args, device) else torch.float32
+def precision_of(args: RunArgs, device: torch.device) -> Precision:
+    """What --precision resolves to for this run on `device` (rlcd.precision)."""
+    return resolve_precision(args.precision, device)
 
 
 def autocast(args: RunArgs, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast when the run computes in bf16 (low_precision): matmuls in bf16; weights, optimiser
-    state and reductions in fp32."""
-    if low_precision(args, device):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast when the run computes in bf16: matmuls in bf16; weights, optimiser state, norms,
+    softmax, losses and reductions in fp32."""
+    return precision_of(args, device).autocast(device)
 
 
 def check_finite(step: int, **values: float) -> None:
@@ -537,9 +530,10 @@ def check_world(args: RunArgs, what: str = "--batch-size") -> None:
 def parallelize(args: RunArgs, model: nn.Module, trunk: Transformer, device: torch.device,
                 methods: tuple[str, ...] = ()) -> nn.Module:
     """`model` (with `trunk`'s blocks) made data-parallel for training under torchrun, as --fsdp asks
-    (distributed.parallelize; bf16 compute under FSDP on CUDA with --autocast); itself at world size 1."""
+    (distributed.parallelize; bf16 compute under FSDP on CUDA in bf16 precision); itself at world size 1."""
     return distributed.parallelize(model, trunk.layers, fsdp=args.fsdp,
-                                   mixed_precision=device.type == "cuda" and args.autocast, methods=methods)
+                                   mixed_precision=device.type == "cuda" and precision_of(args, device).bf16,
+                                   methods=methods)
 
 
 def load_trunk(args: TrainArgs, resume_from: Path | None, device: torch.device) -> tuple[Transformer, Tokenizer]:
@@ -605,8 +599,12 @@ def train(args: TrainArgs, stage: str, model: nn.Module, trunk: Transformer, tok
     start, save, _ = checkpoints(args, stage, trunk, tok, optimizer, scheduler, total_steps, train_keys, resume_from,
                                  modules or {}, **meta)
     params = [p for p in model.parameters() if p.requires_grad]
+
+    def evaluate_in_precision() -> dict[str, float]:        # the dev evaluation computes as training does
+        with autocast(args, device):
+            return evaluate()
     return train_loop(args, params, optimizer, scheduler, len(lengths), lengths, start, total_steps, device, loss_fn,
-                      evaluate, save, Path(args.out) / METRICS, stage)
+                      evaluate_in_precision, save, Path(args.out) / METRICS, stage)
 
 
 # --- the loop ----------------------------------------------------------------------------------------------

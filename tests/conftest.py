@@ -7,6 +7,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The suite's reference is fp32: --precision auto resolves as on a CPU without native bf16 (rlcd.precision),
+# here and in the commands the tests start; the bf16 tests ask for bf16 by name.
+os.environ["RLCD_CPU_BF16"] = "0"
+
 import pytest  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

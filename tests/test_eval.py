@@ -186,7 +186,7 @@ def test_respond_refuses_other_settings_in_an_existing_file(ckpt, tmp_path, caps
 # --- compare -----------------------------------------------------------------------------------------------
 SETTINGS = {"task": "harmless", "prompts": "harmless", "split": "test", "n_prompts": None, "format": "chat",
             "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 8, "batch_size": 4, "seed": 0,
-            "dtype": "float32"}
+            "precision": "fp32"}
 
 
 def write_responses(path: Path, policy: str, responses: list[str], settings=None, ids=None) -> Path:

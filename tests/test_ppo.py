@@ -19,6 +19,8 @@ from models import load_model, save_model
 from models.generation import SamplingParams, generate
 from rlcd import ppo as ppo_mod
 from rlcd import runs
+from rlcd.precision import freeze_for
+from rlcd.precision import resolve as resolve_precision
 from rlcd.reward import RewardModel, load_reward_model
 
 GOOD = "xyzqkwv#"          # the synthetic reward counts these characters (none occurs in the prompts)
@@ -51,7 +53,8 @@ def tiny_run(value_model, **overrides):
     policy = make_tiny_model(0)
     value_net = RewardModel(make_tiny_model(1)) if value_model == "separate" else None
     torch.manual_seed(0)
-    return ppo_mod.build(args, tiny_prompts(tok, 64), policy, copy.deepcopy(policy),
+    ref = freeze_for(copy.deepcopy(policy), resolve_precision(args.precision))      # as train.py ppo makes it
+    return ppo_mod.build(args, tiny_prompts(tok, 64), policy, ref,
                          CountReward(tok.encode(GOOD)), value_net, tok.stop_ids, tok.pad_id, torch.device("cpu"))
 
 
@@ -71,6 +74,40 @@ def test_tiny_policy_learns_a_synthetic_reward(value_model):
     assert sum(kls[-5:]) / 5 > 0.1                              # and the policy moved away from the reference
     # the policy, not the reference, moved
     assert not torch.equal(run.policy.layers[0].attention.wqkv.weight, run.ref.layers[0].attention.wqkv.weight)
+
+
+# Bounds on |log ratio| at iteration 0 where the old log-probs come from another forward than the update's
+# (other batch shapes, or the incremental decode in fp32): a few units of each precision's roundoff on
+# logits of order 1 (fp32 2^-24, bf16 2^-8; bf16's products are rounded once more to their output).
+FIRST_RATIO_BOUND = {"fp32": 2.0 ** -16, "bf16": 2.0 ** -8}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("value_model,epochs,minibatches,micro_batch", [
+    ("separate", 1, 1, 16), ("shared", 1, 1, 16),       # old log-probs from the update's own forward
+    ("separate", 2, 2, 4), ("shared", 2, 2, 4),         # from a forward before the update
+    ("separate", 1, 1, 8)])                             # fp32: the sampling pass's; bf16: a forward
+def test_kl_is_zero_and_the_first_ratio_one_at_iteration_zero(precision, value_model, epochs, minibatches,
+                                                              micro_batch, monkeypatch):
+    run = tiny_run(value_model, precision=precision, ppo_epochs=epochs, minibatches=minibatches,
+                   micro_batch=micro_batch)
+    log_ratios = []
+    real = ppo_mod.policy_loss
+
+    def spy(logp, old_logp, adv, mask, *rest):
+        log_ratios.append((logp - old_logp)[mask].detach())
+        return real(logp, old_logp, adv, mask, *rest)
+    monkeypatch.setattr(ppo_mod, "policy_loss", spy)
+    stats, _, _ = ppo_mod.iteration(run, 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+    first = log_ratios[0]                       # the first micro-batch of the first minibatch, before any step
+    bound = FIRST_RATIO_BOUND[precision]
+    if epochs == 1 and micro_batch == 16:
+        assert torch.all(first == 0)            # the very tensors: the ratio is exactly 1
+    assert first.abs().max().item() <= bound, first.abs().max()
+    # the reference computes as the policy does (rlcd.precision.freeze_for): KL = 0 at iteration 0
+    assert abs(stats["kl"].item()) <= bound * run.args.max_new_tokens
+    if value_model == "shared" or micro_batch == 16 or precision == "bf16":
+        assert stats["kl"].item() == 0.0       # reference and old log-probs from forwards of the same shapes
 
 
 def test_sampling_logprobs_are_what_ppo_recomputes():
@@ -159,14 +196,14 @@ def test_presets_put_their_flags_first():
 
 
 # --- the command line ------------------------------------------------------------------------------------------
-def save_pm(trunk, tok, out):
+def save_pm(trunk, tok, out, formats=("chat",)):
     """A preference-model run directory written the way train.py pm writes one (runs.save_checkpoint)."""
     from rlcd import pm as pm_mod
 
     pm = RewardModel(trunk)
     opt = torch.optim.AdamW(pm.head.parameters())
     meta = runs.run_meta("pm", pm_mod.Args(pairs=["none"], out=str(out)), 1,
-                         reward_norm={"mean": 0.25, "std": 2.0, "n": 8})
+                         reward_norm={"mean": 0.25, "std": 2.0, "n": 8}, formats=list(formats))
     runs.save_checkpoint(out / "reward", pm.trunk, tok, meta, opt, runs.cosine_schedule(opt, 0, 1), 1, "none",
                          {"head": pm.head.state_dict()})
     return out
@@ -321,3 +358,50 @@ def test_train_iteration_raises_on_non_finite(monkeypatch):
     monkeypatch.setattr(ppo_mod, "iteration", nan_score)
     with pytest.raises(FloatingPointError, match="iteration 1: non-finite score=nan"):
         ppo_mod.train_iteration(run, 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+
+
+def test_a_pm_trained_on_plain_pairs_is_refused(tiny_setup, tmp_path, capsys):
+    # PPO renders its prompts as chat: a PM that saw only plain-format pairs would score text unlike its own
+    policy, _, prompts = tiny_setup
+    pm = save_pm(make_tiny_model(1), make_tiny_tokenizer(), tmp_path / "pm-plain", formats=("plain",))
+    assert train_cli.main(ppo_argv((policy, pm, prompts), tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained on plain-format pairs, but PPO renders its prompts as chat" in err and "\n" not in err
+    assert not (tmp_path / "run" / "policy").exists()
+
+
+def test_a_response_ended_by_another_stop_token_is_scored_with_the_pm_end_marker():
+    # With two stop tokens (Qwen has <|im_end|> and <|endoftext|>) a response may end on either; the PM was
+    # trained on prompt + response + its end marker, so that is what it reads at the scored column.
+    from rlcd.reward import score_ids
+
+    tok = make_tiny_tokenizer()
+    end_id = tok.token_id("<|im_end|>")
+    run = tiny_run("shared", max_new_tokens=6)
+    run.pm, run.end_id = RewardModel(make_tiny_model(1)).eval(), end_id
+    # a second stop token the tiny policy does emit: the most common first response token of iteration 0
+    _, gen, _ = ppo_mod.iteration(copy.deepcopy(run), 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+    other = torch.mode(gen.tokens[:, 0]).values.item()
+    run.stop_ids = [end_id, other]
+    seen = {}
+    real = ppo_mod.score_tokens
+
+    def spy(pm, seq, start, last, normalize=True):
+        seen["at_last"] = seq.gather(1, last[:, None]).squeeze(1)
+        return real(pm, seq, start, last, normalize=normalize)
+    ppo_mod.score_tokens, saved = spy, ppo_mod.score_tokens
+    try:
+        _, gen, score = ppo_mod.iteration(run, 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+    finally:
+        ppo_mod.score_tokens = saved
+    ended_other = gen.finished & (gen.tokens.gather(1, (gen.lengths - 1).clamp(min=0)[:, None]).squeeze(1) == other)
+    assert ended_other.any()
+    assert torch.all(seen["at_last"] == end_id)
+    seqs = []
+    for b in range(gen.tokens.shape[0]):
+        prompt = gen.sequences[b, gen.start[b]:gen.prompt_len].tolist()
+        response = gen.tokens[b, :gen.lengths[b]].tolist()
+        if gen.finished[b]:
+            response = response[:-1]                        # the stop token it ended on, whichever
+        seqs.append(prompt + response + [end_id])
+    torch.testing.assert_close(score, score_ids(run.pm, seqs, tok.pad_id), **NET_TOL)

@@ -193,15 +193,35 @@ def test_resume_checks_settings_and_drops_metrics_after_the_checkpoint(tmp_path)
         runs.prepare_run(runs.TrainArgs(out=str(tmp_path / "run"), lr=1e-3, resume=True), "ppo")
 
 
-def test_bf16_on_cuda_by_default_and_on_a_cpu_only_when_asked():
+def test_precision_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(monkeypatch):
+    from rlcd import precision
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    plain, asked = runs.TrainArgs(out="x"), runs.TrainArgs(out="x", cpu_bf16=True)
-    assert runs.low_precision(plain, cuda) and not runs.low_precision(runs.TrainArgs(out="x", autocast=False), cuda)
-    assert not runs.low_precision(plain, cpu) and runs.frozen_dtype(plain, cpu) == torch.float32
-    assert runs.low_precision(asked, cpu) and runs.frozen_dtype(asked, cpu) == torch.bfloat16
+    auto, fp32, bf16 = (runs.TrainArgs(out="x", precision=p) for p in ("auto", "fp32", "bf16"))
+    assert runs.precision_of(auto, cuda).bf16 and not runs.precision_of(fp32, cuda).bf16
+    # the suite declares no native bf16 (RLCD_CPU_BF16=0, conftest): auto is the fp32 reference
+    assert not runs.precision_of(auto, cpu).bf16 and "RLCD_CPU_BF16=0" in runs.precision_of(auto, cpu).reason
+    monkeypatch.setenv("RLCD_CPU_BF16", "1")
+    monkeypatch.setattr("builtins.open", _fake_cpuinfo("fpu sse avx512f avx512_bf16 amx_tile"))
+    got = runs.precision_of(auto, cpu)
+    assert got.bf16 and got.describe() == "bf16 (auto: the CPU has avx512_bf16)"
+    monkeypatch.setattr("builtins.open", _fake_cpuinfo("fpu sse avx2 avx512f"))
+    assert not runs.precision_of(auto, cpu).bf16 and precision.native_bf16_cpu() is None
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="--precision must be one of auto, fp32, bf16, got 'bfloat16'"):
+        precision.resolve("bfloat16")
     model = make_tiny_model()
-    with runs.autocast(asked, cpu):
+    with runs.autocast(bf16, cpu):
         assert torch.is_autocast_enabled("cpu")
         assert model(torch.tensor([[5, 6, 7]])).dtype == torch.bfloat16          # the head ran in bf16
-    with runs.autocast(plain, cpu):
+    with runs.autocast(fp32, cpu):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def _fake_cpuinfo(flags: str):
+    import io
+    real = open
+
+    def fake(path, *a, **k):
+        return io.StringIO(f"processor\t: 0\nflags\t\t: {flags}\n") if path == "/proc/cpuinfo" else real(path, *a, **k)
+    return fake
