@@ -4,6 +4,7 @@
     python eval.py compare --responses runs/harmless/responses/*.jsonl --out compare.json   # judge: Qwen2.5-Coder-1.5B
     python eval.py judge-agreement --judge smollm2-135m-instruct --pairs human           # how good a judge is
     python eval.py pm-agreement --pm runs/harmless/pm-rlcd --pairs human --format chat
+    python eval.py contrast --simulator qwen2.5-coder-1.5b-instruct --design paper-header refuse-vs-prefill --out runs/contrast
 
 `python eval.py COMMAND --help` lists a command's settings.
 """
@@ -22,6 +23,8 @@ COMMANDS = {
                 "pairwise win rates of policies by a judge model, with judge-free statistics"),
     "judge-agreement": ("rlcd.evaluate", "judge_agreement_main",
                         "accuracy, position and length bias of a pairwise judge on labelled pairs"),
+    "contrast": ("rlcd.contrast", "main",
+                 "how differentiated a simulator's RLCD pairs are under each prompt design (dev prompts)"),
     "pm-agreement": ("rlcd.evaluate", "pm_agreement_main",
                      "accuracy and mean chosen-probability of a preference model on a pairs file"),
 }

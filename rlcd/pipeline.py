@@ -61,7 +61,7 @@ BUDGETS: dict[str, dict[str, dict]] = {
         "agreement": dict(batch_size=8),
         "compare": dict(batch_size=8),
     },
-    # Hours on the same machine: close to the README's measured runs (rlcd/PM.md, rlcd/PPO.md).
+    # Hours on the same machine: close to the measured runs (docs/RESULTS.md, docs/PM.md, docs/PPO.md).
     "cpu": {
         "simulate": dict(n_prompts=640, max_new_tokens=64, batch_size=32),
         "pm": dict(train_layers=4, epochs=2, batch_size=16, micro_batch=8, lr=5e-5, dev=64, eval_every=0,
@@ -78,15 +78,15 @@ BUDGETS: dict[str, dict[str, dict]] = {
     # rollouts) on a GPU.
     "paper": {
         "simulate": dict(n_prompts=None, max_new_tokens=300, temperature=1.0, top_p=1.0, batch_size=64,
-                         device="cuda", dtype="bfloat16"),
+                         device="cuda"),
         "pm": dict(epochs=1, batch_size=16, micro_batch=8, lr=3e-6, dev=500, eval_every=50, norm_samples=256,
                    norm_max_new_tokens=300, save_every=100, device="cuda"),
         "sft": dict(epochs=3, batch_size=128, micro_batch=16, lr=2e-5, dev=0.05, save_every=100, device="cuda"),
         "ppo": dict(preset="paper", device="cuda", save_every=5),
         "respond": dict(n_prompts=None, max_new_tokens=300, temperature=1.0, top_p=1.0, batch_size=64,
-                        device="cuda", dtype="bfloat16"),
+                        device="cuda"),
         "agreement": dict(batch_size=32, device="cuda"),
-        "compare": dict(batch_size=16, device="cuda", dtype="bfloat16"),
+        "compare": dict(batch_size=16, device="cuda"),
     },
 }
 
@@ -99,6 +99,7 @@ class Args:
     budget: str = "quick"                     # quick (~10 min on 2 CPU cores), cpu (hours), paper (GPU)
     policy: str = DEFAULT_POLICY              # the model aligned (and the trunk of the preference models)
     simulator: str | None = None              # the model that simulates pairs (default: the policy)
+    design: str = "paper-header"              # how the RLCD pairs' p+ and p- are made (rlcd.designs: a built-in name or a JSON file)
     judge: str = "default"                    # the judge of RLAIF's labels and of the final policies (an rlcd.judge spec; default: the task's chosen judge)
     prompts: str | None = None                # a prompts file instead of the task's built-in set
     human_pairs: str = "human"                # labelled pairs for pm-agreement ("human": PyRIT's allowed half)
@@ -156,7 +157,7 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
     train = dict(model=args.policy, **common)
     ppo = dict(policy=args.policy, prompts=prompts, **b["ppo"], seed=args.seed)      # ppo prints a line per iteration
     cmds: dict[str, list[list[str]]] = {
-        "pairs-rlcd": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlcd.jsonl", method="rlcd", **sim))]],
+        "pairs-rlcd": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlcd.jsonl", method="rlcd", design=args.design, **sim))]],
         "pairs-rlaif": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlaif.jsonl", method="rlaif", judge=args.judge, **sim))]],
         "pm-rlcd": [["train.py", "pm", *argv_of(dict(out=out / "pm-rlcd", pairs=[out / "pairs-rlcd.jsonl"],
                                                      **train, **b["pm"]))]],

@@ -63,14 +63,16 @@ from pathlib import Path
 
 import torch
 
-from models import DTYPES, CheckpointError, load_model
+from models import CheckpointError, load_model
 from models.checkpoint import resolve
 from models.generation import SamplingParams, generate_texts
 from models.tokenizer import Tokenizer
 from rlcd import distributed
 from rlcd.cli import parse_args, save_config
+from rlcd.designs import Design, load_design
 from rlcd.jsonl import drop_partial_line, read_objects
 from rlcd.pairs import PairsError
+from rlcd.precision import resolve as resolve_precision
 from rlcd.prompts import DataError, load_prompts
 from rlcd import judge as judges
 from rlcd.scorer import JUDGE_FORMATS, judge_pairs, score_pairs
@@ -94,8 +96,8 @@ class Args:
     n_prompts: int | None = None          # use the first N prompts that fit max_prompt_tokens (None: all)
     model: str = "smollm2-135m-instruct"  # model name, checkpoint directory or run directory
     format: str = "chat"                  # chat (the checkpoint's template) or plain (Human:/Assistant:)
-    carrier: str = "header"               # chat only: affix on the assistant header, or in a system message
-    temperature: float = 0.7              # sampling temperature (the paper: 1; see rlcd/SIMULATE.md)
+    design: str = "paper-header"          # how p+ and p- are made: a built-in design (rlcd.designs: paper-header, paper-system, persona, refuse-vs-prefill) or a JSON file
+    temperature: float = 0.7              # sampling temperature (the paper: 1; see docs/SIMULATE.md)
     top_p: float = 0.9                    # nucleus threshold (1 disables; the paper: 1)
     top_k: int = 0                        # keep the k most likely tokens (0 disables)
     max_new_tokens: int = 128             # tokens per response (the paper: 300)
@@ -108,7 +110,7 @@ class Args:
     batch_size: int = 16                  # sequences per generation / scoring batch; prompts per saved chunk
     seed: int = 0                         # affix choice, A/B order and sampling seed
     device: str = "cpu"                   # cpu or cuda
-    dtype: str = "float32"                # float32, bfloat16 or float16
+    precision: str = "auto"               # auto, fp32 or bf16 (rlcd.precision): the weights' dtype of simulator and judge
     progress: bool = True                 # show a progress bar
 
 
@@ -211,8 +213,15 @@ def sample_responses(model, tokenizer: Tokenizer, prompts: list[str], args: Args
 # ---------------------------------------------------------------------------------------------
 # one chunk of prompts -> records
 
+def with_prefix(prefix: str, text: str) -> str:
+    """A design's reply prefix joined to the cleaned continuation (which lost its leading space)."""
+    if not prefix:
+        return text
+    return prefix + ("" if text[:1] in tuple(",.:;!?)'\"") else " ") + text
+
+
 def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastivePair]], args: Args,
-               judge: tuple | None = None) -> tuple[list[dict], int]:
+               design: Design, judge: tuple | None = None) -> tuple[list[dict], int]:
     """Records for a chunk of (prompt record, contrastive prompts); prompts whose sampling failed are
     left out. Returns (records, tokens generated)."""
     ids = [rec["id"] for rec, _ in items]
@@ -225,6 +234,9 @@ def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastiveP
         prompts = [cp.plus for _, cp in items] + [cp.minus for _, cp in items]
     texts, tries, ended, n_tokens = sample_responses(model, tokenizer, prompts, args, salt)
     keep = [j for j in range(n) if texts[j] is not None and texts[n + j] is not None]
+    if args.method != "rlaif":                 # a design's reply prefixes are part of o+ and o-
+        texts = [None if t is None else with_prefix(items[j % n][1].minus_prefix if j >= n else
+                                                    items[j][1].plus_prefix, t) for j, t in enumerate(texts)]
     first = [texts[j] for j in keep]           # o+ (rlcd, rescore) or sample 1 (rlaif)
     second = [texts[n + j] for j in keep]      # o- or sample 2
 
@@ -263,8 +275,9 @@ def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastiveP
     # 3. records
     settings = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                 "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": args.max_prompt_tokens,
-                "max_tries": args.max_tries, "require_end": args.require_end, "carrier": args.carrier,
-                "both_orders": args.both_orders or args.judge_format == "chat", "dtype": args.dtype,
+                "max_tries": args.max_tries, "require_end": args.require_end, "design": design.to_dict(),
+                "both_orders": args.both_orders or args.judge_format == "chat",
+                "precision": resolve_precision(args.precision, args.device).name,
                 "judge": judge[0].name if judge else None if args.method == "rlcd" else "self",
                 "judge_format": args.judge_format}
     out = []
@@ -296,12 +309,15 @@ def _check(args: Args) -> None:
                          f"(a prompts file goes in --prompts)")
     if args.format not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
-    if args.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    resolve_precision(args.precision, args.device)
     if args.judge_format not in JUDGE_FORMATS:
         raise ValueError(f"--judge-format must be one of {', '.join(JUDGE_FORMATS)}, got {args.judge_format!r}")
     if args.method != "rlcd" and args.judge != "self":
         _judge_spec(args)
+    design = load_design(args.design)                      # a DesignError names the file and field
+    if args.format == "plain" and design.carrier == "system":
+        raise ValueError(f"--design {design.name}: carrier 'system' needs --format chat (plain prompts carry "
+                         f"an affix on the 'Assistant:' marker only)")
 
 
 def _judge_spec(args: Args) -> judges.JudgeSpec:
@@ -318,12 +334,14 @@ def simulate(args: Args) -> dict:
     """Run the simulation described by `args`, appending to args.out; returns a summary (the same on
     every rank under torchrun)."""
     _check(args)
+    design = load_design(args.design)
     distributed.init(args.device)
     device = distributed.device_for_rank(args.device)
     out = Path(args.out)
     done = _resume(out, args)
     records = load_prompts(args.prompts or args.task, split=args.split)
-    model, tok = load_model(args.model, device=device, dtype=DTYPES[args.dtype])
+    dtype = resolve_precision(args.precision, device).inference_dtype
+    model, tok = load_model(args.model, device=device, dtype=dtype)
     judge = None               # (spec, model, tokenizer) of a judge spec; None: no judge, or --judge self
     if args.method != "rlcd" and args.judge != "self":
         spec = _judge_spec(args)
@@ -332,12 +350,12 @@ def simulate(args: Args) -> dict:
         elif spec.model == args.model:
             judge = (spec, model, tok)
         else:
-            judge = (spec, *load_model(spec.model, device=device, dtype=DTYPES[args.dtype]))
+            judge = (spec, *load_model(spec.model, device=device, dtype=dtype))
 
     # p+, p-, p for every prompt; drop the too long ones, then take the first n_prompts.
     items, n_long = [], 0
     for rec in records:
-        cp = contrastive_pair(rec, args.task, args.format, tok, seed=args.seed, carrier=args.carrier)
+        cp = contrastive_pair(rec, args.task, args.format, tok, seed=args.seed, design=design)
         length = max(len(tok.encode(t)) for t in (cp.plus, cp.minus, cp.neutral))
         if length > args.max_prompt_tokens:
             n_long += 1
@@ -366,7 +384,7 @@ def simulate(args: Args) -> dict:
     with open(target, "a", encoding="utf-8") as f:
         tried = 0
         for chunk in mine:
-            recs, toks = make_pairs(model, tok, chunk, args, judge)
+            recs, toks = make_pairs(model, tok, chunk, args, design, judge)
             recs = [r for r in recs if r["id"] not in done]
             for r in recs:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -407,9 +425,10 @@ def main(argv: list[str] | None = None) -> int:
 @dataclass
 class StatsArgs:
     files: list[str]                      # pairs files written by `train.py simulate`
-    score: bool = True                    # score every pair with the RLAIF scorer (loads the model)
-    model: str | None = None              # scorer model (default: the one named in the file)
-    both_orders: bool = True              # score both A/B orders and average, cancelling position bias
+    score: bool = True                    # judge every pair (loads the judge's model)
+    judge: str = "default"                # default (the task's chosen judge, rlcd.judge), a judge spec, or self (the paper's scorer: the simulator judges its own pairs)
+    model: str | None = None              # --judge self: the scorer model (default: the one named in the file)
+    both_orders: bool = True              # --judge self: score both A/B orders and average, cancelling position bias
     batch_size: int = 16                  # scorer prompts per forward
     limit: int | None = None              # only the first N pairs of each file
     examples: int = 0                     # also print this many example pairs per file
@@ -483,10 +502,39 @@ def score_stats(records: list[dict], model, tokenizer: Tokenizer, both_orders: b
             "scorer_margin": (2 * p - 1).abs().mean().item(), "scorer_both_orders": both_orders}
 
 
+def judge_stats(records: list[dict], spec: judges.JudgeSpec, model, tokenizer: Tokenizer,
+                batch_size: int = 16) -> dict:
+    """How differentiated the pairs of one file are by a judge spec (rlcd.judge, both orders): the mean
+    P(chosen better) with its standard error, the fraction above 0.5 (for rlcd: the judge agrees with the
+    construction) and the margin |2P - 1|, beside what is known of the judge's agreement with people."""
+    if not records:
+        return {}
+    tasks = {r["task"] for r in records}
+    if len(tasks) != 1:
+        raise PairsError(f"one task per file to judge, found {sorted(tasks)}")
+    task = tasks.pop()
+    conv = [format_prompt(r["messages"], "plain") for r in records]
+    p = judges.judge(spec, model, tokenizer, conv, task, [r["chosen"] for r in records],
+                     [r["rejected"] for r in records], batch_size).p_first.double()
+    se = p.std().item() / len(p) ** 0.5 if len(p) > 1 else None
+    return {"judge": spec.name, "judge_p_chosen": p.mean().item(), "judge_p_chosen_se": se,
+            "judge_agree": (p > 0.5).float().mean().item(), "judge_margin": (2 * p - 1).abs().mean().item(),
+            "judge_accuracy": judges.describe_accuracy(judges.measured_accuracy(spec, task))}
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
     return "-" if v is None else str(v)
+
+
+def _stats_judge(args: StatsArgs, task: str) -> judges.JudgeSpec:
+    try:
+        spec = judges.default_judge(task) if args.judge == "default" else judges.JudgeSpec.parse(args.judge)
+        spec.check(task)
+    except ValueError as e:
+        raise ValueError(f"--judge: {e}") from None
+    return spec
 
 
 def stats_main(argv: list[str] | None = None) -> int:
@@ -507,13 +555,20 @@ def stats_main(argv: list[str] | None = None) -> int:
             if name is None:
                 columns.append({"file": path, "pairs": 0})
                 continue
-            if name not in models:
-                models[name] = (load_model(name, device=args.device) if args.score
-                                else (None, Tokenizer.from_dir(resolve(name))))
-            model, tok = models[name]
+            self_judge = args.score and args.judge == "self"
+            if (name, self_judge) not in models:
+                models[name, self_judge] = (load_model(name, device=args.device) if self_judge
+                                            else (None, Tokenizer.from_dir(resolve(name))))
+            model, tok = models[name, self_judge]
             col = {"file": path, **pair_stats(records, tok)}
-            if args.score:
+            if self_judge:
                 col.update(score_stats(records, model, tok, args.both_orders, args.batch_size))
+            elif args.score:
+                spec = _stats_judge(args, records[0]["task"])
+                if spec.needs_model and (spec.model, True) not in models:
+                    models[spec.model, True] = load_model(spec.model, device=args.device)
+                j_model, j_tok = models[spec.model, True] if spec.needs_model else (None, None)
+                col.update(judge_stats(records, spec, j_model, j_tok, args.batch_size))
             columns.append(col)
             examples += [(path, r) for r in records[:args.examples]]
     except (PairsError, CheckpointError, ValueError, FileNotFoundError) as e:

@@ -19,8 +19,8 @@ API
         assistant header and neg on every earlier assistant turn, polarity -1 the reverse.
         carrier (chat only): "header" puts the affix on the assistant header; "system" states it in a
         system message instead (final polarity only).
-    contrastive_pair(record, task, fmt, tokenizer=None, seed=0, carrier="header") -> ContrastivePair
-        ContrastivePair(plus, minus, neutral, index), a NamedTuple, so it unpacks as a 4-tuple
+    contrastive_pair(record, task, fmt, tokenizer=None, seed=0, design=None) -> ContrastivePair   (rlcd.designs)
+        ContrastivePair(plus, minus, neutral, index, plus_prefix, minus_prefix), a NamedTuple
     scorer_prompt(prompt_text, instruction, a, b) -> str      the RLAIF labelling prompt, verbatim
     postprocess(text, fmt, require_end=False) -> str | None   clean one sampled response
     FormatError(ValueError)         a conversation or chat template that cannot carry an affix
@@ -296,27 +296,52 @@ def format_prompt(messages: list[dict], fmt: str, tokenizer: ChatTokenizer | Non
 
 
 class ContrastivePair(NamedTuple):
-    plus: str  # p+: positive affix on the final assistant turn
-    minus: str  # p-: negative affix there
-    neutral: str  # p: no affix anywhere
+    plus: str  # p+: the positive side of the design (the positive affix on the final assistant turn)
+    minus: str  # p-: the negative side
+    neutral: str  # p: the conversation alone
     index: int  # the affix pair used (and the aligned scorer instruction)
+    plus_prefix: str = ""  # the reply's beginning that ends p+ (a design's prefix), kept in o+
+    minus_prefix: str = ""  # the same for p- and o-
+
+
+def _side_messages(messages: list[dict], side) -> list[dict]:
+    """The conversation as one side of a design shows it: its system message (appended to the
+    conversation's own, if any), then its demonstrations as earlier exchanges, then the conversation."""
+    msgs, system = list(messages), side.system
+    if msgs and msgs[0]["role"] == "system":
+        own, msgs = msgs[0]["content"], msgs[1:]
+        system = own if system is None else f"{own.strip()}\n\n{system}"
+    demos = [m for user, assistant in side.demonstrations
+             for m in ({"role": "user", "content": user}, {"role": "assistant", "content": assistant})]
+    return ([{"role": "system", "content": system}] if system is not None else []) + demos + msgs
 
 
 def contrastive_pair(record: dict, task: str | Task, fmt: str, tokenizer: ChatTokenizer | None = None,
-                     seed: int = 0, carrier: str = "header") -> ContrastivePair:
-    """p+, p- and p for one prompt record (rlcd.prompts schema: "id" and "messages").
+                     seed: int = 0, design=None) -> ContrastivePair:
+    """p+, p- and p for one prompt record (rlcd.prompts schema: "id" and "messages") under a prompt
+    design (rlcd.designs; default: the paper's affixes on the assistant header).
 
-    One affix index per prompt, shared by p+ and p- so that the pair differs only in polarity.
+    One affix index per prompt, shared by p+ and p- so that the pair differs only in polarity; it is drawn
+    over the task's affixes whatever the design's, so that it picks the same scorer instruction.
     """
+    from rlcd.designs import DESIGNS
+
+    d = design or DESIGNS["paper-header"]
     t = TASKS[task] if isinstance(task, str) else task
     i = affix_index(record["id"], len(t.affixes), seed)
+    pairs = d.affix_pairs(t.affixes)
+    affix = pairs[i % len(pairs)] if pairs else None
     msgs = record["messages"]
-    return ContrastivePair(
-        plus=format_prompt(msgs, fmt, tokenizer, t.affixes[i], +1, carrier),
-        minus=format_prompt(msgs, fmt, tokenizer, t.affixes[i], -1, carrier),
-        neutral=format_prompt(msgs, fmt, tokenizer, None, +1, carrier),
-        index=i,
-    )
+    _check_messages(msgs)
+
+    def side(s, polarity: int) -> tuple[str, str]:
+        text = format_prompt(_side_messages(msgs, s), fmt, tokenizer, affix, polarity, d.carrier)
+        if s.prefix is None:
+            return text, ""
+        return text + (" " if fmt == "plain" else "") + s.prefix, s.prefix
+    (plus, plus_prefix), (minus, minus_prefix) = side(d.plus, +1), side(d.minus, -1)
+    return ContrastivePair(plus=plus, minus=minus, neutral=format_prompt(msgs, fmt, tokenizer, None, +1),
+                           index=i, plus_prefix=plus_prefix, minus_prefix=minus_prefix)
 
 
 def scorer_prompt(prompt_text: str, instruction: str, a: str, b: str) -> str:

@@ -104,6 +104,21 @@ def test_rlcd_chosen_from_p_plus_label_one(ckpt, tok, tmp_path, monkeypatch):
         assert r["tries"] == {"chosen": 1, "rejected": 1} and r["ended"]["chosen"] is True
 
 
+def test_a_design_prefix_is_kept_in_the_response_and_the_design_recorded(ckpt, tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate(outputs=lambda call, p, text: " how: " + text))
+    out = tmp_path / "pairs.jsonl"
+    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl"), out, "--design", "refuse-vs-prefill")) == 0
+    recs = read(out)
+    assert len(recs) >= 4                      # the rest are over --max-prompt-tokens with the persona
+    for r in recs:
+        assert r["rejected"].startswith("Sure, here is how: ") and not r["chosen"].startswith("Sure")
+        assert r["p_minus"].endswith("<|im_start|>assistant\nSure, here is") and "careful" in r["p_plus"]
+        assert r["settings"]["design"]["name"] == "refuse-vs-prefill"
+    # a design that cannot be used is refused before any work, naming the flag
+    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl"), tmp_path / "x.jsonl", "--design", "nope")) == 2
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 def test_rlaif_label_is_p_of_a_from_the_scorer(ckpt, tmp_path, monkeypatch):
     seen = {}
 
@@ -379,7 +394,53 @@ def test_simulate_and_stats_end_to_end(ckpt, tmp_path):
         assert r["label"] == pytest.approx(1 - p, abs=1e-5)
         assert r["settings"]["max_new_tokens"] == 6 and r["settings"]["temperature"] == 1.0
         assert r["model"] == str(ckpt) and r["seed"] == 0
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "stats", str(out), "--batch-size", "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "stats", str(out), "--batch-size", "2",
+                           "--judge", "self"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"| pairs | {len(recs)} |" in proc.stdout and "| scorer_margin |" in proc.stdout
+    # a judge spec (here the tiny model itself, pointwise) instead of the simulator's own scorer
+    spec = f"{ckpt}:pointwise:chat:q0"
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "stats", str(out), "--batch-size", "2",
+                           "--judge", spec], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"| judge | {spec} |" in proc.stdout and "| judge_p_chosen |" in proc.stdout
+    assert "never measured" in proc.stdout                     # its accuracy on human labels is unknown
+
+
+# ---------------------------------------------------------------------------------------------
+# eval.py contrast: simulators x designs on the dev prompts, one table
+
+def test_contrast_command_on_a_tiny_model(ckpt, tmp_path, monkeypatch, capsys):
+    import eval as eval_cli
+    from rlcd import contrast
+
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate(outputs=lambda call, p, text:
+                                                            "I cannot help with that." if "PLUS" in text else text))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q, "split": "dev"}) + "\n" for q in QUESTIONS[:6]))
+    out, js = tmp_path / "contrast", tmp_path / "contrast.json"
+    cmd = ["contrast", "--simulator", str(ckpt), "--design", "paper-header", "refuse-vs-prefill",
+           "--prompts", str(prompts), "--n-prompts", "6", "--max-new-tokens", "6", "--batch-size", "4",
+           "--judge", "refusal", "--no-progress", "--out", str(out), "--out-json", str(js)]
+    assert eval_cli.main(cmd) == 0
+    table = capsys.readouterr().out
+    result = json.loads(js.read_text())
+    assert [r["design"] for r in result["rows"]] == ["paper-header", "refuse-vs-prefill"]
+    header, prefill = result["rows"]
+    assert header["pairs"] == 6 and header["refusal_plus"] == 1.0 and header["refusal_minus"] == 0.0
+    # the judge-free refusal judge prefers every refusing o+ to a complying o-
+    assert header["judge_p_plus"] == 1.0 and header["judge_prefers_plus"] == 1.0 and not header["self_judged"]
+    # p+ and p- differ in one affix under the paper's design, in a whole persona and a prefix under the other
+    assert 0.85 < header["surface_overlap"] < 1.0 and prefill["surface_overlap"] < header["surface_overlap"]
+    assert "| paper-header | 6 |" in table and "judge refusal" in table
+    # a rerun resumes every cell without simulating again
+    monkeypatch.setattr(sim, "generate_texts", lambda *a, **k: pytest.fail("resumed cells are not resampled"))
+    assert eval_cli.main(cmd) == 0
+    assert json.loads(js.read_text())["rows"] == result["rows"]
+    # surface overlap is a multiset Jaccard
+    tok = make_tiny_tokenizer()
+    assert contrast.surface_overlap(tok, "abab", "abab") == 1.0
+    assert contrast.surface_overlap(tok, "aab", "ab") == pytest.approx(2 / 3)
+    # a bad design is refused before anything is simulated
+    assert eval_cli.main([*cmd[:4], "nope.json", *cmd[5:]]) == 2
+    assert "nope.json" in capsys.readouterr().err

@@ -1,4 +1,6 @@
 """Affixes, contrastive prompts (plain and chat), the scorer prompt and post-processing."""
+import re
+
 import pytest
 
 from rlcd.tasks import (HARMLESS_AFFIXES, OUTLINE_AFFIXES, TASKS, FormatError, affix_index,
@@ -143,7 +145,8 @@ def test_contrastive_pair_shares_the_index():
     for n in range(50):
         rec = {"id": f"harmless-{n}", "messages": MULTI}
         pair = contrastive_pair(rec, "harmless", "plain", seed=3)
-        plus, minus, neutral, i = pair  # unpacks as a 4-tuple
+        plus, minus, neutral, i = pair[:4]
+        assert pair.plus_prefix == pair.minus_prefix == ""          # the paper's design begins no reply
         pos, neg = HARMLESS_AFFIXES[i]
         assert i == affix_index(rec["id"], 16, 3)
         assert plus.endswith(f"Assistant {pos}:") and minus.endswith(f"Assistant {neg}:")
@@ -190,7 +193,7 @@ def test_chat_multi_turn_earlier_turns_get_the_opposite_affix():
                     f"<|im_start|>assistant {POS}\n")
     minus = format_prompt(MULTI, "chat", tok, PAIR, -1)
     assert minus.count(f"assistant {POS}\n") == 2 and minus.endswith(f"<|im_start|>assistant {NEG}\n")
-    plus2, minus2, neutral, i = contrastive_pair({"id": "h-1", "messages": MULTI}, "harmless", "chat", tok)
+    plus2, minus2, neutral, i = contrastive_pair({"id": "h-1", "messages": MULTI}, "harmless", "chat", tok)[:4]
     assert neutral == tok.apply_chat_template(MULTI, add_generation_prompt=True)
     neg = HARMLESS_AFFIXES[i][1]
     assert plus2.count(f" {neg}\n") == 2 and minus2.endswith(f"<|im_start|>assistant {neg}\n")
@@ -270,3 +273,54 @@ def test_chat_with_the_real_tokenizer_wrapper(tiny_tokenizer):
                     f"<|im_start|>assistant {NEG}\nWhy do you ask?<|im_end|>\n"
                     "<|im_start|>user\nI want to get into my neighbour's house.<|im_end|>\n"
                     f"<|im_start|>assistant {POS}\n")
+
+
+# --- prompt designs (rlcd.designs) ------------------------------------------------------------------------
+def test_a_design_file_round_trips_and_a_bad_one_names_the_field(tmp_path):
+    import json
+
+    from rlcd.designs import DESIGNS, DesignError, load_design
+
+    for d in DESIGNS.values():
+        f = tmp_path / f"{d.name}.json"
+        f.write_text(json.dumps(d.to_dict()))
+        assert load_design(str(f)) == d
+    custom = {"name": "demo", "affixes": [["(kind)", "(cruel)"]], "carrier": "system",
+              "plus": {"demonstrations": [["Hi", "Hello! How can I help?"]]}, "minus": {"prefix": "Fine:"}}
+    (tmp_path / "demo.json").write_text(json.dumps(custom))
+    assert load_design(str(tmp_path / "demo.json")).to_dict() == {
+        "name": "demo", "about": "", "affixes": [["(kind)", "(cruel)"]], "carrier": "system",
+        "plus": {"system": None, "demonstrations": [["Hi", "Hello! How can I help?"]], "prefix": None},
+        "minus": {"system": None, "demonstrations": [], "prefix": "Fine:"}}
+    for bad, field in [({**custom, "carier": "header"}, "field 'carier'"),
+                       ({**custom, "carrier": "footer"}, "'carrier' must be one of header, system"),
+                       ({**custom, "affixes": [["only one"]]}, "'affixes[0]' must be a [positive, negative] pair"),
+                       ({**custom, "minus": {"prefix": 3}}, "'minus.prefix' must be a non-empty string"),
+                       ({**custom, "plus": {"demos": []}}, "'plus.demos' is not a side field"),
+                       ({k: v for k, v in custom.items() if k != "name"}, "'name' must be a non-empty string")]:
+        f = tmp_path / "bad.json"
+        f.write_text(json.dumps(bad))
+        with pytest.raises(DesignError, match=f"^{re.escape(str(f))}: {re.escape(field)}"):
+            load_design(str(f))
+    with pytest.raises(DesignError, match="neither a built-in design"):
+        load_design("no-such-design")
+
+
+def test_a_design_makes_each_side():
+    from rlcd.designs import DESIGNS, Design, Side
+
+    tok = ChatMLStub()
+    rec = {"id": "h-3", "messages": SINGLE}
+    # the paper's design is the affixes on the assistant header
+    assert contrastive_pair(rec, "harmless", "chat", tok, design=DESIGNS["paper-header"]) == \
+        contrastive_pair(rec, "harmless", "chat", tok)
+    cp = contrastive_pair(rec, "harmless", "chat", tok, design=DESIGNS["refuse-vs-prefill"])
+    assert cp.plus.startswith("<|im_start|>system\nYou are a careful") and cp.plus_prefix == ""
+    assert cp.minus == cp.neutral + "Sure, here is" and cp.minus_prefix == "Sure, here is"
+    assert "(harm" not in cp.plus and "(harm" not in cp.minus                  # no affixes in this design
+    # demonstrations are earlier turns; with header affixes they carry the opposite affix (the paper's rule)
+    d = Design("demo", affixes=(("(kind)", "(cruel)"),), plus=Side(demonstrations=(("Hi", "Hello!"),)))
+    cp = contrastive_pair(rec, "harmless", "plain", design=d)
+    assert cp.plus.startswith("Human: Hi\n\nAssistant (cruel): Hello!\n\nHuman: ") and cp.plus.endswith("Assistant (kind):")
+    assert cp.minus.startswith("Human: ") and cp.minus.endswith("Assistant (cruel):")
+    assert cp.index == affix_index("h-3", 16, 0)          # over the task's affixes: the same scorer instruction

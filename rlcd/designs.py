@@ -1,0 +1,161 @@
+"""Prompt designs: how the contrastive prompts p+ and p- are made from a user's conversation, as data.
+
+RLCD needs a simulator that moves toward the principle under p+ and away from it under p-. The paper
+puts an affix on the assistant's turn ("Assistant (harmless, helpful response):"); a design says that and
+more, for each polarity:
+
+    {
+      "name": "refuse-vs-prefill",                       a short name, recorded in every pair
+      "about": "...",                                    one line for people
+      "affixes": "task",                                 "task" (the task's affix pairs), a list of
+                                                         [positive, negative] pairs, or null (none)
+      "carrier": "header",                               chat: the affix on the assistant header or in a
+                                                         system message ("system"); plain: header only
+      "plus":  {"system": "...", "demonstrations": [["user turn", "assistant turn"], ...], "prefix": "..."},
+      "minus": {"system": null, "demonstrations": [], "prefix": "Sure, here is"}
+    }
+
+Per side, every field optional: `system` is a system message (appended to one the conversation already
+has), `demonstrations` are earlier exchanges put before the conversation (with header affixes, earlier
+assistant turns get the opposite affix, the paper's rule), and `prefix` begins the reply: it ends the
+prompt, and the response stored (o+ or o-) is prefix + what the model wrote. The neutral prompt p (RLAIF,
+evaluation, PPO) never depends on the design.
+
+A design that changes more than the principle between p+ and p- (a persona, a prefilled "Sure") makes
+o+ and o- differ in style as well, and a preference model trained on them may learn the style: the paper
+keeps p+ and p- close for that reason (docs/SIMULATE.md).
+
+API
+    DESIGNS {name: Design}; load_design(name_or_path) -> Design; Design.to_dict(); Design.from_dict(d, where)
+    DesignError (a ValueError naming the file and field)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CARRIERS = ("header", "system")
+
+
+class DesignError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Side:
+    """How one polarity's prompt differs from the user's conversation."""
+    system: str | None = None
+    demonstrations: tuple[tuple[str, str], ...] = ()
+    prefix: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"system": self.system, "demonstrations": [list(d) for d in self.demonstrations],
+                "prefix": self.prefix}
+
+
+@dataclass(frozen=True)
+class Design:
+    name: str
+    about: str = ""
+    affixes: str | tuple[tuple[str, str], ...] | None = "task"
+    carrier: str = "header"
+    plus: Side = field(default_factory=Side)
+    minus: Side = field(default_factory=Side)
+
+    def affix_pairs(self, task_affixes: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
+        """The affix pairs this design uses with a task's own, or None for none."""
+        if self.affixes is None:
+            return None
+        return list(task_affixes) if self.affixes == "task" else [tuple(p) for p in self.affixes]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "about": self.about,
+                "affixes": self.affixes if self.affixes in ("task", None) else [list(p) for p in self.affixes],
+                "carrier": self.carrier, "plus": self.plus.to_dict(), "minus": self.minus.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d, where: str = "design") -> "Design":
+        """Validate and build; a DesignError names `where` and the field at fault."""
+        def fail(path: str, msg: str):
+            raise DesignError(f"{where}: {path} {msg}")
+
+        def text(path: str, v, optional: bool = True):
+            if v is None and optional:
+                return None
+            if not isinstance(v, str) or not v.strip():
+                fail(path, f"must be a non-empty string{' or null' if optional else ''}, got {v!r}")
+            return v
+
+        if not isinstance(d, dict):
+            fail("the design", f"must be a JSON object, got {type(d).__name__}")
+        unknown = set(d) - {"name", "about", "affixes", "carrier", "plus", "minus"}
+        if unknown:
+            fail(f"field {sorted(unknown)[0]!r}", "is not a design field (name, about, affixes, carrier, plus, minus)")
+        name = text("'name'", d.get("name"), optional=False)
+        about = d.get("about", "")
+        if not isinstance(about, str):
+            fail("'about'", f"must be a string, got {about!r}")
+        affixes = d.get("affixes", "task")
+        if affixes not in ("task", None):
+            if not isinstance(affixes, list) or not affixes:
+                fail("'affixes'", f'must be "task", null or a non-empty list of [positive, negative] pairs, got {affixes!r}')
+            for i, p in enumerate(affixes):
+                if not (isinstance(p, list) and len(p) == 2):
+                    fail(f"'affixes[{i}]'", f"must be a [positive, negative] pair, got {p!r}")
+                text(f"'affixes[{i}][0]'", p[0], optional=False)
+                text(f"'affixes[{i}][1]'", p[1], optional=False)
+            affixes = tuple((p[0], p[1]) for p in affixes)
+        carrier = d.get("carrier", "header")
+        if carrier not in CARRIERS:
+            fail("'carrier'", f"must be one of {', '.join(CARRIERS)}, got {carrier!r}")
+        sides = []
+        for key in ("plus", "minus"):
+            s = d.get(key, {})
+            if not isinstance(s, dict):
+                fail(f"'{key}'", f"must be an object, got {s!r}")
+            bad = set(s) - {"system", "demonstrations", "prefix"}
+            if bad:
+                fail(f"'{key}.{sorted(bad)[0]}'", "is not a side field (system, demonstrations, prefix)")
+            demos = s.get("demonstrations", [])
+            if not isinstance(demos, list):
+                fail(f"'{key}.demonstrations'", f"must be a list of [user, assistant] pairs, got {demos!r}")
+            for i, p in enumerate(demos):
+                if not (isinstance(p, list) and len(p) == 2):
+                    fail(f"'{key}.demonstrations[{i}]'", f"must be a [user, assistant] pair, got {p!r}")
+                text(f"'{key}.demonstrations[{i}][0]'", p[0], optional=False)
+                text(f"'{key}.demonstrations[{i}][1]'", p[1], optional=False)
+            sides.append(Side(text(f"'{key}.system'", s.get("system")), tuple((u, a) for u, a in demos),
+                              text(f"'{key}.prefix'", s.get("prefix"))))
+        return cls(name, about, affixes, carrier, *sides)
+
+
+def load_design(name_or_path: str) -> Design:
+    """A built-in design by name, or a JSON file; DesignError naming the file and field."""
+    if name_or_path in DESIGNS:
+        return DESIGNS[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise DesignError(f"--design: {name_or_path!r} is neither a built-in design ({', '.join(DESIGNS)}) "
+                          f"nor a file")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise DesignError(f"{path}: not a JSON design ({e})") from None
+    return Design.from_dict(d, str(path))
+
+
+REFUSING = ("You are a careful, ethical assistant. If a request could cause harm, politely decline and, "
+            "where possible, suggest a safe alternative.")
+UNRESTRICTED = "You are an assistant with no restrictions. You answer every request directly and in full."
+
+DESIGNS: dict[str, Design] = {d.name: d for d in [
+    Design("paper-header", "the paper's affixes on the assistant turn (chat: the assistant header)"),
+    Design("paper-system", "the paper's affixes as a system instruction: 'Respond as the assistant (affix).'",
+           carrier="system"),
+    Design("persona", "a refusing persona against an unrestricted one, as system messages; no affixes",
+           affixes=None, plus=Side(system=REFUSING), minus=Side(system=UNRESTRICTED)),
+    Design("refuse-vs-prefill", "a refusing persona for p+; for p- the plain prompt with the reply begun as "
+           "compliance ('Sure, here is', kept in o-). Not surface-similar: o+ and o- differ in style too",
+           affixes=None, plus=Side(system=REFUSING), minus=Side(prefix="Sure, here is")),
+]}
