@@ -55,10 +55,10 @@ bench: venv
 # The peers of the benchmarks (TRL's PPOTrainer, transformers' generate) live in a side environment, never
 # in the project's: `make bench-trl` times one PPO iteration of ours and of TRL's, interleaved in one process.
 TRL_ENV ?= .trl-env
-$(TRL_ENV)/.installed: requirements.txt
+$(TRL_ENV)/.installed: requirements.txt bench/trl-requirements.txt
 	@test -x $(TRL_ENV)/bin/python || $(PYTHON) -m venv $(TRL_ENV)
 	@$(TRL_ENV)/bin/python -c "import torch" 2>/dev/null || $(TRL_ENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(TRL_ENV)/bin/python -m pip install -q -r requirements.txt trl==1.12.0 "transformers>=4.56.2"
+	$(TRL_ENV)/bin/python -m pip install -q -r requirements.txt -r bench/trl-requirements.txt
 	@touch $@
 
 trl-env: $(TRL_ENV)/.installed

@@ -117,8 +117,8 @@ def compiled_decode_step(model: Transformer):
 def compile_by_default(device: torch.device) -> bool:
     """Whether `generate` uses the compiled decode step when not told: on CUDA, where eager decoding is
     launch-bound and the step replayed as a CUDA graph is 14.5x faster at batch 1 and 8.7x at batch 64
-    (H200, bf16, bench/RESULTS.md); not on a CPU, where it was not faster on the AMD machine and each new
-    batch size or cache length costs a compilation of tens of seconds (README, "Performance")."""
+    (H200, bf16, docs/PERFORMANCE.md); not on a CPU, where it was not faster on the AMD machine and each new
+    batch size or cache length costs a compilation of tens of seconds (docs/PERFORMANCE.md)."""
     return device.type == "cuda"
 
 

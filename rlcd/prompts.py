@@ -23,7 +23,7 @@ API
     outline_premises() -> list[str]    the generated story premises
     prompt_id(task, messages) -> str   stable id: a short hash of the task and the normalised text
     split_of(prompt_id) -> str         "train" | "dev" | "test" (80/10/10) from a hash of the id
-    SOURCES, licences()                the table above, for the README
+    SOURCES, licences()                the table above, for docs/DATA.md
     DataError(ValueError)              bad input; the message names the file and line
 
 Record schema (one JSON object per line in the cache and in a user's JSONL file):
@@ -88,7 +88,7 @@ SOURCES: tuple[Source, ...] = (
 
 
 def licences() -> list[dict]:
-    """SOURCES as plain dicts (for the README and for run configs)."""
+    """SOURCES as plain dicts (for docs/DATA.md and for run configs)."""
     return [asdict(s) for s in SOURCES]
 
 

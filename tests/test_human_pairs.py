@@ -222,7 +222,7 @@ def test_real_pyrit_wheel():
         other = [r["score"] for r in rows if r["kind"] == kind and not is_refusal(r["response"])]
         assert len(ref) >= 10 and sum(ref) / len(ref) + 0.2 < sum(other) / len(other)
     recs = hp.make_pairs(rows)
-    # The estimate: ~240 requests, ~150 pairs.
+    # The expected size of the allowed half: ~240 requests, ~150 pairs.
     assert 100 <= len(recs) <= 250
     assert 150 <= len({r["request"] for r in rows}) <= 350
     assert all(hp.allowed(r["messages"][0]["content"]) for r in recs)
