@@ -95,7 +95,7 @@ from rlcd.prompts import DataError, load_prompts
 from rlcd.reward import load_reward_model, score_texts
 from rlcd.runs import write_json_atomic
 from rlcd.precision import resolve as resolve_precision
-from rlcd.judge import (COMBINE, DEFAULT, JUDGE_FREE, METHODS, JudgeSpec, default_judge, describe_accuracy, expand,
+from rlcd.judge import (COMBINE, DEFAULT, JUDGE_FREE, METHODS, SELECT, JudgeSpec, default_judge, describe_accuracy, expand,
                         format_table, judge, measure, measured_accuracy, pair_correct, request_key,
                         selection_table)
 from rlcd.scorer import JUDGE_FORMATS
@@ -192,6 +192,7 @@ class JudgeAgreementArgs:
     combine: list[str] | None = None     # grid: prob and/or logit (how a pairwise judge's two orders are combined)
     baselines: bool = True             # also report the judge-free rules (refusal, shorter)
     folds: int = 5                     # cross-validation folds, by request
+    select: str = "balanced"           # how a configuration is chosen on the training folds: balanced (mean of the accuracies where the preferred response is shorter / longer) or accuracy
     task: str | None = None            # whose judging principle to use (default: the records' task, else harmless)
     limit: int | None = None           # only the first N pairs
     cache: str | None = None           # keep each model measurement here (resumes an interrupted selection); default $RLCD_HOME/judge-cache
@@ -206,6 +207,7 @@ def run_judge_agreement(args: JudgeAgreementArgs) -> dict:
     """Measure every candidate on the pairs, then the cross-validated selection table (rlcd.judge)."""
     from models.hub import rlcd_home
     precision = resolve_precision(args.precision, args.device)
+    _check_choices(select=(args.select, SELECT))
     for name, allowed_, given in (("methods", METHODS, args.methods), ("formats", JUDGE_FORMATS, args.formats),
                                   ("combine", COMBINE, args.combine)):
         for v in given or ():
@@ -224,7 +226,7 @@ def run_judge_agreement(args: JudgeAgreementArgs) -> dict:
     cache = args.cache or str(rlcd_home() / "judge-cache")
     measured = measure(specs, recs, task, cache, args.device, precision.inference_dtype, args.batch_size, args.progress,
                        log=lambda m: print(m, file=sys.stderr))
-    table = selection_table(measured, recs, min(args.folds, len({request_key(r) for r in recs})))
+    table = selection_table(measured, recs, min(args.folds, len({request_key(r) for r in recs})), select=args.select)
     return {"pairs": paths, "task": task, "precision": precision.name, "candidates": [s.name for s in specs], **table,
             "seconds": round(time.perf_counter() - t0, 1)}
 

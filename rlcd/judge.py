@@ -40,6 +40,7 @@ API
     request_folds(records, k) -> list[int]            the fold of each pair
     pair_correct(p, labels) -> ndarray                1 / 0.5 / 0 per pair
     cross_validate(scores {config: (N,)}, labels, folds, select=select_best) -> dict
+    selector("balanced" | "accuracy", records) -> select     the selection rule (balanced: both length sides)
     cluster_ci(values, groups, n_boot, seed) -> (lo, hi)
 
 Shapes: N pairs, P principles, M responses.
@@ -314,6 +315,38 @@ def select_best(correct: dict[str, np.ndarray], train: np.ndarray) -> str:
     return best
 
 
+SELECT = ("balanced", "accuracy")
+
+
+def length_sides(records: list[dict]) -> np.ndarray:
+    """(N,) +1 where the chosen response is shorter than the rejected one (characters, stripped), -1 where
+    it is longer, 0 where they are as long."""
+    return np.array([np.sign(len(r["rejected"].strip()) - len(r["chosen"].strip())) for r in records])
+
+
+def selector(kind: str, records: list[dict]):
+    """The selection rule of cross_validate. "accuracy": the best mean correctness (select_best).
+    "balanced": the best mean of the accuracies where the preferred response is the shorter and where it
+    is the longer, so that a judge that merely prefers short answers (right on most human pairs here) is
+    not chosen over one that is right on both sides. Ties go to the configuration listed first."""
+    if kind == "accuracy":
+        return select_best
+    if kind != "balanced":
+        raise ValueError(f"select must be one of {', '.join(SELECT)}, got {kind!r}")
+    sides = length_sides(records)
+
+    def select_balanced(correct: dict[str, np.ndarray], train: np.ndarray) -> str:
+        groups = [train[sides[train] == s] for s in (1, -1)]
+        groups = [g for g in groups if len(g)] or [train]
+        best, best_acc = None, -1.0
+        for name, c in correct.items():
+            acc = float(np.mean([c[g].mean() for g in groups]))
+            if acc > best_acc + 1e-12:
+                best, best_acc = name, acc
+        return best
+    return select_balanced
+
+
 def cross_validate(scores: dict[str, np.ndarray], labels, folds: list[int], select=select_best) -> dict:
     """Per-pair correctness of the selection rule, each fold scored by the configuration `select` picked
     on the other folds (`select(correct, train_indices)` sees nothing of the held-out fold)."""
@@ -474,7 +507,7 @@ def family(spec: JudgeSpec) -> str:
 
 
 def selection_table(measured: dict[str, dict], records: list[dict], k: int = 5, n_boot: int = 2000,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, select: str = "balanced") -> dict:
     """Cross-validated accuracy of each family of configurations and of all model judges together.
 
     Each row: n, the number of configurations chosen among, cross-validated accuracy with a bootstrap
@@ -488,12 +521,13 @@ def selection_table(measured: dict[str, dict], records: list[dict], k: int = 5, 
     families: dict[str, list[str]] = {}
     for name, m in measured.items():
         families.setdefault(family(m["spec"]), []).append(name)
+    rule = selector(select, records)
     judged = [n for n, m in measured.items() if m["spec"].needs_model]
     if len(families) > 1 and judged:
         families["all model judges"] = judged
     rows = []
     for fam, names in families.items():
-        cv = cross_validate({n: measured[n]["p"] for n in names}, labels, folds)
+        cv = cross_validate({n: measured[n]["p"] for n in names}, labels, folds, rule)
         agree = [measured[cv["per_pair"][i]]["agree"] for i in range(len(records))]
         pos = ([float(a[i]) for i, a in enumerate(agree) if a is not None])
         lo, hi = cluster_ci(cv["correct"], groups, n_boot, seed)
@@ -505,9 +539,10 @@ def selection_table(measured: dict[str, dict], records: list[dict], k: int = 5, 
                      "fold_choice": cv["fold_choice"], "chosen": cv["chosen"],
                      "chosen_accuracy_all": cv["chosen_accuracy_all"]})
     apparent = {n: float(pair_correct(m["p"], labels).mean()) for n, m in measured.items()}
-    return {"rows": rows, "apparent_accuracy": apparent,
+    return {"rows": rows, "apparent_accuracy": apparent, "select": select,
             "note": "cv_accuracy: each fold (by request) scored by the configuration chosen on the other "
-                    "folds; apparent_accuracy: each configuration on all pairs, not cross-validated"}
+                    f"folds by {select} accuracy; apparent_accuracy: each configuration on all pairs, not "
+                    "cross-validated"}
 
 
 def format_table(table: dict) -> str:
@@ -520,6 +555,6 @@ def format_table(table: dict) -> str:
                      f"({r['n_chosen_shorter']}) | {f(r['accuracy_chosen_longer'])} ({r['n_chosen_longer']}) | "
                      f"`{r['chosen']}` |")
     r0 = table["rows"][0]
-    lines.append(f"{r0['n']} pairs, {r0['requests']} requests, {r0['folds']} folds by request; intervals: "
-                 f"bootstrap over requests")
+    lines.append(f"{r0['n']} pairs, {r0['requests']} requests, {r0['folds']} folds by request, configurations "
+                 f"selected by {table.get('select', 'accuracy')} accuracy; intervals: bootstrap over requests")
     return "\n".join(lines)

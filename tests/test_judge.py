@@ -11,6 +11,7 @@ import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 
 import eval as eval_cli
+import rlcd.judge as judges
 import rlcd.evaluate as ev
 from models import save_model
 from rlcd.judge import (QUESTIONS, JudgeSpec, cluster_ci, combine_pairwise, cross_validate, expand, judge,
@@ -97,6 +98,33 @@ def test_cross_validation_is_not_fooled_by_a_planted_fit():
     # a configuration right everywhere is chosen in every fold and scores 1
     cv = cross_validate({**scores, "good": np.full(16, 0.8)}, labels, folds)
     assert cv["correct"].mean() == 1.0 and cv["chosen"] == "good" and set(cv["fold_choice"].values()) == {"good"}
+
+
+def test_balanced_selection_does_not_choose_a_length_rule():
+    """Three quarters of the pairs prefer the shorter response. A configuration that always prefers the
+    shorter one is right on 0.75 of them; one right on 0.7 of each side is chosen by balanced accuracy,
+    and by plain accuracy the length rule wins. The balanced rule sees only the training folds too (the
+    planted leak above fails it as well)."""
+    rng = np.random.default_rng(0)
+    recs = []
+    for g in range(40):
+        shorter = g % 4 != 0                                         # 30 requests shorter-preferred, 10 longer
+        recs.append({"messages": [{"role": "user", "content": f"q{g}"}],
+                     "chosen": "no" if shorter else "a long answer", "rejected": "a long answer" if shorter else "no"})
+    sides = np.array([1 if g % 4 else -1 for g in range(40)])
+    assert judges.length_sides(recs).tolist() == sides.tolist()
+    labels, folds = np.ones(40), request_folds(recs, 5)
+    length_rule = np.where(sides == 1, 0.9, 0.1)
+    right = rng.permutation(np.r_[np.ones(21), np.zeros(9)]), rng.permutation(np.r_[np.ones(7), np.zeros(3)])
+    even = np.empty(40)
+    even[sides == 1], even[sides == -1] = np.where(right[0] == 1, 0.8, 0.2), np.where(right[1] == 1, 0.8, 0.2)
+    scores = {"shorter": length_rule, "even": even}
+    assert cross_validate(scores, labels, folds, judges.selector("accuracy", recs))["chosen"] == "shorter"
+    assert cross_validate(scores, labels, folds, judges.selector("balanced", recs))["chosen"] == "even"
+    with pytest.raises(ValueError, match="select must be one of balanced, accuracy"):
+        judges.selector("median", recs)
+    planted = {f"c{f}": np.where(np.asarray(folds) == f, 0.9, 0.1) for f in range(5)}
+    assert cross_validate(planted, labels, folds, judges.selector("balanced", recs))["correct"].mean() == 0.0
 
 
 def test_cluster_interval_resamples_requests():
