@@ -80,7 +80,8 @@ from rlcd import distributed, runs
 from rlcd.cli import parse_args
 from rlcd.ppo_core import (KL_ESTIMATORS, KLController, apply_missing_stop, batch_mean, explained_variance, gae,
                            kl_per_token, masked_mean, masked_whiten, policy_loss, shape_rewards, value_loss)
-from rlcd.reward import RewardModel, end_marker, fp32_head, load_reward_model, score_tokens
+from rlcd.reward import (RewardModel, TextReward, end_marker, fp32_head, load_reward_model, load_rule,
+                         pm_text_score, rule_score, score_tokens)
 from rlcd.precision import freeze_for
 
 # Phases of an iteration, timed by PhaseTimer: the numbered steps of `iteration`, its update (step 6) as
@@ -98,7 +99,8 @@ class Args(runs.RunArgs):
     # --lr, --warmup, --grad-clip, --train-layers, --save-every, --seed, --device, ...), with PPO's own
     # defaults below. A "step" there is an iteration here; --batch-size is prompts = rollouts per
     # iteration (paper: 512), optimiser steps are its minibatches.
-    pm: str                           # preference model: run directory of train.py pm (or its reward/)
+    pm: str | None = None             # preference model: run directory of train.py pm (or its reward/); another family's is scored from text
+    reward: str | None = None         # instead of --pm: a rule, MODULE:FUNCTION or FILE.py:FUNCTION, f(request, response) -> float
     policy: str = "smollm2-135m-instruct"  # initial policy and frozen reference: model name, checkpoint or run dir
     prompts: str = "harmless"         # task name (harmless, helpful, outlines) or prompt file; its train split
     preset: str = "default"           # default (paper scaled to a 2-core CPU), paper (RLCD), nplus (N+ details); flags given win
@@ -147,6 +149,7 @@ class Args(runs.RunArgs):
             (self.kl_estimator in KL_ESTIMATORS, f"--kl-estimator must be one of {KL_ESTIMATORS}"),
             (self.temperature > 0, "--temperature must be > 0 (PPO needs a sampling distribution)"),
             (self.batch_size % self.minibatches == 0, "--minibatches must divide --batch-size"),
+            ((self.pm is None) != (self.reward is None), "give exactly one of --pm and --reward"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -234,7 +237,7 @@ class PPORun:
     args: Args
     policy: Transformer
     ref: Transformer                      # the frozen initial policy
-    pm: RewardModel                       # the frozen preference model
+    pm: RewardModel | TextReward          # the frozen preference model (token ids), or a reward read from text
     value_net: RewardModel | None         # --value-model separate: a trainable copy of the PM
     value_head: ValueHead | None          # --value-model shared: a head on the policy's trunk
     prompts: list[list[int]]              # encoded train prompts (<= max_prompt_tokens tokens)
@@ -351,14 +354,18 @@ def iteration(ppo: PPORun, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor
         #    last column; a response cut off at max_new_tokens then gets no_stop_score instead.
         with timer("score"), amp:
             seq_pm, last = seq, T_p + gen.lengths - 1                                      # (B,) column
-            if ppo.end_id is not None:
+            if isinstance(pm, TextReward):
+                # Another family's PM or a rule: the responses decoded and scored as text.
+                pm_score = pm(batch, tokens, gen.lengths, gen.finished).to(dev)                # (B,)
+            elif ppo.end_id is not None:
                 # The PM reads the input it was trained and normalised on (rlcd.reward.encode_input always
                 # ends with its end marker): a cut-off response gets the marker appended in one extra
                 # column, and a finished one has its stop token, whichever of the policy's it was (Qwen
                 # has two), replaced by the marker.
                 last = last + (~gen.finished).long()                                          # (B,)
                 seq_pm = F.pad(seq, (0, 1), value=ppo.pad_id).scatter(1, last[:, None], ppo.end_id)  # (B, T + 1)
-            pm_score = score_tokens(pm, seq_pm, start, last, normalize=a.normalize_reward)    # (B,)
+            if not isinstance(pm, TextReward):
+                pm_score = score_tokens(pm, seq_pm, start, last, normalize=a.normalize_reward)  # (B,)
             score = apply_missing_stop(pm_score.float(), gen.finished, a.no_stop_score)    # (B,)
 
         # 3. Reference log-probs (frozen initial policy), old log-probs and values.
@@ -501,14 +508,20 @@ def encode_prompts(records: list[dict], tok: Tokenizer, max_len: int) -> tuple[l
     return ids, keys, len(records) - len(ids)
 
 
-def check_pm_matches(pm_tok: Tokenizer, tok: Tokenizer, pm_meta: dict | None = None) -> int:
-    """The PM reads the policy's token ids, so the vocabularies must be the same; it must have been trained
-    on chat-format pairs, the format PPO renders its prompts in (encode_prompts; a PM's run.json records
-    its pairs' formats); and its chat end marker must be a single token the policy stops on."""
+def check_pm_format(pm_meta: dict | None) -> None:
+    """A PM must have been trained on chat-format pairs, the format PPO renders its prompts in
+    (encode_prompts; a PM's run.json records its pairs' formats)."""
     formats = (pm_meta or {}).get("formats")
     if formats is not None and "chat" not in formats:
         raise CheckpointError(f"the preference model was trained on {', '.join(formats)}-format pairs, but PPO "
                               f"renders its prompts as chat; train it on chat pairs (train.py simulate --format chat)")
+
+
+def check_pm_matches(pm_tok: Tokenizer, tok: Tokenizer, pm_meta: dict | None = None) -> int:
+    """A PM that reads the policy's token ids directly: the vocabularies must be the same; it must have been
+    trained on chat pairs (check_pm_format); and its chat end marker must be a single token the policy
+    stops on."""
+    check_pm_format(pm_meta)
     if pm_tok.tok.get_vocab() != tok.tok.get_vocab():
         raise CheckpointError("the preference model's tokenizer differs from the policy's; PPO scores the "
                               "policy's token ids directly, so both must share one vocabulary")
@@ -528,7 +541,8 @@ def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transf
     optimiser: the trained ones always, the frozen reference and PM only with --fsdp (without it each rank
     keeps their whole weights, which need no communication)."""
     for m in (ref, pm):
-        m.eval().requires_grad_(False)
+        if isinstance(m, nn.Module):                      # a TextReward's model is frozen where it is made
+            m.eval().requires_grad_(False)
     value_head = ValueHead(policy.args.dim, device) if args.value_model == "shared" else None
     runs.freeze_lower_layers(policy, args.train_layers)
     if value_net is not None:
@@ -547,7 +561,8 @@ def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transf
             distributed.parallelize(value_head, fsdp=args.fsdp)
         if args.fsdp:
             runs.parallelize(args, ref, ref, device)
-            runs.parallelize(args, pm, pm.trunk, device)
+            if isinstance(pm, RewardModel):
+                runs.parallelize(args, pm, pm.trunk, device)
     named = list(policy.named_parameters()) + list((value_net or value_head).named_parameters())
     total = args.iterations * args.ppo_epochs * args.minibatches
     optimizer, scheduler = runs.make_trainer(named, args, device, total)
@@ -601,29 +616,43 @@ def main(argv: list[str] | None = None) -> int:
             args, "ppo", may_change=frozenset({"sample_every", "n_samples"}))
         from rlcd.prompts import load_prompts
         records = load_prompts(args.prompts, split="train")
-        # The reference and the preference model compute as the policy does (rlcd.precision.freeze_for):
-        # in bf16 the reference at iteration 0 is the policy bit for bit.
-        pm, pm_tok, pm_meta = load_reward_model(args.pm, device, torch.float32)
-        freeze_for(pm, precision)
+        rule = load_rule(args.reward) if args.reward else None          # a bad rule fails before any loading
         policy, tok = load_model(resume_from or args.policy, device=device, dtype=torch.float32,
                                  attn_impl=args.attn_impl)
+        # The reference and the preference model compute as the policy does (rlcd.precision.freeze_for):
+        # in bf16 the reference at iteration 0 is the policy bit for bit.
         ref = freeze_for(load_model(args.policy, device=device, dtype=torch.float32, attn_impl=args.attn_impl)[0],
                          precision)
-        end_id = check_pm_matches(pm_tok, tok, pm_meta)
+        pm = pm_tok = None
+        end_id = None
+        if args.pm:
+            pm, pm_tok, pm_meta = load_reward_model(args.pm, device, torch.float32)
+            freeze_for(pm, precision).trunk.set_attn_impl(args.attn_impl)
+            if args.normalize_reward and pm.norm_mean is None:
+                raise ValueError(f"{args.pm} has no reward statistics (trained with --norm-samples 0); pass "
+                                 f"--no-normalize-reward")
+            same_vocab = pm_tok.tok.get_vocab() == tok.tok.get_vocab()
+            end_id = check_pm_matches(pm_tok, tok, pm_meta) if same_vocab else check_pm_format(pm_meta)
         value_net = None
         if args.value_model == "separate":
-            # The value network starts as the preference model (paper), trained from there.
-            value_net, _, _ = load_reward_model(args.pm, device, torch.float32)
+            if pm is not None and end_id is not None:
+                # The value network starts as the preference model (paper), trained from there.
+                value_net, _, _ = load_reward_model(args.pm, device, torch.float32)
+            else:
+                # A reward read from text: the value network starts from the policy, with a zero head.
+                value_net = RewardModel(load_model(args.policy, device=device, dtype=torch.float32)[0])
+                nn.init.zeros_(value_net.head.weight)
             value_net.trunk.set_attn_impl(args.attn_impl)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
-    pm.trunk.set_attn_impl(args.attn_impl)
-    if args.normalize_reward and pm.norm_mean is None:
-        print(f"{prog}: {args.pm} has no reward statistics (trained with --norm-samples 0); "
-              f"pass --no-normalize-reward", file=sys.stderr)
-        return 2
     prompts, keys, n_long = encode_prompts(records, tok, args.max_prompt_tokens)
+    if rule is not None or end_id is None:
+        conversations = {r["id"]: r["messages"] for r in records}
+        conversations = [conversations[k] for k in keys]
+        score = (rule_score(rule) if rule is not None
+                 else pm_text_score(pm, pm_tok, args.normalize_reward, args.micro_batch))
+        pm = TextReward(score, tok, conversations, args.reward or args.pm)
     if len(prompts) < args.batch_size:
         print(f"{prog}: {len(prompts)} prompts of <= {args.max_prompt_tokens} tokens, fewer than "
               f"--batch-size {args.batch_size}", file=sys.stderr)

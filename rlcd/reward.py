@@ -20,6 +20,8 @@ API
     score_tokens(pm, tokens, start, last_index, normalize=False) -> (N,)    token level, for PPO
     normalized(pm, r) -> (r - mean) / std    with the base-policy statistics stored with the checkpoint
     load_reward_model(run_dir, device="cpu", dtype=float32) -> (RewardModel, Tokenizer, meta)
+    TextReward(score, policy_tokenizer, conversations, name)    PPO's reward from text: a PM of another
+        family (pm_text_score) or a rule (rule_score(load_rule("MODULE:FUNCTION")))
 
 Shapes: N sequences, T tokens, D model width.
 """
@@ -177,3 +179,77 @@ def load_reward_model(run_dir: str | Path, device: str | torch.device = "cpu",
     stats = meta.get("reward_norm") or {}
     pm.norm_mean, pm.norm_std = stats.get("mean"), stats.get("std")
     return pm.eval(), tok, meta
+
+
+# --- rewards read from text -----------------------------------------------------------------------------
+class TextReward:
+    """PPO's reward read from text rather than from the policy's token ids: each rollout's response is
+    decoded with the policy's tokenizer (the stop token left out) and handed, with its prompt's
+    conversation, to `score(conversations, responses) -> (B,) rewards`. It serves a preference model of
+    another family (`pm_text_score`: the prompt re-rendered in that model's own template and the
+    response re-encoded by its tokenizer) and a rule (`rule_score`: a Python function of the request and
+    the response). A preference model that shares the policy's tokenizer is scored from the token ids
+    directly instead (score_tokens), which decodes nothing."""
+
+    def __init__(self, score, tokenizer: Tokenizer, conversations: list[list[dict]], name: str):
+        self.score, self.tokenizer, self.conversations, self.name = score, tokenizer, conversations, name
+
+    def __call__(self, batch: list[int], tokens: Tensor, lengths: Tensor, finished: Tensor) -> Tensor:
+        """batch (B,) prompt indices, tokens (B, T_r) responses, lengths (B,) including the stop token
+        where finished (B,) -> (B,) fp32 rewards on CPU."""
+        n = (lengths - finished.long()).tolist()
+        texts = [self.tokenizer.decode(tokens[b, :k].tolist()) for b, k in enumerate(n)]
+        r = self.score([self.conversations[i] for i in batch], texts)
+        return torch.as_tensor(r, dtype=torch.float32).reshape(len(texts))
+
+
+def pm_text_score(pm: RewardModel, tok: Tokenizer, normalize: bool, batch_size: int = 16):
+    """score(conversations, responses) of a preference model in its own chat template (TextReward)."""
+    from rlcd.tasks import format_prompt
+
+    def score(conversations: list[list[dict]], responses: list[str]) -> Tensor:
+        prompts = [format_prompt(c, "chat", tok) for c in conversations]
+        return score_texts(pm, tok, prompts, responses, "chat", batch_size, normalize=normalize)
+    return score
+
+
+def load_rule(spec: str):
+    """The function of --reward MODULE:FUNCTION or FILE.py:FUNCTION; ValueError naming the flag."""
+    import importlib
+    import importlib.util
+
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise ValueError(f"--reward {spec!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise ValueError(f"--reward {spec!r}: no file {where}")
+            loader = importlib.util.spec_from_file_location(f"rlcd_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ValueError:
+        raise
+    except Exception as e:                        # the user's module failed to import: say where
+        raise ValueError(f"--reward {spec!r}: importing {where} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"--reward {spec!r}: {where} has no function {name!r}")
+    return fn
+
+
+def rule_score(fn):
+    """score(conversations, responses) of a rule `fn(request, response) -> float`, where request is the
+    conversation's last user message (TextReward)."""
+    def score(conversations: list[list[dict]], responses: list[str]) -> Tensor:
+        out = []
+        for c, r in zip(conversations, responses):
+            v = float(fn(c[-1]["content"], r))
+            if not math.isfinite(v):
+                raise FloatingPointError(f"--reward returned {v} for the request {c[-1]['content'][:80]!r}")
+            out.append(v)
+        return torch.tensor(out, dtype=torch.float32)
+    return score

@@ -405,3 +405,84 @@ def test_a_response_ended_by_another_stop_token_is_scored_with_the_pm_end_marker
             response = response[:-1]                        # the stop token it ended on, whichever
         seqs.append(prompt + response + [end_id])
     torch.testing.assert_close(score, score_ids(run.pm, seqs, tok.pad_id), **NET_TOL)
+
+
+# --- rewards read from text: a rule, a preference model of another family ---------------------------------
+def _other_family_tokenizer():
+    """A byte-level tokenizer with another vocabulary order (its specials last): ids differ from the policy's."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    from conftest import CHATML
+    from models.smollm2 import build_bpe_tokenizer
+    from models.tokenizer import Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = sorted(ByteLevel.alphabet(), reverse=True)
+    tok = build_bpe_tokenizer(alphabet + specials, [1] * len(alphabet) + [3] * 3, [], "smollm")
+    return Tokenizer(tok, {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                           "chat_template": CHATML})
+
+
+def _text_reward_run(score):
+    """tiny_run with a TextReward on conversations that render to its prompts, and the rewards it paid."""
+    from rlcd.reward import TextReward
+
+    tok = make_tiny_tokenizer()
+    run = tiny_run("separate", max_new_tokens=6)
+    rng = random.Random(0)                                  # the conversations of tiny_prompts(tok, 64)
+    convs = [[{"role": "user", "content": "".join(rng.choice("bcdfg") for _ in range(5))}] for _ in range(64)]
+    assert [tok.encode(tok.apply_chat_template(c)) for c in convs] == run.prompts
+    run.pm = TextReward(score, tok, convs, "test")
+    _, gen, pm_score = ppo_mod.iteration(run, 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+    texts = [tok.decode(gen.tokens[b, :int(gen.lengths[b]) - int(gen.finished[b])].tolist())
+             for b in range(gen.tokens.shape[0])]
+    return run, gen, pm_score, texts, convs
+
+
+def test_a_rule_reward_scores_the_decoded_response():
+    from rlcd.reward import rule_score
+
+    seen = []
+
+    def rule(request, response):
+        seen.append(request)
+        return float(sum(ord(ch) % 7 for ch in response)) - 0.5
+    _, gen, score, texts, convs = _text_reward_run(rule_score(rule))
+    expected = torch.tensor([sum(ord(ch) % 7 for ch in t) - 0.5 for t in texts])
+    torch.testing.assert_close(score, expected)              # tiny_run keeps cut-off responses' scores
+    assert len(set(expected.tolist())) > 1
+    assert all(r in {c[-1]["content"] for c in convs} for r in seen) and len(seen) == len(texts)
+
+
+def test_a_pm_of_another_family_scores_text_in_its_own_template():
+    from rlcd.reward import pm_text_score, score_texts
+    from rlcd.tasks import format_prompt
+
+    other = _other_family_tokenizer()
+    assert other.tok.get_vocab() != make_tiny_tokenizer().tok.get_vocab()
+    pm = RewardModel(make_tiny_model(3, vocab_size=len(other.tok.get_vocab()))).eval()
+    _, gen, score, texts, convs = _text_reward_run(pm_text_score(pm, other, normalize=False, batch_size=4))
+    seen = []                                                 # which prompts were rolled out, in order
+    for b in range(gen.tokens.shape[0]):
+        seen.append(next(c for c in convs if make_tiny_tokenizer().encode(make_tiny_tokenizer().apply_chat_template(c))
+                         == gen.sequences[b, gen.start[b]:gen.prompt_len].tolist()))
+    want = score_texts(pm, other, [format_prompt(c, "chat", other) for c in seen], texts, "chat")
+    fin = gen.finished
+    torch.testing.assert_close(score[fin], want[fin], **NET_TOL)
+
+
+def test_train_ppo_with_a_rule_reward(tiny_setup, tmp_path, capsys):
+    policy, pm, prompts = tiny_setup
+    rule = tmp_path / "rules.py"
+    rule.write_text("def shortness(request, response):\n    return -len(response) / 10\n")
+    argv = [a for a in ppo_argv(tiny_setup, tmp_path / "run", "--iterations", "2") if a not in ("--pm", str(pm))]
+    assert train_cli.main([*argv, "--reward", f"{rule}:shortness"]) == 0
+    log = [r for r in read_log(tmp_path / "run") if "pm_score" in r]
+    assert len(log) == 2 and all(r["pm_score"] <= 0 for r in log)
+    capsys.readouterr()
+    assert train_cli.main([*argv, "--out", str(tmp_path / "r2"), "--reward", f"{rule}:nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no function 'nope'" in err and "\n" not in err
+    with pytest.raises(SystemExit) as e:                  # refused where the command line is read
+        train_cli.main([*argv, "--out", str(tmp_path / "r3"), "--reward", f"{rule}:shortness", "--pm", str(pm)])
+    assert e.value.code == 2 and "exactly one of --pm and --reward" in capsys.readouterr().err
