@@ -136,6 +136,7 @@ class Args(runs.RunArgs):
     lr: float = 2e-6                  # peak learning rate (paper: 1e-5 at 512 rollouts; x sqrt(16/512) here)
     warmup: float = 0.05              # warm-up: a fraction of the optimiser steps if < 1, else a step count
     value_model: str = "separate"     # separate (a trunk initialised from the PM, the paper) or shared (head on the policy)
+    value_lr: float | None = None     # the value network's (or head's) peak learning rate (none: --lr); its gradient is clipped apart
     # run
     save_every: int = 1               # checkpoint every N iterations (and at the stop; 0 = at the stop only)
     sample_every: int = 10            # log a few sample responses every N iterations (0 = never)
@@ -260,8 +261,16 @@ class PPORun:
 
     @property
     def params(self) -> list[nn.Parameter]:
-        mods = [self.policy, self.value_net or self.value_head]
-        return [p for m in mods for p in m.parameters() if p.requires_grad]
+        return self.policy_params + self.value_params
+
+    @property
+    def policy_params(self) -> list[nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    @property
+    def value_params(self) -> list[nn.Parameter]:
+        """The value network's (separate) or the value head's (shared) own parameters."""
+        return [p for p in (self.value_net or self.value_head).parameters() if p.requires_grad]
 
     def values_and_logprobs(self, seq: Tensor, start: Tensor, T_p: int, tokens: Tensor, mask: Tensor,
                             ) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -401,7 +410,8 @@ def iteration(ppo: PPORun, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor
     # 6. PPO epochs: shuffled minibatches, each one optimiser step accumulated over micro-batches. Timed
     #    as forward (forward and loss), backward, and optimiser (clip, AdamW, schedule).
     stats = {k: torch.zeros((), device=dev) for k in
-             ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "vf_clipfrac", "grad_norm")}
+             ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "vf_clipfrac", "grad_norm",
+              "value_grad_norm")}
     n_steps = a.ppo_epochs * a.minibatches
     mb_size = B // a.minibatches
     lr = 0.0                # the learning rate the iteration's optimiser steps used, their mean
@@ -440,11 +450,13 @@ def iteration(ppo: PPORun, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor
                 with timer("backward"):
                     (loss * world if world > 1 else loss).backward()       # x N: FSDP averages the ranks' gradients
             with timer("optimiser"):
-                # clip_grad_norm_ with max_norm=inf only measures; it returns a tensor (no sync).
-                # Over sharded gradients it is a DTensor: the global norm once made whole.
-                grad_norm = torch.nn.utils.clip_grad_norm_(ppo.params, a.grad_clip or float("inf"))
-                grad_norm = distributed.full_tensor(grad_norm)
-                stats["grad_norm"] += grad_norm.float() / n_steps
+                # The policy's and the value network's gradients are clipped apart, so that the value
+                # loss's larger gradient does not shrink the policy's step. clip_grad_norm_ with
+                # max_norm=inf only measures; it returns a tensor (no sync). Over sharded gradients it is
+                # a DTensor: the global norm once made whole.
+                for key, params in (("grad_norm", ppo.policy_params), ("value_grad_norm", ppo.value_params)):
+                    norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip or float("inf"))
+                    stats[key] += distributed.full_tensor(norm).float() / n_steps
                 lr += ppo.scheduler.get_last_lr()[0] / n_steps      # read before scheduler.step(); a float: no sync
                 ppo.optimizer.step()
                 ppo.scheduler.step()
@@ -453,7 +465,7 @@ def iteration(ppo: PPORun, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor
     # The diagnostics of the global batch (each a local computation at world size 1): the update's sums
     # (already divided by the global token counts) added over the ranks, the rest global_batch statistics.
     if world > 1:
-        keys = [k for k in stats if k != "grad_norm"]
+        keys = [k for k in stats if k not in ("grad_norm", "value_grad_norm")]
         stats |= dict(zip(keys, distributed.all_reduce_sum(torch.stack([stats[k] for k in keys])).unbind()))
     lengths = gen.lengths.float()
     log_ratio = torch.where(mask, old_logp - ref_logp, 0.0)                                  # (B, T_r)
@@ -563,9 +575,10 @@ def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transf
             runs.parallelize(args, ref, ref, device)
             if isinstance(pm, RewardModel):
                 runs.parallelize(args, pm, pm.trunk, device)
-    named = list(policy.named_parameters()) + list((value_net or value_head).named_parameters())
+    named = list(policy.named_parameters()) + [(f"value:{n}", p) for n, p in (value_net or value_head).named_parameters()]
     total = args.iterations * args.ppo_epochs * args.minibatches
-    optimizer, scheduler = runs.make_trainer(named, args, device, total)
+    optimizer, scheduler = runs.make_trainer(named, args, device, total,
+                                             {"value:": args.value_lr} if args.value_lr else None)
     kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon)
     return PPORun(args, policy, ref, pm, value_net, value_head, prompts, stop_ids, pad_id, optimizer, scheduler,
                   kl_ctl, device, end_id, sampler)
@@ -728,7 +741,7 @@ def train_iteration(run: PPORun, it: int, timer: PhaseTimer) -> tuple[dict, Gene
     stats, gen, score = iteration(run, it, timer)
     keys, vals = zip(*stats.items())
     rec = {"step": it + 1, "beta": run.kl_ctl.value, **dict(zip(keys, torch.stack(list(vals)).tolist()))}
-    bad = [k for k in ("score", "pm_score", "kl", "policy_loss", "value_loss", "entropy", "grad_norm")
+    bad = [k for k in ("score", "pm_score", "kl", "policy_loss", "value_loss", "entropy", "grad_norm", "value_grad_norm")
            if not math.isfinite(rec[k])]
     if bad:
         raise FloatingPointError(f"iteration {it + 1}: non-finite {', '.join(f'{k}={rec[k]}' for k in bad)}; "
