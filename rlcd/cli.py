@@ -79,7 +79,7 @@ RULES: dict[str, Range] = {
     "principles": NONNEGATIVE, "questions": NONNEGATIVE,        # indices
     **dict.fromkeys(["save_every", "eval_every", "sample_every", "n_samples", "norm_samples", "top_k"], OFF_AT_0),
     # optimiser
-    "lr": POSITIVE,
+    "lr": POSITIVE, "value_lr": POSITIVE,
     "weight_decay": NONNEGATIVE,
     "min_lr_ratio": UNIT,
     "betas": Range(0, 1, hi_open=True),

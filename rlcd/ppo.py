@@ -103,7 +103,7 @@ class Args(runs.RunArgs):
     reward: str | None = None         # instead of --pm: a rule, MODULE:FUNCTION or FILE.py:FUNCTION, f(request, response) -> float
     policy: str = "smollm2-135m-instruct"  # initial policy and frozen reference: model name, checkpoint or run dir
     prompts: str = "harmless"         # task name (harmless, helpful, outlines) or prompt file; its train split
-    preset: str = "default"           # default (paper scaled to a 2-core CPU), paper (RLCD), nplus (N+ details); flags given win
+    preset: str = "default"           # default (measured on a 2-core CPU), paper (RLCD), nplus (N+ details); flags given win
     iterations: int = 60              # PPO iterations (rollout + update) in the schedule (paper: 40-80)
     # 1. rollout
     max_new_tokens: int = 64          # response length cap (paper: 300)
@@ -113,9 +113,9 @@ class Args(runs.RunArgs):
     max_prompt_tokens: int = 192      # prompts over this many tokens are dropped (paper: 192; as simulate's)
     # 2. score
     normalize_reward: bool = True     # (r - mean) / std with the PM's statistics on base-policy samples
-    no_stop_score: float | None = -1.0  # score of a response without the stop token (paper, N+: -1; none = keep)
+    no_stop_score: float | None = None  # score of a response without the stop token (none = the PM's own; paper, N+: -1)
     # 4. KL reward
-    kl_coef: float = 0.004            # beta, per token (paper: fixed 0.002-0.004; N+: 0.05)
+    kl_coef: float = 0.02             # beta, per token (paper: fixed 0.002-0.004; N+: 0.05)
     kl_target: float | None = None    # adaptive beta: target KL per sequence in nats (none = fixed beta)
     kl_horizon: int = 10000           # adaptive beta: horizon in rollouts (Ziegler et al.)
     kl_estimator: str = "k1"          # k1 = log pi - log pi_ref, or k3 = (r - 1) - log r
@@ -133,12 +133,12 @@ class Args(runs.RunArgs):
     value_clip: float = 0.2           # value clip around the rollout's values (paper: 0.2)
     vf_coef: float = 0.1              # value-loss coefficient (paper: 0.1)
     ent_coef: float = 0.0             # entropy bonus coefficient (0 = off; the logged entropy is then -mean log pi(x))
-    lr: float = 2e-6                  # peak learning rate (paper: 1e-5 at 512 rollouts; x sqrt(16/512) here)
+    lr: float = 1e-5                  # peak learning rate (paper: 1e-5 at 512 rollouts)
     warmup: float = 0.05              # warm-up: a fraction of the optimiser steps if < 1, else a step count
     value_model: str = "separate"     # separate (a trunk initialised from the PM, the paper) or shared (head on the policy)
     value_lr: float | None = None     # the value network's (or head's) peak learning rate (none: --lr); its gradient is clipped apart
     # run
-    save_every: int = 1               # checkpoint every N iterations (and at the stop; 0 = at the stop only)
+    save_every: int = 10              # checkpoint every N iterations (and at the stop; 0 = at the stop only)
     sample_every: int = 10            # log a few sample responses every N iterations (0 = never)
     n_samples: int = 2                # responses shown per sample log
     profile: bool = False             # run a few iterations under the PyTorch profiler: phase table + Chrome trace, then exit
@@ -157,22 +157,23 @@ class Args(runs.RunArgs):
                 raise SystemExit(f"train.py ppo: {msg}")
 
 
-# Presets: flags prepended to the command line, so flags given explicitly win. "default" is the paper's
-# recipe scaled to a 2-core CPU (Args' defaults): 16 rollouts of 64 tokens, 1 epoch x 1 minibatch, and
-# the learning rate scaled with the square root of the batch, as usual for Adam (1e-5 x sqrt(16/512)):
-# with 32x fewer rollouts per step the gradient is ~6x noisier, and at 3e-5 the default model drifted
-# into gibberish within 10 iterations (docs/PPO.md).
+# Presets: flags prepended to the command line, so flags given explicitly win. "default" (Args' defaults)
+# is the recipe measured on a 2-core CPU (docs/PPO.md): 16 rollouts of 64 tokens, 1 epoch x 1 minibatch,
+# lr 1e-5 (2e-6, the paper's rate scaled by sqrt(16/512), barely moved the policy; at 3e-5 it drifted into
+# gibberish within 10 iterations), beta 0.02, cut-off responses scored as the PM scores them (with the
+# paper's -1, ~91% of 64-token rollouts scored exactly -1) and a checkpoint every 10 iterations (one costs
+# ~10 s beside a ~24 s iteration).
 PRESETS: dict[str, dict] = {
     "default": {},
     # RLCD (arXiv 2307.12950, App. / official code): 512 rollouts, 2 epochs x 2 minibatches, responses up
-    # to 300 tokens, lr 1e-5; everything else (beta 0.004 clamped k1, whitened rewards, gamma = lambda = 1,
-    # clips 0.2, vf_coef 0.1, -1 without a stop, separate value net from the PM) is already the default.
+    # to 300 tokens, lr 1e-5, beta 0.004, -1 without a stop; everything else (clamped k1, whitened rewards,
+    # gamma = lambda = 1, clips 0.2, vf_coef 0.1, separate value net from the PM) is already the default.
     "paper": dict(batch_size=512, ppo_epochs=2, minibatches=2, micro_batch=8, max_new_tokens=300, iterations=60,
-                  lr=1e-5),
+                  lr=1e-5, kl_coef=0.004, no_stop_score=-1.0),
     # The N+ implementation details of RLHF with PPO (Huang et al. 2024) / TRL's PPO: beta 0.05 on
-    # unclamped k1, no reward whitening, lambda 0.95, 4 epochs x 1 minibatch.
+    # unclamped k1, no reward whitening, lambda 0.95, 4 epochs x 1 minibatch, -1 without a stop.
     "nplus": dict(kl_coef=0.05, kl_clamp=False, whiten_rewards=False, gamma=1.0, lam=0.95, ppo_epochs=4,
-                  minibatches=1),
+                  minibatches=1, no_stop_score=-1.0),
 }
 
 
@@ -520,6 +521,15 @@ def encode_prompts(records: list[dict], tok: Tokenizer, max_len: int) -> tuple[l
     return ids, keys, len(records) - len(ids)
 
 
+@torch.no_grad()
+def rescale_head(head: nn.Linear, mean: float, std: float) -> None:
+    """A scalar head h -> w.h + b made to give (w.h + b - mean) / std: the preference model's reward in the
+    normalised scale, as a value network's first estimate of the returns built from it."""
+    std = max(std, 1e-8)
+    head.weight.div_(std)
+    head.bias.sub_(mean).div_(std)
+
+
 def check_pm_format(pm_meta: dict | None) -> None:
     """A PM must have been trained on chat-format pairs, the format PPO renders its prompts in
     (encode_prompts; a PM's run.json records its pairs' formats)."""
@@ -649,8 +659,11 @@ def main(argv: list[str] | None = None) -> int:
         value_net = None
         if args.value_model == "separate":
             if pm is not None and end_id is not None:
-                # The value network starts as the preference model (paper), trained from there.
+                # The value network starts as the preference model (paper), trained from there, its head
+                # rescaled to the normalised reward PPO pays: V = (r - mean) / std.
                 value_net, _, _ = load_reward_model(args.pm, device, torch.float32)
+                if args.normalize_reward:
+                    rescale_head(value_net.head, value_net.norm_mean, value_net.norm_std)
             else:
                 # A reward read from text: the value network starts from the policy, with a zero head.
                 value_net = RewardModel(load_model(args.policy, device=device, dtype=torch.float32)[0])
