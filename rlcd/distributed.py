@@ -158,11 +158,6 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return out
 
 
-def all_reduce_mean(t: Tensor) -> Tensor:
-    """The elementwise mean of `t` over the ranks (`t` itself at world size 1)."""
-    return all_reduce_sum(t) / world_size() if active() else t
-
-
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj` (picklable), in rank order, on every rank; [obj] at world size 1."""
     if not active():

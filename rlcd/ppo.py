@@ -177,22 +177,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# Old flag names still accepted, with a warning: {old: new}.
-DEPRECATED_FLAGS = {"--max-prompt-len": "--max-prompt-tokens"}
-
-
-def rename_deprecated(argv: list[str]) -> list[str]:
-    """argv with each deprecated flag (DEPRECATED_FLAGS) replaced by its new name, and a warning on stderr."""
-    out = []
-    for a in argv:
-        old = a.split("=", 1)[0]
-        if old in DEPRECATED_FLAGS:
-            print(f"train.py ppo: {old} is deprecated; use {DEPRECATED_FLAGS[old]}", file=sys.stderr)
-            a = DEPRECATED_FLAGS[old] + a[len(old):]
-        out.append(a)
-    return out
-
-
 def apply_preset(argv: list[str]) -> list[str]:
     """argv with the flags of its --preset (if any) put in front, so that explicit flags override them."""
     name = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), None)
@@ -625,7 +609,7 @@ def _line(it: int, total: int, r: dict) -> str:
 
 # --- main ----------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    argv = apply_preset(rename_deprecated(sys.argv[1:] if argv is None else list(argv)))
+    argv = apply_preset(sys.argv[1:] if argv is None else list(argv))
     args = parse_args(Args, argv, prog="train.py ppo", description=Args.__doc__)
     prog = distributed.tag("train.py ppo")          # names the rank under torchrun
     device = runs.device_of(args)

@@ -47,7 +47,7 @@ def make_tiny_tokenizer():
     """A byte-level tokenizer with no merges (256 byte tokens + 3 specials) and a ChatML template."""
     from tokenizers.pre_tokenizers import ByteLevel
 
-    from models.smollm2 import build_bpe_tokenizer
+    from models.from_gguf import build_bpe_tokenizer
     from models.tokenizer import Tokenizer
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -313,7 +313,7 @@ def test_bad_input_is_a_clear_error(tiny_setup, tmp_path, capsys):
     policy, pm, prompts = tiny_setup
     assert train_cli.main(ppo_argv((policy, tmp_path / "nowhere", prompts), tmp_path / "x")) == 2
     assert "no such run directory" in capsys.readouterr().err
-    assert train_cli.main(ppo_argv(tiny_setup, tmp_path / "y", "--max-prompt-len", "3")) == 2
+    assert train_cli.main(ppo_argv(tiny_setup, tmp_path / "y", "--max-prompt-tokens", "3")) == 2
     assert "fewer than --batch-size" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_cli.main(ppo_argv(tiny_setup, tmp_path / "z", "--value-model", "both"))
@@ -415,7 +415,7 @@ def _other_family_tokenizer():
     from tokenizers.pre_tokenizers import ByteLevel
 
     from conftest import CHATML
-    from models.smollm2 import build_bpe_tokenizer
+    from models.from_gguf import build_bpe_tokenizer
     from models.tokenizer import Tokenizer
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
