@@ -299,7 +299,7 @@ def run(args: Args) -> Path:
         t0 = time.perf_counter()
         if stage == "report":
             from rlcd.report import write_report
-            write_report(out, args, cmds)
+            write_report(out, args, list(STAGES), list(POLICIES))
         else:
             for argv in cmds[stage]:
                 rc = _run_command(_resumable(argv))

@@ -1,15 +1,15 @@
 """OUT/report.md of a pipeline run: settings, each stage's headline figures, PPO curves, win rates, samples.
 
 Everything is read back from the files the stages wrote (pairs, metrics.jsonl, agreement-*.json,
-compare.json, responses/), so the report can be rebuilt at any time with
-`python -c "from rlcd.report import main; main()" OUT` (or by deleting OUT/stages/report.json and
-rerunning the pipeline).
+compare.json, responses/), so the report can be rebuilt at any time by deleting OUT/stages/report.json
+and rerunning the pipeline. The pipeline hands it the stages and policies; nothing here imports it.
 """
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
+
+from rlcd.jsonl import read_objects
 
 
 def _f(v, d: int = 3) -> str:
@@ -17,7 +17,8 @@ def _f(v, d: int = 3) -> str:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    """The records of a stage's JSONL output; none while it does not exist (a stage not run yet)."""
+    return [r for _, r in read_objects(path, partial_ok=True)[0]] if path.is_file() else []
 
 
 def _pairs_section(out: Path, tok) -> list[str]:
@@ -95,10 +96,8 @@ def _compare_section(out: Path) -> list[str]:
     return lines
 
 
-def _samples_section(out: Path, n: int = 3) -> list[str]:
-    from rlcd.pipeline import POLICIES
-
-    resp = {p: {r["id"]: r for r in _jsonl(out / "responses" / f"{p}.jsonl")} for p in POLICIES}
+def _samples_section(out: Path, policies: list[str], n: int = 3) -> list[str]:
+    resp = {p: {r["id"]: r for r in _jsonl(out / "responses" / f"{p}.jsonl")} for p in policies}
     ids = sorted(set.intersection(*(set(v) for v in resp.values()))) if all(resp.values()) else []
     if not ids:
         return []
@@ -106,22 +105,22 @@ def _samples_section(out: Path, n: int = 3) -> list[str]:
     for i in ids[:n]:
         msgs = resp["base"][i]["messages"]
         lines += [f"**Prompt:** {msgs[-1]['content'].strip()}", "", "| policy | response |", "|---|---|"]
-        for p in POLICIES:
+        for p in policies:
             text = resp[p][i]["response"].strip().replace("\n", " ").replace("|", "\\|")
             lines.append(f"| {p} | {text[:400]}{'…' if len(text) > 400 else ''} |")
         lines.append("")
     return lines
 
 
-def write_report(out: Path, args, cmds: dict) -> Path:
-    """Build OUT/report.md (and its SVG curves) from the stage outputs."""
+def write_report(out: Path, args, stage_names: list[str], policies: list[str]) -> Path:
+    """Build OUT/report.md (and its SVG curves) from the stage outputs: `args` the pipeline's settings,
+    `stage_names` its stages in order, `policies` the policies compared (the first is the base)."""
     from models.checkpoint import resolve
     from models.tokenizer import Tokenizer
 
     out = Path(out)
     tok = Tokenizer.from_dir(resolve(args.policy))
-    from rlcd.pipeline import STAGES
-    stages = {s: json.loads((out / "stages" / f"{s}.json").read_text()) for s in STAGES
+    stages = {s: json.loads((out / "stages" / f"{s}.json").read_text()) for s in stage_names
               if (out / "stages" / f"{s}.json").is_file()}
     lines = [f"# RLCD pipeline report: {args.task}, budget {args.budget}", "",
              f"Policy `{args.policy}`, simulator `{args.simulator or args.policy}`, judge `{args.judge}`, "
@@ -130,19 +129,9 @@ def write_report(out: Path, args, cmds: dict) -> Path:
     lines += [f"| {s} | {v['seconds']:.0f} |" for s, v in stages.items()]
     lines += [""]
     lines += _pairs_section(out, tok) + _pm_section(out) + _ppo_section(out) + _compare_section(out) \
-        + _samples_section(out)
+        + _samples_section(out, policies)
     report = out / "report.md"
     tmp = report.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(report)
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rlcd.pipeline import Args, plan
-
-    out = Path((argv or sys.argv[1:])[0])
-    cfg = json.loads((out / "pipeline.json").read_text())
-    args = Args(**cfg)
-    print(write_report(out, args, plan(args)))
-    return 0
