@@ -35,8 +35,15 @@ def _pairs_section(out: Path, tok) -> list[str]:
         lines.append(f"| {m} | {s['pairs']} | {_f(s['mean_tokens_chosen'], 1)} | {_f(s['mean_tokens_rejected'], 1)} "
                      f"| {_f(s['frac_identical'], 2)} | {_f(s['mean_word_overlap'], 2)} | {_f(s['frac_ended'], 2)} "
                      f"| {_f(s['mean_label'])} |")
-    return lines + ["", "RLCD labels are 1 by construction (o+ preferred); RLAIF labels are the simulator's own "
-                    "P(better) as a scorer.", ""]
+    rlaif = _jsonl(out / "pairs-rlaif.jsonl")[:1]
+    judge = rlaif[0]["settings"].get("judge") if rlaif else None
+    if judge in (None, "self"):
+        how = "the simulator's own P(better) as a scorer (the paper's RLAIF)"
+    else:
+        from rlcd.judge import JudgeSpec, describe_accuracy, measured_accuracy
+        task = rlaif[0].get("task", "harmless")
+        how = f"P(better) by the judge `{judge}`; {describe_accuracy(measured_accuracy(JudgeSpec.parse(judge), task))}"
+    return lines + ["", f"RLCD labels are 1 by construction (o+ preferred); RLAIF labels are {how}.", ""]
 
 
 def _pm_section(out: Path) -> list[str]:
