@@ -106,10 +106,7 @@ def run(args: Args) -> dict:
 
     designs = [load_design(d) for d in args.design]                   # every design checked before any work
     precision = resolve_precision(args.precision, args.device)
-    spec = None if args.judge == "none" else (judges.default_judge(args.task) if args.judge == "default"
-                                              else judges.JudgeSpec.parse(args.judge))
-    if spec is not None:
-        spec.check(args.task)
+    spec = None if args.judge == "none" else judges.resolve_judge(args.judge, args.task)
     out = Path(args.out)
     files = {}
     for s in args.simulator:

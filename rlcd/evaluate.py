@@ -1,12 +1,12 @@
 """Policy evaluation (the paper's Tables 2-3, run locally), judge and preference-model validation:
 `eval.py respond`, `eval.py compare`, `eval.py judge-agreement`, `eval.py pm-agreement`.
 
-    python eval.py judge-agreement --judge smollm2-135m-instruct --pairs human
+    python eval.py judge-agreement --pairs human        # the default judge; bench/judges.sh: every candidate
     python eval.py pm-agreement --pm runs/harmless/pm-rlcd --pairs human --format chat
     python eval.py respond --policy base=smollm2-135m-instruct rlcd=runs/harmless/ppo --task harmless \\
         --split test --n-prompts 64 --out-dir runs/harmless/responses
-    python eval.py compare --responses runs/harmless/responses/*.jsonl --judge smollm2-135m-instruct \\
-        --pm runs/harmless/pm-rlcd --out runs/harmless/compare.json
+    python eval.py compare --responses runs/harmless/responses/*.jsonl --pm runs/harmless/pm-rlcd \\
+        --out runs/harmless/compare.json
 
 respond. Every policy answers the same held-out prompts (rlcd.prompts.load_prompts, one split) with the
 same sampling settings and seed, one JSONL file per policy (DIR/NAME.jsonl). The prompts are rendered in
@@ -24,9 +24,9 @@ by a rerun at any world size, which counts the shards' records as done and merge
     token excluded), finished (stopped on a stop token or, in plain format, a next-turn marker rather than
     at max_new_tokens), settings (everything that changes the sample; compare checks the files agree).
 
-compare. For every two policies, each prompt's two responses are judged in both orders (rlcd.scorer.
-judge_pairs: the paper's pairwise prompt and principle, P("A") vs P("B") from the next-token
-distribution) and P = P(policy a's response is better), both orders averaged. A prompt is a win for a
+compare. For every two policies, each prompt's two responses are judged by the task's chosen judge (or
+--judge SPEC; rlcd.judge: pairwise in both orders, or pointwise, each response alone) and P = P(policy a's
+response is better); the judge's measured agreement with people is printed beside the win rates. A prompt is a win for a
 when P > 0.5 + tie, a loss when P < 0.5 - tie, a tie otherwise (tie = TIE_MARGIN = 0.05 by default: a
 judge this unsure is not counted either way). Win rate = (wins + ties / 2) / prompts; its 95% interval
 is a percentile bootstrap over prompts (N_BOOT resamples, fixed seed). Position agreement: the share of
@@ -35,25 +35,15 @@ tokens, fraction of responses that end, refusal rate (REFUSAL_PHRASES), distinct
 each policy's mean normalised reward under a preference model, which is not an independent judge of a
 policy trained against it.
 
-judge-agreement. The judge on labelled pairs (chosen = preferred): accuracy, mean P(chosen), position
-agreement, position bias (mean P("A") over both orders; 0.5 = none), and accuracy split by whether the
-chosen response is the shorter or the longer one (in characters, so the split does not depend on the
-judge's tokenizer). `--pairs human` is the PyRIT human-labelled pairs (rlcd.human_pairs).
+judge-agreement. Judges on labelled pairs (chosen = preferred), each design choice selected by
+cross-validation with folds by request (rlcd.judge): accuracy with its interval, position agreement and the
+accuracy split by whether the chosen response is the shorter or the longer one (in characters, so the split
+does not depend on the judge's tokenizer). `--pairs human` is the PyRIT human-labelled pairs
+(rlcd.human_pairs). The measured table: docs/JUDGES.md.
 
 pm-agreement. A trained preference model (rlcd.reward) on labelled pairs, each prompt re-rendered in the
 PM's own template: the metrics of its dev evaluation (rlcd.pm.evaluate_pairs: BT loss, accuracy, mean
 P(chosen), mean margin) and the same length split as judge-agreement.
-
-Measured (2026-11-28, smollm2-135m-instruct as the judge, fp32, principle HARMLESS_INSTRUCTIONS[1], the 156
-allowed PyRIT pairs, 124 of them with the shorter response chosen; a 2-core AMD EPYC shared with other
-jobs, so the times are loose: 58-72% of the CPU was ours):
-    format  accuracy (se)   P(chosen)  position agreement  P("A")  chosen shorter / longer   time
-    chat    0.622 (0.039)   0.515      0.212               0.444   0.677 (124) / 0.406 (32)  982 s
-    plain   0.378 (0.039)   0.490      0.064               0.648   0.339 (124) / 0.531 (32)  837 s
-The chat rendering is the default: it is the only one above chance (3 standard errors), while the plain
-prompt is as far below it. Both are weak judges: in 4 pairs of 5 the 135M model picks the same letter in
-both orders, so its content signal is the small difference that survives the averaging, and part of it is
-a preference for the shorter response (accuracy 0.41 where the chosen response is the longer).
 
 API (for train.py pipeline)
     judge_agreement(model, tok, records, task="harmless", fmt=DEFAULT_JUDGE_FORMAT, instruction=None,
@@ -95,9 +85,9 @@ from rlcd.prompts import DataError, load_prompts
 from rlcd.reward import load_reward_model, score_texts
 from rlcd.runs import write_json_atomic
 from rlcd.precision import resolve as resolve_precision
-from rlcd.judge import (COMBINE, DEFAULT, JUDGE_FREE, METHODS, SELECT, JudgeSpec, default_judge, describe_accuracy, expand,
-                        format_table, judge, measure, measured_accuracy, pair_correct, request_key,
-                        selection_table)
+from rlcd.judge import (COMBINE, DEFAULT, JUDGE_FREE, METHODS, SELECT, JudgeSpec, default_judge, describe_accuracy,
+                        resolve_judge, expand, format_table, judge, measure, measured_accuracy, pair_correct,
+                        request_key, selection_table)
 from rlcd.scorer import JUDGE_FORMATS
 from rlcd.tasks import FORMATS, TASKS, format_prompt
 
@@ -730,7 +720,7 @@ def run_compare(args: CompareArgs) -> dict:
     if len({recs[0]["policy"] for recs in files.values()}) < 2 and args.judge:
         raise ResponsesError(f"--responses: {len(files)} file(s) of one policy; compare needs at least two policies")
     task = next(iter(files.values()))[0]["settings"].get("task", "harmless")
-    spec = None if not args.judge else default_judge(task) if args.judge == "default" else JudgeSpec.parse(args.judge)
+    spec = None if not args.judge else resolve_judge(args.judge, task)
     if spec is not None:
         spec.check(task)
     model = tok = None
@@ -739,6 +729,8 @@ def run_compare(args: CompareArgs) -> dict:
     result = compare(args.responses, model, tok, args.baseline, spec, args.tie, args.n_boot, args.seed,
                      args.batch_size, focus=args.focus, progress=args.progress)
     del model
+    if "judge" in result:
+        result["judge"]["precision"] = precision.name
     if args.pm:
         result["pm"] = pm_rewards({recs[0]["policy"]: recs for recs in files.values()}, args.pm, args.device)
     return result

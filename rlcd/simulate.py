@@ -323,8 +323,7 @@ def _check(args: Args) -> None:
 def _judge_spec(args: Args) -> judges.JudgeSpec:
     """The judge spec of --judge (not "self"); ValueError naming the flag when it does not parse or fit."""
     try:
-        spec = judges.default_judge(args.task) if args.judge == "default" else judges.JudgeSpec.parse(args.judge)
-        spec.check(args.task)
+        spec = judges.resolve_judge(args.judge, args.task)
     except ValueError as e:
         raise ValueError(f"--judge: {e}") from None
     return spec
@@ -530,8 +529,7 @@ def _fmt(v) -> str:
 
 def _stats_judge(args: StatsArgs, task: str) -> judges.JudgeSpec:
     try:
-        spec = judges.default_judge(task) if args.judge == "default" else judges.JudgeSpec.parse(args.judge)
-        spec.check(task)
+        spec = judges.resolve_judge(args.judge, task)
     except ValueError as e:
         raise ValueError(f"--judge: {e}") from None
     return spec
