@@ -33,6 +33,7 @@ from rlcd import judge as judges
 from rlcd.cli import parse_args
 from rlcd.designs import DesignError, load_design
 from rlcd.evaluate import is_refusal
+from rlcd import simulate as sim
 
 
 @dataclass
@@ -64,33 +65,29 @@ def surface_overlap(tokenizer, a: str, b: str) -> float:
     return sum((ca & cb).values()) / union if union else 1.0
 
 
-def _words(s: str) -> set[str]:
-    return set(s.lower().split())
-
-
-def contrast_stats(records: list[dict], tokenizer, p_chosen=None) -> dict:
-    """The judge-free measures of one pairs file, and the judge's (p_chosen: P(o+ better) per pair)."""
+def contrast_stats(records: list[dict], tokenizer, judged: dict | None = None) -> dict:
+    """The judge-free measures of one pairs file (rlcd.simulate.pair_stats for identical pairs and word
+    overlap), and the judge's, from rlcd.simulate.judge_stats, as P(o+ better) with a 95% interval."""
     n = len(records)
     if n == 0:
         return {"pairs": 0}
     mean = lambda xs: sum(xs) / len(xs)                                    # noqa: E731
+    s = sim.pair_stats(records, tokenizer)
     out = {
         "pairs": n,
         "refusal_plus": mean([is_refusal(r["chosen"]) for r in records]),
         "refusal_minus": mean([is_refusal(r["rejected"]) for r in records]),
-        "identical": mean([r["chosen"].strip() == r["rejected"].strip() for r in records]),
+        "identical": s["frac_identical"],
         "chars_plus": mean([len(r["chosen"].strip()) for r in records]),
         "chars_minus": mean([len(r["rejected"].strip()) for r in records]),
-        "word_overlap": mean([len(_words(r["chosen"]) & _words(r["rejected"])) /
-                              max(1, len(_words(r["chosen"]) | _words(r["rejected"]))) for r in records]),
+        "word_overlap": s["mean_word_overlap"],
         "surface_overlap": mean([surface_overlap(tokenizer, r["p_plus"], r["p_minus"]) for r in records]),
     }
-    if p_chosen is not None:
-        p = [float(x) for x in p_chosen]
-        m = mean(p)
-        se = math.sqrt(sum((x - m) ** 2 for x in p) / (n - 1) / n) if n > 1 else float("nan")
+    if judged:
+        m = judged["judge_p_chosen"]
+        se = judged["judge_p_chosen_se"] if judged["judge_p_chosen_se"] is not None else math.nan
         out |= {"judge_p_plus": m, "judge_p_plus_ci": [m - 1.96 * se, m + 1.96 * se],
-                "judge_prefers_plus": mean([x > 0.5 for x in p])}
+                "judge_prefers_plus": judged["judge_agree"]}
     return out
 
 
@@ -99,10 +96,8 @@ def run(args: Args) -> dict:
     from models import load_model
     from models.checkpoint import resolve
     from models.tokenizer import Tokenizer
-    from rlcd import simulate as sim
     from rlcd.jsonl import read_objects
     from rlcd.precision import resolve as resolve_precision
-    from rlcd.tasks import format_prompt
 
     designs = [load_design(d) for d in args.design]                   # every design checked before any work
     precision = resolve_precision(args.precision, args.device)
@@ -113,8 +108,8 @@ def run(args: Args) -> dict:
         for d, name in zip(designs, args.design):
             f = out / f"{Path(s).name}--{d.name}.jsonl"
             sim_args = sim.Args(out=str(f), task=args.task, prompts=args.prompts, method="rlcd", split="dev",
-                                format=args.format,
-                                design=name, model=s, n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens,
+                                format=args.format, design=name, model=s, n_prompts=args.n_prompts,
+                                max_new_tokens=args.max_new_tokens,
                                 temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
                                 seed=args.seed, device=args.device, precision=args.precision,
                                 progress=args.progress)
@@ -127,11 +122,8 @@ def run(args: Args) -> dict:
         model = tok = None
         if spec.needs_model:
             model, tok = load_model(spec.model, device=args.device, dtype=precision.inference_dtype)
-        for cell, recs in records.items():
-            conv = [format_prompt(r["messages"], "plain") for r in recs]
-            judged[cell] = judges.judge(spec, model, tok, conv, args.task, [r["chosen"] for r in recs],
-                                        [r["rejected"] for r in recs], args.batch_size,
-                                        progress=args.progress).p_first.tolist() if recs else []
+        judged = {cell: sim.judge_stats(recs, spec, model, tok, args.batch_size, progress=args.progress)
+                  for cell, recs in records.items()}
         del model
     rows = []
     for (s, dname), recs in records.items():

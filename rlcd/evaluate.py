@@ -85,9 +85,9 @@ from rlcd.prompts import DataError, load_prompts
 from rlcd.reward import load_reward_model, score_texts
 from rlcd.runs import write_json_atomic
 from rlcd.precision import resolve as resolve_precision
-from rlcd.judge import (COMBINE, DEFAULT, JUDGE_FREE, METHODS, SELECT, JudgeSpec, default_judge, describe_accuracy,
-                        resolve_judge, expand, format_table, judge, measure, measured_accuracy, pair_correct,
-                        request_key, selection_table)
+from rlcd.judge import (COMBINE, DEFAULT, JUDGE_FREE, METHODS, SELECT, JudgeSpec, describe_accuracy, expand,
+                        format_table, judge, length_sides, measure, measured_accuracy, pair_correct, request_key,
+                        resolve_judge, selection_table)
 from rlcd.scorer import JUDGE_FORMATS
 from rlcd.tasks import FORMATS, TASKS, format_prompt
 
@@ -136,10 +136,9 @@ def length_split(records: list[dict], correct: list[float]) -> dict:
     """Accuracy on the pairs whose chosen response is shorter / longer than the rejected one (characters of
     the stripped texts; equal lengths in neither). A judge or PM that just prefers brevity (refusals are
     short) scores high on the first and low on the second."""
-    out = {}
-    for name, keep in (("chosen_shorter", lambda c, r: c < r), ("chosen_longer", lambda c, r: c > r)):
-        idx = [i for i, rec in enumerate(records)
-               if keep(len(rec["chosen"].strip()), len(rec["rejected"].strip()))]
+    out, sides = {}, length_sides(records).tolist()
+    for name, side in (("chosen_shorter", 1), ("chosen_longer", -1)):
+        idx = [i for i, s in enumerate(sides) if s == side]
         out[f"n_{name}"] = len(idx)
         out[f"accuracy_{name}"] = sum(correct[i] for i in idx) / len(idx) if idx else None
     return out
@@ -720,9 +719,7 @@ def run_compare(args: CompareArgs) -> dict:
     if len({recs[0]["policy"] for recs in files.values()}) < 2 and args.judge:
         raise ResponsesError(f"--responses: {len(files)} file(s) of one policy; compare needs at least two policies")
     task = next(iter(files.values()))[0]["settings"].get("task", "harmless")
-    spec = None if not args.judge else resolve_judge(args.judge, task)
-    if spec is not None:
-        spec.check(task)
+    spec = None if not args.judge else resolve_judge(args.judge, task)         # checked against the task
     model = tok = None
     if spec is not None and spec.needs_model:
         model, tok = load_model(spec.model, device=args.device, dtype=precision.inference_dtype)

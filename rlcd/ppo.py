@@ -347,18 +347,18 @@ def iteration(ppo: PPORun, it: int, timer: PhaseTimer) -> tuple[dict[str, Tensor
         # 2. Score: the PM reads prompt + response + stop token (its training input, rlcd/reward.py) at the
         #    last column; a response cut off at max_new_tokens then gets no_stop_score instead.
         with timer("score"), amp:
-            seq_pm, last = seq, T_p + gen.lengths - 1                                      # (B,) column
             if isinstance(pm, TextReward):
                 # Another family's PM or a rule: the responses decoded and scored as text.
                 pm_score = pm(batch, tokens, gen.lengths, gen.finished).to(dev)                # (B,)
-            elif ppo.end_id is not None:
-                # The PM reads the input it was trained and normalised on (rlcd.reward.encode_input always
-                # ends with its end marker): a cut-off response gets the marker appended in one extra
-                # column, and a finished one has its stop token, whichever of the policy's it was (Qwen
-                # has two), replaced by the marker.
-                last = last + (~gen.finished).long()                                          # (B,)
-                seq_pm = F.pad(seq, (0, 1), value=ppo.pad_id).scatter(1, last[:, None], ppo.end_id)  # (B, T + 1)
-            if not isinstance(pm, TextReward):
+            else:
+                seq_pm, last = seq, T_p + gen.lengths - 1                                  # (B,) column
+                if ppo.end_id is not None:
+                    # The PM reads the input it was trained and normalised on (rlcd.reward.encode_input
+                    # always ends with its end marker): a cut-off response gets the marker appended in one
+                    # extra column, and a finished one has its stop token, whichever of the policy's it
+                    # was (Qwen has two), replaced by the marker.
+                    last = last + (~gen.finished).long()                                      # (B,)
+                    seq_pm = F.pad(seq, (0, 1), value=ppo.pad_id).scatter(1, last[:, None], ppo.end_id)  # (B, T+1)
                 pm_score = score_tokens(pm, seq_pm, start, last, normalize=a.normalize_reward)  # (B,)
             score = apply_missing_stop(pm_score.float(), gen.finished, a.no_stop_score)    # (B,)
 
@@ -569,7 +569,8 @@ def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transf
             runs.parallelize(args, ref, ref, device)
             if isinstance(pm, RewardModel):
                 runs.parallelize(args, pm, pm.trunk, device)
-    named = list(policy.named_parameters()) + [(f"value:{n}", p) for n, p in (value_net or value_head).named_parameters()]
+    named = list(policy.named_parameters()) + [(f"value:{n}", p)
+                                               for n, p in (value_net or value_head).named_parameters()]
     total = args.iterations * args.ppo_epochs * args.minibatches
     optimizer, scheduler = runs.make_trainer(named, args, device, total,
                                              {"value:": args.value_lr} if args.value_lr else None)
@@ -738,8 +739,8 @@ def train_iteration(run: PPORun, it: int, timer: PhaseTimer) -> tuple[dict, Gene
     stats, gen, score = iteration(run, it, timer)
     keys, vals = zip(*stats.items())
     rec = {"step": it + 1, "beta": run.kl_ctl.value, **dict(zip(keys, torch.stack(list(vals)).tolist()))}
-    bad = [k for k in ("score", "pm_score", "kl", "policy_loss", "value_loss", "entropy", "grad_norm", "value_grad_norm")
-           if not math.isfinite(rec[k])]
+    bad = [k for k in ("score", "pm_score", "kl", "policy_loss", "value_loss", "entropy", "grad_norm",
+                       "value_grad_norm") if not math.isfinite(rec[k])]
     if bad:
         raise FloatingPointError(f"iteration {it + 1}: non-finite {', '.join(f'{k}={rec[k]}' for k in bad)}; "
                                  f"stopped before checkpointing it (the last checkpoint is intact; try a lower --lr)")

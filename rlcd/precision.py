@@ -7,9 +7,9 @@
                log-softmax, losses and reductions in fp32).
              frozen beside a trained one (ppo's reference and preference model): the blocks' Linear
                layers stored in bf16; the embedding, norms, output head and scalar heads in fp32; run under
-               the same autocast. Autocast rounds an
-               fp32 weight to the same bf16 as the stored copy, and the residual stream, norms and RoPE
-               are fp32 in both (as is the log-prob head, computed in fp32 on the CPU), so the reference at iteration 0 is the policy bit for bit: KL = 0 and the
+               the same autocast. Autocast rounds an fp32 weight to the same bf16 as the stored copy, and
+               the residual stream, norms and RoPE are fp32 in both (as is the log-prob head, computed in
+               fp32 on the CPU), so the reference at iteration 0 is the policy bit for bit: KL = 0 and the
                first ratio is 1 (an all-bf16 reference would differ from the policy by bf16 rounding of
                the residual stream).
              inference only (simulate, respond, compare, judge-agreement, pm-agreement, generate): every
@@ -30,6 +30,7 @@ API
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -40,17 +41,23 @@ PRECISIONS = ("auto", "fp32", "bf16")
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")       # in order of preference when reporting
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo, read once per process (empty where it is absent);
+    resolve() runs at every autocast context, once per micro-batch."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
 def native_bf16_cpu() -> str | None:
     """The CPU flag that gives native bf16 arithmetic (amx_bf16 or avx512_bf16), or None: none, not Linux,
     or RLCD_CPU_BF16=0."""
     if os.environ.get("RLCD_CPU_BF16", "").strip() == "0":
         return None
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return None
-    return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
+    return next((flag for flag in NATIVE_BF16_FLAGS if flag in cpu_flags()), None)
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ def _samples_section(out: Path, policies: list[str], n: int = 3) -> list[str]:
         return []
     lines = ["## 5. Samples (the first prompts by id)", ""]
     for i in ids[:n]:
-        msgs = resp["base"][i]["messages"]
+        msgs = resp[policies[0]][i]["messages"]
         lines += [f"**Prompt:** {msgs[-1]['content'].strip()}", "", "| policy | response |", "|---|---|"]
         for p in policies:
             text = resp[p][i]["response"].strip().replace("\n", " ").replace("|", "\\|")

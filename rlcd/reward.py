@@ -197,8 +197,8 @@ class TextReward:
     def __call__(self, batch: list[int], tokens: Tensor, lengths: Tensor, finished: Tensor) -> Tensor:
         """batch (B,) prompt indices, tokens (B, T_r) responses, lengths (B,) including the stop token
         where finished (B,) -> (B,) fp32 rewards on CPU."""
-        n = (lengths - finished.long()).tolist()
-        texts = [self.tokenizer.decode(tokens[b, :k].tolist()) for b, k in enumerate(n)]
+        n, rows = (lengths - finished.long()).tolist(), tokens.cpu().tolist()           # one copy to the host
+        texts = [self.tokenizer.decode(row[:k]) for row, k in zip(rows, n)]
         r = self.score([self.conversations[i] for i in batch], texts)
         return torch.as_tensor(r, dtype=torch.float32).reshape(len(texts))
 

@@ -502,7 +502,7 @@ def score_stats(records: list[dict], model, tokenizer: Tokenizer, both_orders: b
 
 
 def judge_stats(records: list[dict], spec: judges.JudgeSpec, model, tokenizer: Tokenizer,
-                batch_size: int = 16) -> dict:
+                batch_size: int = 16, progress: bool = False) -> dict:
     """How differentiated the pairs of one file are by a judge spec (rlcd.judge, both orders): the mean
     P(chosen better) with its standard error, the fraction above 0.5 (for rlcd: the judge agrees with the
     construction) and the margin |2P - 1|, beside what is known of the judge's agreement with people."""
@@ -514,7 +514,7 @@ def judge_stats(records: list[dict], spec: judges.JudgeSpec, model, tokenizer: T
     task = tasks.pop()
     conv = [format_prompt(r["messages"], "plain") for r in records]
     p = judges.judge(spec, model, tokenizer, conv, task, [r["chosen"] for r in records],
-                     [r["rejected"] for r in records], batch_size).p_first.double()
+                     [r["rejected"] for r in records], batch_size, progress=progress).p_first.double()
     se = p.std().item() / len(p) ** 0.5 if len(p) > 1 else None
     return {"judge": spec.name, "judge_p_chosen": p.mean().item(), "judge_p_chosen_se": se,
             "judge_agree": (p > 0.5).float().mean().item(), "judge_margin": (2 * p - 1).abs().mean().item(),

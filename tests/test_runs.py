@@ -202,12 +202,15 @@ def test_precision_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(monkeypatch
     # the suite declares no native bf16 (RLCD_CPU_BF16=0, conftest): auto is the fp32 reference
     assert not runs.precision_of(auto, cpu).bf16 and "RLCD_CPU_BF16=0" in runs.precision_of(auto, cpu).reason
     monkeypatch.setenv("RLCD_CPU_BF16", "1")
+    precision.cpu_flags.cache_clear()                                # read once per process: read the fake
     monkeypatch.setattr("builtins.open", _fake_cpuinfo("fpu sse avx512f avx512_bf16 amx_tile"))
     got = runs.precision_of(auto, cpu)
     assert got.bf16 and got.describe() == "bf16 (auto: the CPU has avx512_bf16)"
+    precision.cpu_flags.cache_clear()
     monkeypatch.setattr("builtins.open", _fake_cpuinfo("fpu sse avx2 avx512f"))
     assert not runs.precision_of(auto, cpu).bf16 and precision.native_bf16_cpu() is None
     monkeypatch.undo()
+    precision.cpu_flags.cache_clear()
     with pytest.raises(ValueError, match="--precision must be one of auto, fp32, bf16, got 'bfloat16'"):
         precision.resolve("bfloat16")
     model = make_tiny_model()
