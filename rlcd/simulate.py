@@ -96,7 +96,7 @@ class Args:
     n_prompts: int | None = None          # use the first N prompts that fit max_prompt_tokens (None: all)
     model: str = "smollm2-135m-instruct"  # model name, checkpoint directory or run directory
     format: str = "chat"                  # chat (the checkpoint's template) or plain (Human:/Assistant:)
-    design: str = "paper-header"          # how p+ and p- are made: a built-in design (rlcd.designs: paper-header, paper-system, persona, refuse-vs-prefill) or a JSON file
+    design: str = "paper-header"          # how p+ and p- are made: a built-in design (rlcd.designs.DESIGNS) or a JSON file
     temperature: float = 0.7              # sampling temperature (the paper: 1; see docs/SIMULATE.md)
     top_p: float = 0.9                    # nucleus threshold (1 disables; the paper: 1)
     top_k: int = 0                        # keep the k most likely tokens (0 disables)
