@@ -90,14 +90,22 @@ def response_mask(prompt_len: Tensor, seq_len: Tensor, T: int) -> Tensor:
     return (t >= prompt_len[:, None] - 1) & (t < seq_len[:, None] - 1)
 
 
-def sft_nll(h: Tensor, weight: Tensor, tokens: Tensor, prompt_len: Tensor, seq_len: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed NLL of the response tokens and their count. h (b, T, D) final hidden states, weight (V, D)
-    output head, tokens (b, T) right-padded, prompt_len, seq_len (b,). Prompt and padding positions
-    contribute nothing: only the n positions that predict a response token are handed to the log-prob
-    op, so no vocabulary-sized logits are computed for the others (~40% of the rows for chat prompts)."""
+def response_logprobs(h: Tensor, weight: Tensor, tokens: Tensor, prompt_len: Tensor, seq_len: Tensor,
+                      ) -> tuple[Tensor, Tensor]:
+    """log p of each response token (n,) fp32, in row-major order of the (b, T-1) mask that places them
+    (response_mask). h (b, T, D) final hidden states, weight (V, D) output head, tokens (b, T)
+    right-padded, prompt_len, seq_len (b,). Only the n positions that predict a response token are
+    handed to the log-prob op, so no vocabulary-sized logits are computed for prompt and padding
+    positions (~40% of the rows for chat prompts)."""
     mask = response_mask(prompt_len, seq_len, tokens.shape[1])           # (b, T-1)
     h_r = h[:, :-1][mask]                                                # (n, D)
-    logp = token_logprobs(h_r, weight, tokens[:, 1:][mask])              # (n,) fp32
+    return token_logprobs(h_r, weight, tokens[:, 1:][mask]), mask        # (n,) fp32, (b, T-1)
+
+
+def sft_nll(h: Tensor, weight: Tensor, tokens: Tensor, prompt_len: Tensor, seq_len: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed NLL of the response tokens and their count (response_logprobs' arguments): prompt and
+    padding positions contribute nothing."""
+    logp, mask = response_logprobs(h, weight, tokens, prompt_len, seq_len)
     return -logp.sum(), mask.sum()
 
 
