@@ -6,6 +6,7 @@
     python train.py pm  --pairs runs/harmless/pairs-rlcd.jsonl --out runs/harmless/pm-rlcd
     python train.py sft --pairs runs/harmless/pairs-rlcd.jsonl --out runs/harmless/sft
     python train.py ppo --pm runs/harmless/pm-rlcd --prompts harmless --out runs/harmless/ppo
+    python train.py dpo --pairs runs/harmless/pairs-rlcd.jsonl --out runs/harmless/dpo
 
 `python train.py STAGE --help` lists a stage's settings. Each stage lives in its own module under
 rlcd/ with a flat `Args` dataclass and a `main(argv)`; this file only dispatches.
@@ -25,6 +26,7 @@ STAGES = {
     "pm": ("rlcd.pm", "train a Bradley-Terry preference model on pairs"),
     "sft": ("rlcd.sft", "supervised fine-tuning (the context-distillation baseline)"),
     "ppo": ("rlcd.ppo", "align a policy against a preference model with PPO"),
+    "dpo": ("rlcd.dpo", "align a policy on the pairs directly with DPO (no preference model)"),
 }
 
 

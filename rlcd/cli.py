@@ -92,6 +92,7 @@ RULES: dict[str, Range] = {
     "clip": POSITIVE, "value_clip": POSITIVE,
     "kl_coef": NONNEGATIVE, "kl_target": POSITIVE, "vf_coef": NONNEGATIVE, "ent_coef": NONNEGATIVE,
     "center_coef": NONNEGATIVE, "gamma": UNIT, "lam": UNIT,
+    "beta": POSITIVE, "label_smoothing": Range(0, 0.5, hi_open=True, note="0 = off"),     # DPO
     "margin": ANY, "no_stop_score": ANY,
     # evaluation
     "tie": Range(0, 0.5, hi_open=True),

@@ -142,6 +142,7 @@ def test_a_bad_pipeline_setting_stops_before_the_first_stage(capsys, tmp_path):
 
 
 def command_classes():
+    import rlcd.dpo
     import rlcd.pipeline
     import rlcd.plot
     import rlcd.pm
@@ -150,7 +151,7 @@ def command_classes():
     import rlcd.simulate
 
     return [generate_cli.Args, rlcd.simulate.Args, rlcd.simulate.StatsArgs, rlcd.pm.Args, rlcd.sft.Args,
-            rlcd.ppo.Args, ev.RespondArgs, ev.CompareArgs, ev.JudgeAgreementArgs, ev.PMAgreementArgs,
+            rlcd.ppo.Args, rlcd.dpo.Args, ev.RespondArgs, ev.CompareArgs, ev.JudgeAgreementArgs, ev.PMAgreementArgs,
             rlcd.pipeline.Args, rlcd.plot.Args]
 
 
