@@ -208,11 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = runs.train(args, "dpo", policy, policy, tok, resume_from, [recs[i]["id"] for i in train_idx],
                              lengths, total, loss_fn, evaluate, n_train=len(train), n_dev=len(dev),
                              pairs=args.pairs, reference=args.model)
-    except CheckpointError as e:                    # the checkpoint resumed from (read before any step)
+    except (CheckpointError, FloatingPointError) as e:     # the checkpoint resumed from; a non-finite step
         print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 3
+        return 3 if isinstance(e, FloatingPointError) else 2
     distributed.print0(json.dumps({k: summary[k] for k in summary if k != "summary"}))
     return 0

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import make_tiny_model
 from numerics import U32, assert_within, fp32_sum_tol
 from safetensors.torch import load_file
 from test_distributed import run_ranks
 from test_distributed_train import _stage_rank, assert_same_run, one_process
 from test_kernels_logprob import _fp32_bounds
-from test_pm import write_marker_pairs
+from test_pm import tiny_dir, write_marker_pairs  # noqa: F401  (tiny_dir: test_pm's fixture, the tiny model saved)
 
 import eval as eval_cli
 import train as train_cli
@@ -102,11 +102,6 @@ def test_loss_and_gradient_match_float64():
 
 # --- the stage end to end ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_model(make_tiny_model(), make_tiny_tokenizer(), tmp_path_factory.mktemp("ckpt") / "tiny")
-
-
-@pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """A separable preference: the chosen response holds a '#', the rejected one does not (tests/test_pm.py)."""
     return write_marker_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 48)
@@ -121,8 +116,10 @@ def read_log(out) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def steps(out) -> list[dict]:
-    return [r for r in read_log(out) if "grad_norm" in r]
+def steps(out, timed: bool = True) -> list[dict]:
+    """The run's per-step records (timed=False: without their timings, which differ between runs)."""
+    return [{k: v for k, v in r.items() if timed or k not in ("step_s", "tokens_per_s")}
+            for r in read_log(out) if "grad_norm" in r]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -168,8 +165,7 @@ def test_resume_gives_the_same_weights_and_metrics(tiny_dir, pairs, tmp_path):
     assert dpo_mod.main(dpo_argv(pairs, tmp_path / "b", tiny_dir, *common, "--resume")) == 0
     a, b = (load_file(str(tmp_path / d / "policy" / "model.safetensors")) for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda log: [{k: v for k, v in r.items() if k not in ("step_s", "tokens_per_s")} for r in log]  # noqa: E731
-    assert strip(steps(tmp_path / "a")) == strip(steps(tmp_path / "b"))
+    assert steps(tmp_path / "a", timed=False) == steps(tmp_path / "b", timed=False)
 
 
 def test_killed_during_a_checkpoint_write_resumes_bit_for_bit(tiny_dir, pairs, tmp_path):
@@ -196,8 +192,7 @@ def test_killed_during_a_checkpoint_write_resumes_bit_for_bit(tiny_dir, pairs, t
     assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = (load_file(str(tmp_path / d / "policy" / "model.safetensors")) for d in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda log: [{k: v for k, v in r.items() if k not in ("step_s", "tokens_per_s")} for r in log]  # noqa: E731
-    assert strip(steps(tmp_path / "a")) == strip(steps(tmp_path / "b"))
+    assert steps(tmp_path / "a", timed=False) == steps(tmp_path / "b", timed=False)
 
 
 def test_world_two_with_fsdp_equals_world_one(tiny_dir, pairs, tmp_path):
