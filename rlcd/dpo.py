@@ -17,7 +17,7 @@ out, each sequence encoded as SFT encodes it (rlcd.sft.encode_example: prompt, r
 as the policy generates them) and computed through the one log-prob entry point
 (rlcd.sft.response_logprobs -> kernels.token_logprobs). The loss is the preference model's
 (rlcd.pm.bt_loss) on the implicit rewards, with the pair's label as its target: 1 for RLCD pairs, the
-scorer's probability for RLAIF pairs. --label-smoothing eps moves the target to eps + (1 - 2 eps) label,
+judge's probability for RLAIF pairs. --label-smoothing eps moves the target to eps + (1 - 2 eps) label,
 for label 1 conservative DPO (cDPO), which assumes each label is wrong with probability eps:
     L = -(1 - eps) log sigma(d) - eps log sigma(-d),     d = r(x, y_w) - r(x, y_l)
 
