@@ -17,7 +17,7 @@ from models import CheckpointError
 from rlcd import distributed
 
 COMMANDS = {
-    "respond": ("rlcd.evaluate", "respond_main",
+    "respond": ("rlcd.respond", "main",
                 "responses of each policy to the same held-out prompts (one resumable JSONL per policy)"),
     "compare": ("rlcd.evaluate", "compare_main",
                 "pairwise win rates of policies by a judge model, with judge-free statistics"),
@@ -25,7 +25,7 @@ COMMANDS = {
                         "accuracy, position and length bias of a pairwise judge on labelled pairs"),
     "contrast": ("rlcd.contrast", "main",
                  "how differentiated a simulator's RLCD pairs are under each prompt design (dev prompts)"),
-    "pm-agreement": ("rlcd.evaluate", "pm_agreement_main",
+    "pm-agreement": ("rlcd.pm", "pm_agreement_main",
                      "accuracy and mean chosen-probability of a preference model on a pairs file"),
 }
 

@@ -2,6 +2,7 @@
 preference model, SFT and the evaluations read. One error type, PairsError, whose message is one line
 naming the file and line; the lines themselves are read by rlcd.jsonl.read_objects.
 
+    resolve_pairs(spec) -> list[str]                  "human" -> the cached PyRIT pairs file
     read_pairs(paths, default_format="chat", format_override=None) -> list[dict]   validated records
     check_format(fmt, where) -> fmt                                              "chat" or "plain"
     check_label(rec, where) -> float                                             a label in [0, 1]
@@ -33,6 +34,17 @@ def check_label(rec: dict, where: str) -> float:
     if not isinstance(label, (int, float)) or isinstance(label, bool) or not 0.0 <= label <= 1.0:
         raise PairsError(f"{where}: label must be a number in [0, 1], got {label!r}")
     return float(label)
+
+
+def resolve_pairs(spec: list[str] | str) -> list[str]:
+    """Pairs file paths; "human" stands for the PyRIT human-labelled pairs (built and cached on first use)."""
+    out = []
+    for s in [spec] if isinstance(spec, str) else spec:
+        if s == "human":
+            from rlcd.human_pairs import human_pairs_path
+            s = str(human_pairs_path())
+        out.append(s)
+    return out
 
 
 def read_pairs(paths: list[str] | str, default_format: str = "chat", format_override: str | None = None,

@@ -215,7 +215,8 @@ def check_plan(cmds: dict[str, list[list[str]]]) -> None:
     from rlcd import ppo
     from rlcd.cli import ArgsError, read_args
 
-    eval_args = {"pm-agreement": "PMAgreementArgs", "respond": "RespondArgs", "compare": "CompareArgs"}
+    eval_args = {"pm-agreement": ("rlcd.pm", "PMAgreementArgs"), "respond": ("rlcd.respond", "Args"),
+                 "compare": ("rlcd.evaluate", "CompareArgs")}
     for stage, argvs in cmds.items():
         for argv in argvs:
             script, command, rest = argv[0], argv[1], [str(a) for a in argv[2:]]
@@ -223,7 +224,8 @@ def check_plan(cmds: dict[str, list[list[str]]]) -> None:
                 cls = importlib.import_module(f"rlcd.{command}").Args
                 rest = ppo.apply_preset(rest) if command == "ppo" else rest
             else:
-                cls = getattr(importlib.import_module("rlcd.evaluate"), eval_args[command])
+                module, name = eval_args[command]
+                cls = getattr(importlib.import_module(module), name)
             try:
                 read_args(cls, rest, prog=f"{script} {command}")
             except ArgsError as e:

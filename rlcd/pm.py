@@ -1,8 +1,8 @@
-"""Training the Bradley-Terry preference model (`train.py pm`). The model itself, its input and its
-scoring are in rlcd/reward.py; `eval.py pm-agreement` (rlcd/evaluate.py) measures a trained one on
-labelled pairs.
+"""Training the Bradley-Terry preference model (`train.py pm`), and measuring a trained one on labelled
+pairs (`eval.py pm-agreement`). The model itself, its input and its scoring are in rlcd/reward.py.
 
     python train.py pm --pairs runs/harmless/pairs-rlcd.jsonl --out runs/harmless/pm-rlcd --train-layers 4
+    python eval.py pm-agreement --pm runs/harmless/pm-rlcd --pairs human --format chat
 
 Loss (Bradley-Terry as binary cross-entropy with logits, as in AlpacaFarm's reward trainer, which the
 official RLCD code runs): with d = r_chosen - r_rejected and label y = P(chosen is better),
@@ -13,12 +13,18 @@ Each pair is encoded as rlcd.reward.encode_input (prompt + response + end marker
 the last token. After the schedule, the reward's mean and std on base-policy samples are stored in
 run.json for PPO's normalised reward.
 
+pm-agreement. A trained preference model on labelled pairs, each prompt re-rendered in the PM's own
+template: the metrics of its dev evaluation (evaluate_pairs: BT loss, accuracy, mean P(chosen), mean
+margin) and the accuracy split by whether the chosen response is the shorter or the longer one
+(rlcd.evaluate.length_split, as eval.py judge-agreement reports it for a judge).
+
 API
     bt_loss(r_chosen, r_rejected, label, margin=0.0, center_coef=0.0) -> scalar loss
     pair_correct(d, label) -> (B,); pair_metrics(r_chosen, r_rejected, label) -> {"accuracy", "p_chosen", "margin"}
     encode_pairs(recs, tok, max_length) -> (chosen ids, rejected ids, number cut)
     evaluate_pairs(pm, chosen, rejected, labels, pad_id, batch_size) -> (metrics, per-pair correctness)
     main(argv)            train.py pm
+    pm_agreement_main(argv)   eval.py pm-agreement
 
 Shapes: B pairs, N sequences (2B in training: the chosen rows, then the rejected rows), T tokens.
 """
@@ -39,8 +45,10 @@ from models import CheckpointError, Tokenizer, load_model
 from models.checkpoint import resolve
 from rlcd import distributed, runs
 from rlcd.cli import parse_args
-from rlcd.pairs import PairsError, in_own_template, read_pairs
-from rlcd.reward import HEAD_FILE, RewardModel, encode_input, end_marker, score_ids, score_texts
+from rlcd.evaluate import length_split
+from rlcd.pairs import PairsError, in_own_template, read_pairs, resolve_pairs
+from rlcd.precision import resolve as resolve_precision
+from rlcd.reward import HEAD_FILE, RewardModel, encode_input, end_marker, load_reward_model, score_ids, score_texts
 from rlcd.tasks import FORMATS
 
 
@@ -236,4 +244,50 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     distributed.barrier()                           # run.json is complete on every rank's return
     distributed.print0(json.dumps({k: summary[k] for k in summary if k != "summary"}))
+    return 0
+
+
+# --- eval.py pm-agreement -----------------------------------------------------------------------------
+@dataclass
+class PMAgreementArgs:
+    """Accuracy and mean chosen-probability of a preference model on a pairs file (eval.py pm-agreement)."""
+    pm: str                            # preference-model run directory (OUT of train.py pm) or its reward/
+    pairs: list[str]                   # JSONL file(s) with prompt, chosen, rejected (chosen = the preferred one); "human": the PyRIT pairs
+    format: str | None = None          # chat or plain for every record, its prompt re-rendered from its messages with the PM's tokenizer (default: each record's own)
+    batch_size: int = 16               # sequences per forward
+    max_length: int = 512              # tokens per sequence (the start of the prompt is cut beyond)
+    device: str = "cpu"                # cpu or cuda
+    precision: str = "auto"            # auto, fp32 or bf16 (rlcd.precision): the PM's weights
+    out: str | None = None             # also write the metrics as JSON here
+
+
+def pm_agreement_main(argv: list[str] | None = None) -> int:
+    args = parse_args(PMAgreementArgs, argv, prog="eval.py pm-agreement", description=PMAgreementArgs.__doc__)
+    try:
+        dtype = resolve_precision(args.precision, args.device).inference_dtype
+        paths = resolve_pairs(args.pairs)
+        recs = read_pairs(paths, format_override=args.format)
+        pm, tok, meta = load_reward_model(args.pm, args.device, dtype)
+    except (CheckpointError, ValueError) as e:                                   # PairsError is a ValueError
+        print(f"eval.py pm-agreement: {e}", file=sys.stderr)
+        return 2
+    # Prompts in the PM's own template (and a forced format: the human pairs are stored in plain form; a
+    # PM trained on chat pairs should see them as chat).
+    recs = in_own_template(recs, tok, args.format)
+    max_length = min(args.max_length, pm.trunk.args.max_seq_len)
+    chosen, rejected, n_cut = encode_pairs(recs, tok, max_length)
+    labels = torch.tensor([r["label"] for r in recs])
+    m, right = evaluate_pairs(pm, chosen, rejected, labels, tok.pad_id, args.batch_size)
+    # Per-pair correctness split by whether the chosen response is the shorter or the longer one: a PM
+    # that only prefers brevity (refusals are short) shows up there.
+    m |= length_split(recs, right)
+    f = lambda v: "-" if v is None else f"{v:.4f}"   # noqa: E731
+    print(f"{args.pm}: {m['n']} pairs  accuracy {m['accuracy']:.4f}  mean P(chosen) {m['p_chosen']:.4f}  "
+          f"mean margin {m['margin']:.4f}  loss {m['loss']:.4f}" + (f"  ({n_cut} cut to {max_length} tokens)"
+                                                                     if n_cut else "")
+          + f"\n  chosen shorter: {m['n_chosen_shorter']} pairs, accuracy {f(m['accuracy_chosen_shorter'])}; "
+          f"chosen longer: {m['n_chosen_longer']} pairs, accuracy {f(m['accuracy_chosen_longer'])}")
+    if args.out:
+        runs.write_json_atomic(Path(args.out), {**m, "pm": args.pm, "pairs": paths, "step": meta.get("step"),
+                                                "format": args.format})
     return 0

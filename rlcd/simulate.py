@@ -76,7 +76,7 @@ from rlcd.precision import resolve as resolve_precision
 from rlcd.prompts import DataError, load_prompts
 from rlcd import judge as judges
 from rlcd.scorer import JUDGE_FORMATS, judge_pairs, score_pairs
-from rlcd.tasks import FORMATS, TASKS, ContrastivePair, contrastive_pair, format_prompt, postprocess
+from rlcd.tasks import FORMATS, TASKS, ContrastivePair, clean, contrastive_pair, format_prompt
 
 METHODS = ("rlcd", "rlaif", "rlcd-rescore")
 # Fields every pairs record carries; the trainers downstream rely on them.
@@ -163,20 +163,6 @@ def _resume(path: Path, args: Args) -> set[str]:
 
 def _hash_int(*parts) -> int:
     return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
-
-
-def clean(result: dict, fmt: str, tokenizer: Tokenizer, require_end: bool) -> tuple[str | None, bool]:
-    """(cleaned text or None, ended properly) for one generate_texts result.
-
-    postprocess() looks for end-of-turn strings in the decoded text, but generate_texts drops the stop
-    token and decodes without special tokens; so decode again keeping specials (a stray <|endoftext|>
-    that is not a stop id then cuts the response too) and put back an end marker when it stopped.
-    """
-    text = tokenizer.decode(result["token_ids"], skip_special_tokens=False)
-    if result["finished"]:
-        text += "<|endoftext|>"
-    ended = postprocess(text, fmt, require_end=True) is not None
-    return postprocess(text, fmt, require_end=require_end), ended
 
 
 def sample_responses(model, tokenizer: Tokenizer, prompts: list[str], args: Args, salt: str,

@@ -23,6 +23,7 @@ API
         ContrastivePair(plus, minus, neutral, index, plus_prefix, minus_prefix), a NamedTuple
     scorer_prompt(prompt_text, instruction, a, b) -> str      the RLAIF labelling prompt, verbatim
     postprocess(text, fmt, require_end=False) -> str | None   clean one sampled response
+    clean(result, fmt, tokenizer, require_end) -> (str | None, ended)   postprocess a generate_texts result
     FormatError(ValueError)         a conversation or chat template that cannot carry an affix
 """
 from __future__ import annotations
@@ -389,3 +390,17 @@ def postprocess(text: str, fmt: str, require_end: bool = False) -> str | None:
     if not out or (require_end and not ended):
         return None
     return out
+
+
+def clean(result: dict, fmt: str, tokenizer, require_end: bool) -> tuple[str | None, bool]:
+    """(cleaned text or None, ended properly) for one generate_texts result.
+
+    postprocess() looks for end-of-turn strings in the decoded text, but generate_texts drops the stop
+    token and decodes without special tokens; so decode again keeping specials (a stray <|endoftext|>
+    that is not a stop id then cuts the response too) and put back an end marker when it stopped.
+    """
+    text = tokenizer.decode(result["token_ids"], skip_special_tokens=False)
+    if result["finished"]:
+        text += "<|endoftext|>"
+    ended = postprocess(text, fmt, require_end=True) is not None
+    return postprocess(text, fmt, require_end=require_end), ended

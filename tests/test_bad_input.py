@@ -147,11 +147,12 @@ def command_classes():
     import rlcd.plot
     import rlcd.pm
     import rlcd.ppo
+    import rlcd.respond
     import rlcd.sft
     import rlcd.simulate
 
     return [generate_cli.Args, rlcd.simulate.Args, rlcd.simulate.StatsArgs, rlcd.pm.Args, rlcd.sft.Args,
-            rlcd.ppo.Args, rlcd.dpo.Args, ev.RespondArgs, ev.CompareArgs, ev.JudgeAgreementArgs, ev.PMAgreementArgs,
+            rlcd.ppo.Args, rlcd.dpo.Args, rlcd.respond.Args, ev.CompareArgs, ev.JudgeAgreementArgs, rlcd.pm.PMAgreementArgs,
             rlcd.pipeline.Args, rlcd.plot.Args]
 
 

@@ -225,21 +225,21 @@ def test_sharded_simulate_writes_each_pair_once_and_resumes_after_a_kill(ckpt, p
 
 
 def _respond_rank(argv: list[str], kill_rank: int | None) -> None:
-    import rlcd.evaluate as ev
+    import rlcd.respond as respond
 
     if distributed.rank() == kill_rank:
-        kill_self_on_call(ev, "generate_texts", 2)   # after its first chunk is on disk
-    assert ev.respond_main(argv) == 0
+        kill_self_on_call(respond, "generate_texts", 2)   # after its first chunk is on disk
+    assert respond.main(argv) == 0
 
 
 def test_sharded_respond_writes_each_prompt_once_and_resumes_after_rank_zero_is_killed(ckpt, prompts, tmp_path):
-    import rlcd.evaluate as ev
+    import rlcd.respond as respond
 
     def argv(out):
         return ["--policy", f"base={ckpt}", "--prompts", str(prompts), "--split", "train", "--out-dir", str(out),
                 "--max-new-tokens", "6", "--batch-size", "3", "--no-progress"]
 
-    assert one_thread(ev.respond_main, argv(tmp_path / "ref")) == 0
+    assert one_thread(respond.main, argv(tmp_path / "ref")) == 0
     ref = (tmp_path / "ref" / "base.jsonl").read_bytes()
     assert len(ref.splitlines()) == len(QUESTIONS)
     # Rank 0, the one that merges, killed as its second chunk starts; a rerun at world 2 completes the file.
@@ -250,4 +250,4 @@ def test_sharded_respond_writes_each_prompt_once_and_resumes_after_rank_zero_is_
     run_ranks(_respond_rank, argv(tmp_path / "cut"), None)
     out = tmp_path / "cut" / "base.jsonl"
     assert out.read_bytes() == ref and distributed.shard_files(out) == []
-    assert len(ev.read_responses(out)) == len(QUESTIONS)         # each prompt once, readable as ever
+    assert len(respond.read_responses(out)) == len(QUESTIONS)         # each prompt once, readable as ever

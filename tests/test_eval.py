@@ -12,6 +12,7 @@ from conftest import make_tiny_model, make_tiny_tokenizer
 
 import eval as eval_cli
 import rlcd.evaluate as ev
+import rlcd.respond as respond
 import rlcd.scorer as scorer
 from models import load_model, save_model
 from rlcd.judge import JudgeSpec
@@ -128,14 +129,14 @@ def respond_argv(ckpt, prompts, out_dir, *extra, policies=("base",)):
 def test_respond_writes_one_file_per_policy(ckpt, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl")
     assert eval_cli.main(respond_argv(ckpt, prompts, tmp_path / "r", policies=("base", "other"))) == 0
-    recs = ev.read_responses(tmp_path / "r" / "base.jsonl")
+    recs = respond.read_responses(tmp_path / "r" / "base.jsonl")
     assert sorted(r["messages"][0]["content"] for r in recs) == sorted(QUESTIONS)
     r = recs[0]
     assert r["policy"] == "base" and r["model"] == str(ckpt) and r["format"] == "chat"
     assert r["prompt"].startswith("<|im_start|>user\n") and 0 <= r["n_tokens"] <= 6
     assert r["settings"]["seed"] == 0 and r["settings"]["temperature"] == 1.0 and r["settings"]["split"] == "test"
     # Same model, same seed and settings: the two policies' files hold the same responses.
-    other = {x["id"]: x["response"] for x in ev.read_responses(tmp_path / "r" / "other.jsonl")}
+    other = {x["id"]: x["response"] for x in respond.read_responses(tmp_path / "r" / "other.jsonl")}
     assert {x["id"]: x["response"] for x in recs} == other
 
 
@@ -147,7 +148,7 @@ def test_respond_resumes_into_the_uninterrupted_file(ckpt, tmp_path, monkeypatch
     assert len(lines) == len(QUESTIONS)
     # 1. A run killed in its second chunk (chunks of 4: the first chunk is on disk).
     calls = {"n": 0}
-    real = ev.generate_texts
+    real = respond.generate_texts
 
     def crash_on_second(*a, **k):
         calls["n"] += 1
@@ -155,10 +156,10 @@ def test_respond_resumes_into_the_uninterrupted_file(ckpt, tmp_path, monkeypatch
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(ev, "generate_texts", crash_on_second)
+    monkeypatch.setattr(respond, "generate_texts", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         eval_cli.main(respond_argv(ckpt, prompts, tmp_path / "cut"))
-    monkeypatch.setattr(ev, "generate_texts", real)
+    monkeypatch.setattr(respond, "generate_texts", real)
     assert len((tmp_path / "cut" / "base.jsonl").read_bytes().splitlines()) == 4
     assert eval_cli.main(respond_argv(ckpt, prompts, tmp_path / "cut")) == 0
     assert (tmp_path / "cut" / "base.jsonl").read_bytes() == full
@@ -232,7 +233,7 @@ def test_compare_with_a_stub_judge(tmp_path, monkeypatch):
                    focus="rlcd")
     assert [(c["a"], c["b"]) for c in f["comparisons"]] == [("rlcd", "base"), ("rlcd", "worse")]
     assert f["comparisons"][0]["p"] == c["p"]
-    with pytest.raises(ev.ResponsesError, match="--focus 'nobody'"):
+    with pytest.raises(respond.ResponsesError, match="--focus 'nobody'"):
         ev.compare([str(rlcd), str(base)], object(), make_tiny_tokenizer(), spec=STUB, focus="nobody")
 
 

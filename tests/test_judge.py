@@ -14,6 +14,7 @@ import eval as eval_cli
 import rlcd.judge as judges
 import rlcd.evaluate as ev
 from models import save_model
+from rlcd.pairs import read_pairs
 from rlcd.judge import (QUESTIONS, JudgeSpec, cluster_ci, combine_pairwise, cross_validate, expand, judge,
                         judge_free, pair_correct, pointwise_prompt, request_folds, request_key, select_best)
 
@@ -208,7 +209,7 @@ def test_judge_agreement_cli_selects_by_cross_validation(tiny, tmp_path, capsys)
     assert rows["refusal"]["cv_accuracy"] == 1.0 and rows["shorter"]["cv_accuracy"] == 1.0
     assert rows[f"{ckpt} pointwise"]["position_agreement"] is None
     # measure() and judge() are the same judge: the apparent accuracy of one configuration is judge_agreement's
-    recs = ev.read_pairs([str(f)])
+    recs = read_pairs([str(f)])
     one = ev.judge_agreement(model, tok, recs, "harmless", JudgeSpec.parse(f"{ckpt}:pairwise:chat:p4:logit"))
     assert t["apparent_accuracy"][f"{ckpt}:pairwise:chat:p4:logit"] == pytest.approx(one["accuracy"])
     # a rerun reads every measurement from the cache and gives the same table
