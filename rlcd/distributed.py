@@ -1,6 +1,6 @@
 """Everything this project knows about torch.distributed, in one file: the process group, the rank
-helpers, the few collectives the stages use, rank-0-only output, and the per-rank shard files of the
-generation stages. Nothing here is a communication layer: each collective is one torch.distributed call.
+helpers, the few collectives the stages use, rank-0-only output, and the data parallelism of the
+training stages. Nothing here is a communication layer: each collective is one torch.distributed call.
 
     python train.py simulate ...                               world size 1: no process group at all
     torchrun --nproc_per_node 2 train.py simulate ...          2 ranks on this machine (gloo on CPU)
@@ -12,11 +12,8 @@ in each; init() reads them. With WORLD_SIZE unset or 1 (a plain `python`, or `to
 the reductions return their input, barrier() returns at once. So a one-process run executes exactly the
 code it ran before this module existed.
 
-Sharded outputs (train.py simulate, eval.py respond): at world size N > 1 rank r appends its records to
-`OUT.rank<r>` (shard_path) and, after every rank is done, rank 0 appends the shards' records to OUT in
-the order the one-process run would have written them and deletes the shards (merge_shards). A kill of
-any rank leaves the shards on disk; the rerun (at any world size) counts their ids as done and merges
-them at its end. Readers only ever see OUT, complete once the command returns.
+The generation stages (train.py simulate, eval.py respond) deal their chunks to the ranks with shard()
+and write per-rank shard files that rank 0 merges: rlcd/jsonl.py.
 
 Training stages (train.py pm, sft, ppo): data parallelism with FSDP2 (`fully_shard`), no wrapper class.
 parallelize() shards a model over a device mesh: without --fsdp the mesh is (N replicas x 1 shard), so
@@ -238,69 +235,6 @@ def run_command(body: Callable[[], T], errors: tuple[type[Exception], ...], prog
     except errors as e:
         print(f"{tag(prog)}: {label}{e}", file=sys.stderr)
         return 2, None
-
-
-# --- per-rank shard files of the generation stages -------------------------------------------------------------
-def shard_path(path: str | Path, r: int | None = None) -> Path:
-    """Where rank r (default: this one) appends its records of the output `path`: PATH.rank<r>."""
-    path = Path(path)
-    return path.with_name(f"{path.name}.rank{rank() if r is None else r}")
-
-
-def shard_files(path: str | Path) -> list[Path]:
-    """The shard files of `path` on disk (from this run or a killed one at any world size), by rank."""
-    path = Path(path)
-    prefix = path.name + ".rank"
-    if not path.parent.is_dir():
-        return []
-    found = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(prefix):]))
-
-
-def merge_shards(path: str | Path, order: Sequence[str], error: type[Exception] = ValueError) -> int:
-    """Append to `path` every record of its shard files whose id `path` lacks, ordered as the ids in
-    `order` (the order one process writes; ids not in it last), then fsync and delete the shards.
-    Returns how many records were appended. Call on one rank, after a barrier.
-
-    Lines are copied byte for byte. A partial last line of a shard (a killed write) is left out. A kill
-    during the merge is safe: a rerun finds the merged ids in `path` and skips them, and a partial line
-    that the kill left in `path` is cut off by the caller's resume, its record still in a shard."""
-    from rlcd.jsonl import read_objects
-
-    path = Path(path)
-    shards = shard_files(path)
-    if not shards:
-        return 0
-    have = {rec["id"] for _, rec in read_objects(path, error, partial_ok=True)[0]} if path.exists() else set()
-    new: dict[str, bytes] = {}
-    for s in shards:
-        objects, end = read_objects(s, error, partial_ok=True)
-        raw = s.read_bytes()[:end].split(b"\n")                 # line n of read_objects is raw[n - 1]
-        for n, rec in objects:
-            if rec["id"] not in have:
-                new.setdefault(rec["id"], raw[n - 1] + b"\n")
-    position = {k: i for i, k in enumerate(order)}
-    ids = sorted(new, key=lambda k: position.get(k, len(position)))    # stable: unknown ids keep file order
-    with open(path, "ab") as f:
-        f.write(b"".join(new[k] for k in ids))
-        f.flush()
-        os.fsync(f.fileno())
-    for s in shards:
-        s.unlink()
-    return len(ids)
-
-
-def finish_shards(path: str | Path, order: Sequence[str], error: type[Exception], written: int, n_tokens: int,
-                  seconds: float) -> tuple[int, int, float]:
-    """The end of a sharded generation stage (simulate, respond): every rank's counts, then rank 0 merges
-    the shards (and any a killed run left) into `path` in the one-process order (`order`: the ids as one
-    process writes them). Returns the totals: records written, tokens generated, seconds of the slowest
-    rank. `path` is complete on every rank's return."""
-    counts = gather_objects((written, n_tokens, seconds))
-    if is_main():
-        merge_shards(path, order, error)
-    barrier()
-    return sum(c[0] for c in counts), sum(c[1] for c in counts), max(c[2] for c in counts)
 
 
 # --- data parallelism of the training stages (FSDP2) -------------------------------------------------------------

@@ -7,14 +7,13 @@
 Every policy answers the same held-out prompts (rlcd.prompts.load_prompts, one split) with the same
 sampling settings and seed, one JSONL file per policy (DIR/NAME.jsonl). The prompts are rendered in
 `format` with each policy's own tokenizer, ordered by (token length, id) and cut into fixed chunks of
-`batch_size`; each chunk is one generate_texts call seeded from (seed, the chunk's ids), and its records
-are appended and fsynced together. A rerun skips chunks already complete, regenerates a chunk that was
-cut short and writes only its missing records, so an interrupted file is completed into exactly the
-file an uninterrupted run writes (on the same machine and batch size). A partial last line is cut off.
-Under torchrun (`torchrun --nproc_per_node N eval.py respond ...`, rlcd/distributed.py) rank r takes
-chunks r, r + N, ... and appends to NAME.jsonl.rank<r>; rank 0 then merges the shards into NAME.jsonl in
-chunk order, so the file is the one a single process writes, whatever N. A kill of any rank is resumed
-by a rerun at any world size, which counts the shards' records as done and merges them.
+`batch_size`; each chunk is one generate_texts call seeded from (seed, the chunk's ids), written by
+rlcd/jsonl.py's writer, the one train.py simulate uses: a rerun skips chunks already complete,
+regenerates a chunk that was cut short and writes only its missing records, so an interrupted file is
+completed into exactly the file an uninterrupted run writes (on the same machine and batch size), and
+under torchrun (`torchrun --nproc_per_node N eval.py respond ...`) the ranks share the chunks and rank 0
+merges their shard files into NAME.jsonl in chunk order, so the file does not depend on N. A record
+written with other settings is an error naming the file and line.
 
 Record: id, policy, model, task, format, messages, prompt (the text the policy saw), response (cleaned
 as in rlcd.tasks.clean: cut at the end-of-turn token or next turn), n_tokens (generated tokens, stop
@@ -28,10 +27,7 @@ API
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +35,7 @@ from models import CheckpointError, load_model
 from models.generation import SamplingParams, generate_texts
 from rlcd import distributed
 from rlcd.cli import parse_args, save_config
-from rlcd.jsonl import drop_partial_line, read_objects
+from rlcd.jsonl import Lines, append_chunks, done_ids, fixed_chunks, merge_shards, read_objects, seed_of
 from rlcd.precision import resolve as resolve_precision
 from rlcd.prompts import DataError, load_prompts
 from rlcd.tasks import FORMATS, clean, format_prompt
@@ -97,7 +93,7 @@ def _settings(args: Args) -> dict:
             "precision": resolve_precision(args.precision, args.device).name}
 
 
-def _read_lines(path: Path) -> tuple[list[tuple[int, dict]], int]:
+def _read_lines(path: Path) -> tuple[Lines, int]:
     """(line number, record) of every complete line of a responses file and the byte offset past the last
     one. A last line without its newline is a write cut short: left out here. Anything else unreadable
     is a ResponsesError naming the file and line (rlcd.jsonl.read_objects with partial_ok)."""
@@ -110,13 +106,6 @@ def _read_lines(path: Path) -> tuple[list[tuple[int, dict]], int]:
         if not isinstance(rec["response"], str) or not isinstance(rec["settings"], dict):
             raise ResponsesError(f"{where}: 'response' must be a string and 'settings' an object")
     return lines, end
-
-
-def _chunks(items: list[tuple[dict, str, int]], batch_size: int) -> list[list[tuple[dict, str, int]]]:
-    """Fixed chunks over (prompt record, rendered text, token length), ordered by (length, id): similar
-    lengths share a batch (little padding), and the chunks do not depend on what is already done."""
-    items = sorted(items, key=lambda it: (it[2], it[0]["id"]))
-    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
 
 def _moved_with(old: str, new: str, root: Path) -> bool:
@@ -135,82 +124,53 @@ def respond_policy(name: str, model_spec: str, prompts: list[dict], args: Args) 
     on every rank, with the file complete on return)."""
     path = Path(args.out_dir) / f"{name}.jsonl"
     settings = _settings(args)
-    world = distributed.world_size()
-    # Each rank trims a partial last line off what it appends to (rank 0 also NAME.jsonl, which it merges
-    # into), then, past the barrier, every rank reads the file and every shard (rlcd.distributed).
-    target = path if world == 1 else distributed.shard_path(path)
-    for f in {target, path} if distributed.is_main() else {target}:
-        if f.exists():
-            drop_partial_line(f, _read_lines(f)[1], "respond", "it will be redone")
-    distributed.barrier()
-    done: set[str] = set()
-    for f in [path, *distributed.shard_files(path)]:
-        if not f.exists():
-            continue
-        lines, _ = _read_lines(f)
+    ours = {"policy": name, "model": model_spec, **settings}
+
+    def check(f: Path, lines: Lines) -> None:                   # records of this policy and these settings
         for lineno, rec in lines:
             theirs = {"policy": rec["policy"], "model": rec["model"], **rec["settings"]}
-            ours = {"policy": name, "model": model_spec, **settings}
             diff = [k for k in ours if theirs.get(k) != ours[k]
                     and not (k == "model" and _moved_with(theirs[k], model_spec, path.parent.parent))]
             if diff:
                 raise ResponsesError(
                     f"{f}:{lineno}: written with {', '.join(f'{k}={theirs.get(k)!r}' for k in diff)}, but this "
                     f"run has {', '.join(f'{k}={ours[k]!r}' for k in diff)}; use another --out-dir")
-            done.add(rec["id"])
+    done = done_ids(path, _read_lines, check, "respond", "it will be redone")
     want = {r["id"] for r in prompts}
     if done - want:
         raise ResponsesError(f"{path}: holds {len(done - want)} prompt id(s) not in this run's prompts "
                              f"(e.g. {sorted(done - want)[0]}); use another --out-dir")
     if done == want:
         if distributed.is_main():                   # shards a killed run left complete
-            distributed.merge_shards(path, [r["id"] for r in prompts], ResponsesError)
+            merge_shards(path, [r["id"] for r in prompts], ResponsesError)
         distributed.barrier()
         return {"policy": name, "path": str(path), "n": len(want), "written": 0, "seconds": 0.0}
 
     model, tok = load_model(model_spec, device=distributed.device_for_rank(args.device),
                             dtype=resolve_precision(args.precision, args.device).inference_dtype)
     texts = [format_prompt(r["messages"], args.format, tok) for r in prompts]
-    chunks = _chunks([(r, t, len(tok.encode(t))) for r, t in zip(prompts, texts)], args.batch_size)
+    # (prompt record, rendered text, token length), in chunks of similar lengths (little padding).
+    chunks = fixed_chunks([(r, t, len(tok.encode(t))) for r, t in zip(prompts, texts)], args.batch_size,
+                          key=lambda it: (it[2], it[0]["id"]))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p)
-    # The chunks left to do, dealt round-robin to the ranks (all of them at world size 1).
-    mine = distributed.shard([c for c in chunks if not all(r["id"] in done for r, _, _ in c)])
-    # One process counts the whole file; rank 0 of N counts its own share.
-    n_mine = sum(r["id"] not in done for c in mine for r, _, _ in c)
-    total, initial = (len(want), len(done)) if world == 1 else (n_mine, 0)
-    bar = distributed.progress(total=total, initial=initial, desc=f"respond {name}", unit="prompt",
-                               disable=not args.progress, dynamic_ncols=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written, n_tokens, t0 = 0, 0, time.perf_counter()
-    with open(target, "a", encoding="utf-8") as f:
-        for chunk in mine:
-            # The chunk's seed depends on its ids only, so a redone chunk samples exactly what it did.
-            key = f"respond:{args.seed}:" + "\n".join(r["id"] for r, _, _ in chunk)
-            seed = int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
-            results = generate_texts(model, tok, [t for _, t, _ in chunk], params, batch_size=len(chunk),
-                                     seed=seed, progress=False)
-            lines = []
-            for (rec, text, _), res in zip(chunk, results):
-                n_tokens += len(res["token_ids"])
-                if rec["id"] in done:
-                    continue
-                response, ended = clean(res, args.format, tok, require_end=False)
-                lines.append(json.dumps({
-                    "id": rec["id"], "policy": name, "model": model_spec, "task": args.task,
-                    "format": args.format, "messages": rec["messages"], "prompt": text,
-                    "response": response or "", "n_tokens": len(res["token_ids"]), "finished": ended,
-                    "settings": settings}, ensure_ascii=False) + "\n")
-            # One write and an fsync per chunk: after a crash at most this chunk is redone.
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
-            written += len(lines)
-            bar.update(len(lines))
-    bar.close()
-    # Every rank's counts, then rank 0 merges the shards into NAME.jsonl in the one-process order.
-    written, n_tokens, seconds = distributed.finish_shards(path, [r["id"] for c in chunks for r, _, _ in c],
-                                                           ResponsesError, written, n_tokens, time.perf_counter() - t0)
+
+    def make(chunk: list[tuple[dict, str, int]]) -> tuple[list[dict], int]:
+        # The chunk's seed depends on its ids only, so a redone chunk samples exactly what it did.
+        seed = seed_of("respond", args.seed, "\n".join(r["id"] for r, _, _ in chunk))
+        results = generate_texts(model, tok, [t for _, t, _ in chunk], params, batch_size=len(chunk), seed=seed,
+                                 progress=False)
+        recs = []
+        for (rec, text, _), res in zip(chunk, results):
+            response, ended = clean(res, args.format, tok, require_end=False)
+            recs.append({"id": rec["id"], "policy": name, "model": model_spec, "task": args.task,
+                         "format": args.format, "messages": rec["messages"], "prompt": text,
+                         "response": response or "", "n_tokens": len(res["token_ids"]), "finished": ended,
+                         "settings": settings})
+        return recs, sum(len(res["token_ids"]) for res in results)
+
+    written, n_tokens, seconds = append_chunks(path, chunks, lambda it: it[0]["id"], done, make, ResponsesError,
+                                               f"respond {name}", "prompt", args.progress)
     return {"policy": name, "path": str(path), "n": len(want), "written": written, "seconds": round(seconds, 1),
             "gen_tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None}
 

@@ -36,32 +36,22 @@ Record (one JSON line per pair; rlcd/pm.py and rlcd/sft.py read these fields):
     p_b is the scorer's P("B") and a names the stored response that was shown as option A; with a judge
     spec, scorer is {judge (its spec name), p_first}.
 
-Resuming: records are appended and flushed after every chunk of `batch_size` prompts. Re-running the
-same command skips the ids already in the file. A last line without its newline is a write cut short
-by a killed run: the file is truncated back to the last complete line and that pair is redone. Any
-other unreadable line is an error naming the file and line, and so is a record made with a different
-task, method, format, model or seed. The chunks are fixed by the prompts alone (sorted by length, then
-id) and each chunk's sampling is seeded from its ids, so a resumed run writes the records an
-uninterrupted one would (on the same machine and batch size).
-
-Under torchrun (rlcd/distributed.py): `torchrun --nproc_per_node N train.py simulate ...` deals the chunks
-to the ranks round-robin (chunk i to rank i mod N; the chunks are sorted by length, so the loads are
-alike). Rank r appends to OUT.rank<r>; at the end rank 0 merges the shards into OUT in chunk order and
-deletes them, so OUT is the file one process writes, and the records do not depend on N (each chunk is
-sampled, and judged, alone). A kill of any rank leaves OUT and the shards resumable: a rerun at any
-world size, `python train.py simulate` included, counts the shards' ids as done and merges them.
+Resuming and torchrun: the prompts are sorted by length, then id, and cut into chunks of `batch_size`;
+each chunk is sampled (and judged) alone, from a seed of its ids, and its records are appended and
+fsynced together, by rlcd/jsonl.py's writer, the one eval.py respond uses. Re-running the same command
+skips the ids already in the file (and in the shard files a run under torchrun left), redoes a pair whose
+write a kill cut short, and writes the records an uninterrupted run would (on the same machine and batch
+size). A record made with a different task, method, format, model or seed is an error naming the file.
+`torchrun --nproc_per_node N train.py simulate ...` deals the chunks to the ranks and merges their shard
+files into OUT in chunk order, so OUT does not depend on N.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from models import CheckpointError, load_model
 from models.checkpoint import resolve
@@ -70,7 +60,7 @@ from models.tokenizer import Tokenizer
 from rlcd import distributed
 from rlcd.cli import parse_args, save_config
 from rlcd.designs import Design, load_design
-from rlcd.jsonl import drop_partial_line, read_objects
+from rlcd.jsonl import Lines, append_chunks, done_ids, fixed_chunks, read_objects, seed_of
 from rlcd.pairs import PairsError
 from rlcd.precision import resolve as resolve_precision
 from rlcd.prompts import DataError, load_prompts
@@ -117,8 +107,8 @@ class Args:
 # ---------------------------------------------------------------------------------------------
 # reading a pairs file
 
-def read_records(path: str | Path) -> tuple[list[dict], int]:
-    """The records of a pairs file and the byte offset just past its last complete line.
+def read_records(path: str | Path) -> tuple[Lines, int]:
+    """(line number, record) of each record of a pairs file and the byte offset just past its last complete line.
 
     A last line without a newline is left out (rlcd.jsonl.read_objects with partial_ok); any other line
     that is not a JSON object with the REQUIRED fields raises PairsError naming the file and line.
@@ -128,42 +118,26 @@ def read_records(path: str | Path) -> tuple[list[dict], int]:
         missing = [k for k in REQUIRED if k not in rec]
         if missing:
             raise PairsError(f"{path}:{n}: not a pairs record, missing {', '.join(missing)}")
-    return [rec for _, rec in lines], end
+    return lines, end
 
 
 def _resume(path: Path, args: Args) -> set[str]:
-    """Ids already in `path` or in its shard files (a sharded run's, rlcd.distributed), after cutting a
-    partial last line off the files this rank appends to; checks they all came from this run."""
-    # Each rank trims only what it appends to (rank 0 also `path`, which it merges into); the barrier
-    # keeps the other ranks from reading a file while it is being truncated.
-    own = {path} if distributed.world_size() == 1 else {distributed.shard_path(path)}
-    for f in own | ({path} if distributed.is_main() else set()):
-        if f.exists():
-            drop_partial_line(f, read_records(f)[1], "simulate", "that pair will be redone")
-    distributed.barrier()
+    """Ids already in `path` or in its shard files (rlcd.jsonl.done_ids); every record must come from this run."""
     want = {k: getattr(args, k) for k in RUN_KEYS}
-    done = set()
-    for f in [path, *distributed.shard_files(path)]:
-        if not f.exists():
-            continue
-        records, _ = read_records(f)
-        for n, rec in enumerate(records, 1):
+
+    def check(f: Path, lines: Lines) -> None:
+        for n, (_, rec) in enumerate(lines, 1):
             diff = [k for k in RUN_KEYS if rec[k] != want[k]]
             if diff:
                 theirs = ", ".join(f"{k}={rec[k]!r}" for k in diff)
                 ours = ", ".join(f"{k}={want[k]!r}" for k in diff)
                 raise PairsError(f"{f}: record {n} ({rec['id']}) has {theirs}, but this run has {ours}; "
                                  f"write to another --out")
-        done |= {r["id"] for r in records}
-    return done
+    return done_ids(path, read_records, check, "simulate", "that pair will be redone")
 
 
 # ---------------------------------------------------------------------------------------------
 # sampling
-
-def _hash_int(*parts) -> int:
-    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
-
 
 def sample_responses(model, tokenizer: Tokenizer, prompts: list[str], args: Args, salt: str,
                      ) -> tuple[list[str | None], list[int], list[bool], int]:
@@ -183,7 +157,7 @@ def sample_responses(model, tokenizer: Tokenizer, prompts: list[str], args: Args
         if not todo:
             break
         results = generate_texts(model, tokenizer, [prompts[i] for i in todo], params,
-                                 batch_size=args.batch_size, seed=_hash_int(args.seed, salt, attempt),
+                                 batch_size=args.batch_size, seed=seed_of(args.seed, salt, attempt),
                                  progress=False)
         failed = []
         for i, r in zip(todo, results):
@@ -239,7 +213,7 @@ def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastiveP
             # (--judge self) Sample 1 is option A = chosen; the two samples are i.i.d., so no order to randomise.
             plus_first = [True] * len(keep)
         else:
-            plus_first = [_hash_int("order", args.seed, ids[j]) % 2 == 0 for j in keep]
+            plus_first = [seed_of("order", args.seed, ids[j]) % 2 == 0 for j in keep]
         a = [f if pf else s for f, s, pf in zip(first, second, plus_first)]
         b = [s if pf else f for f, s, pf in zip(first, second, plus_first)]
         if args.judge == "self":
@@ -348,48 +322,18 @@ def simulate(args: Args) -> dict:
         items.append((rec, cp))
         if args.n_prompts is not None and len(items) == args.n_prompts:
             break
-    # Chunks of similar lengths (less padding in their generation batches), fixed by the prompts alone:
-    # each chunk's sampling is seeded from its ids, so a resumed run regenerates a chunk that a kill cut
-    # short exactly as an uninterrupted run would, and writes only its missing records.
-    items.sort(key=lambda it: (len(tok.encode(it[1].plus)), it[0]["id"]))
-    chunks = [items[lo:lo + args.batch_size] for lo in range(0, len(items), args.batch_size)]
-    chunks = [c for c in chunks if any(rec["id"] not in done for rec, _ in c)]
-    todo = [it for c in chunks for it in c if it[0]["id"] not in done]
-    # Under torchrun each rank takes every N-th chunk and appends to its own shard file.
-    mine = distributed.shard(chunks)
-    target = out if distributed.world_size() == 1 else distributed.shard_path(out)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # Chunks of similar lengths (less padding in their generation batches), fixed by the prompts alone and
+    # each sampled from a seed of its ids (rlcd.jsonl): a resumed run writes what an uninterrupted one would.
+    chunks = fixed_chunks(items, args.batch_size, key=lambda it: (len(tok.encode(it[1].plus)), it[0]["id"]))
+    n_todo = sum(rec["id"] not in done for rec, _ in items)
     if distributed.is_main():
         save_config(args, out.with_name(out.name + ".config.json"))
-    bar = distributed.progress(total=sum(rec["id"] not in done for c in mine for rec, _ in c),
-                               desc=f"simulate {args.method}", unit="pair", disable=not args.progress,
-                               dynamic_ncols=True)
-    written, n_tokens, t0 = 0, 0, time.perf_counter()
-    with open(target, "a", encoding="utf-8") as f:
-        tried = 0
-        for chunk in mine:
-            recs, toks = make_pairs(model, tok, chunk, args, design, judge)
-            recs = [r for r in recs if r["id"] not in done]
-            for r in recs:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            # Flush and fsync per chunk: after a crash at most the chunk in flight is lost.
-            f.flush()
-            os.fsync(f.fileno())
-            written += len(recs)
-            n_tokens += toks
-            n_new = sum(rec["id"] not in done for rec, _ in chunk)
-            tried += n_new
-            bar.update(n_new)
-            per_min = 60 * written / (time.perf_counter() - t0)
-            bar.set_postfix(kept=written, dropped=tried - written, pairs_per_min=f"{per_min:.1f}")
-    bar.close()
-    # Every rank's counts, then rank 0 merges the shards (and any a killed run left) in chunk order.
-    written, n_tokens, seconds = distributed.finish_shards(out, [rec["id"] for rec, _ in items], PairsError,
-                                                           written, n_tokens, time.perf_counter() - t0)
+    written, n_tokens, seconds = append_chunks(
+        out, chunks, lambda it: it[0]["id"], done, lambda chunk: make_pairs(model, tok, chunk, args, design, judge),
+        PairsError, f"simulate {args.method}", "pair", args.progress)
     return {"out": str(out), "method": args.method, "format": args.format, "prompts": len(items),
-            "already_done": len(items) - len(todo), "dropped_too_long": n_long,
-            "dropped_failed": len(todo) - written, "written": written, "seconds": round(seconds, 1),
+            "already_done": len(items) - n_todo, "dropped_too_long": n_long,
+            "dropped_failed": n_todo - written, "written": written, "seconds": round(seconds, 1),
             "pairs_per_min": round(60 * written / seconds, 2) if seconds > 0 else None,
             "gen_tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None}
 
@@ -531,7 +475,8 @@ def stats_main(argv: list[str] | None = None) -> int:
         columns, examples = [], []
         models: dict[str, tuple] = {}
         for path in args.files:
-            records, end = read_records(path)
+            lines, end = read_records(path)
+            records = [r for _, r in lines]
             if end < Path(path).stat().st_size:
                 print(f"stats: {path}: ignoring a partial last line (an interrupted run)", file=sys.stderr)
             records = records[:args.limit] if args.limit is not None else records

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from conftest import make_tiny_model, make_tiny_tokenizer
 
 from models import save_model
-from rlcd import distributed
+from rlcd import distributed, jsonl
 from rlcd.ppo_core import batch_mean, explained_variance, masked_mean, masked_var, masked_whiten
 
 DEADLINE_S = 120            # a whole spawned run (imports, model load, generation) on a busy 2-core machine
@@ -206,7 +206,7 @@ def test_sharded_simulate_writes_each_pair_once_and_resumes_after_a_kill(ckpt, p
     with pytest.raises(mp.ProcessExitedException):
         run_ranks(_simulate_rank, _sim_args(ckpt, prompts, cut), 1)
     assert not cut.exists() or cut.read_text() == ""            # nothing is merged before the end
-    shard1 = distributed.shard_path(cut, 1)
+    shard1 = jsonl.shard_path(cut, 1)
     assert 0 < len(ids(shard1)) <= 3                             # its first chunk (less any dropped pair)
     with open(shard1, "ab") as f:                                # and a write the kill cut short
         f.write(b'{"id": "half a rec')
@@ -214,11 +214,11 @@ def test_sharded_simulate_writes_each_pair_once_and_resumes_after_a_kill(ckpt, p
     # 2. Resumed at world 2: the one-process file, byte for byte, and no shard left.
     run_ranks(_simulate_rank, _sim_args(ckpt, prompts, cut), None)
     assert cut.read_bytes() == ref.read_bytes()
-    assert distributed.shard_files(cut) == []
+    assert jsonl.shard_files(cut) == []
     # 3. The same killed run resumed by one process: every pair exactly once, the same records.
     cut1 = tmp_path / "cut1" / "pairs.jsonl"
     summary = one_thread(sim.simulate, _sim_args(ckpt, prompts, cut1))
-    assert sorted(ids(cut1)) == sorted(ids(ref)) and distributed.shard_files(cut1) == []
+    assert sorted(ids(cut1)) == sorted(ids(ref)) and jsonl.shard_files(cut1) == []
     assert summary["already_done"] > 0
     by_id = {json.loads(line)["id"]: line for line in ref.read_text().splitlines()}
     assert all(by_id[json.loads(line)["id"]] == line for line in cut1.read_text().splitlines())
@@ -246,8 +246,8 @@ def test_sharded_respond_writes_each_prompt_once_and_resumes_after_rank_zero_is_
     with pytest.raises(mp.ProcessExitedException):
         run_ranks(_respond_rank, argv(tmp_path / "cut"), 0)
     assert not (tmp_path / "cut" / "base.jsonl").exists()
-    assert 0 < len(ids(distributed.shard_path(tmp_path / "cut" / "base.jsonl", 0))) <= 3
+    assert 0 < len(ids(jsonl.shard_path(tmp_path / "cut" / "base.jsonl", 0))) <= 3
     run_ranks(_respond_rank, argv(tmp_path / "cut"), None)
     out = tmp_path / "cut" / "base.jsonl"
-    assert out.read_bytes() == ref and distributed.shard_files(out) == []
+    assert out.read_bytes() == ref and jsonl.shard_files(out) == []
     assert len(respond.read_responses(out)) == len(QUESTIONS)         # each prompt once, readable as ever
