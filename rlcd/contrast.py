@@ -3,10 +3,13 @@
 For every simulator x design asked for, RLCD pairs are simulated on the task's *dev* prompts (train.py
 simulate --method rlcd --split dev; resumable, one file per cell under OUT/), then measured:
 
-    judge       the judge's P(o+ better) over the pairs (rlcd.judge, both orders): its mean with a 95%
+    judges      each judge's P(o+ better) over the pairs (rlcd.judge, both orders): its mean with a 95%
                 interval (normal, from the standard error over pairs), and the fraction of pairs it prefers
-                o+ in. A judge that is also the simulator measured favours its own style: such cells are
-                marked "self-judged".
+                o+ in; one column per judge (--judge takes several), each cell's judgement cached beside its
+                pairs file. A judge that is also the simulator measured favours its own style: such cells
+                are marked "self-judged". A judge validated on the human pairs is not thereby valid here:
+                simulated pairs mostly set a refusal against compliance, which the human pairs seldom do
+                (docs/SIMULATE.md, bench/refusal_pairs.py).
     refusals    the refusal-phrase rate of o+ and of o- (rlcd.evaluate.is_refusal): judge-free, and the
                 direction the harmless task wants is o+ above o-.
     identical   the fraction of pairs whose o+ and o- are the same text.
@@ -14,6 +17,10 @@ simulate --method rlcd --split dev; resumable, one file per cell under OUT/), th
     surface     the token overlap of p+ and p- (the Jaccard of their token multisets under the simulator's
                 tokenizer): 1 for prompts that differ in nothing, lower the more the design changes. The
                 paper keeps it high, so that o+ and o- differ in the principle only.
+
+    cross       --cross PLUS,MINUS adds, per design, a row of o+ from simulator PLUS against o- from
+                simulator MINUS (both among --simulator), joined by prompt: not RLCD's same-model premise,
+                a reference for the contrast a simulator both able to follow prompts and unaligned could give.
 
 One table (markdown on stdout, JSON with --out-json) over all cells: a sweep is one command,
     python eval.py contrast --simulator smollm2-135m-instruct qwen2.5-coder-1.5b-instruct \\
@@ -33,6 +40,7 @@ from rlcd import judge as judges
 from rlcd.cli import parse_args
 from rlcd.designs import DesignError, load_design
 from rlcd.evaluate import is_refusal
+from rlcd.runs import write_json_atomic
 from rlcd import simulate as sim
 
 
@@ -49,7 +57,8 @@ class Args:
     max_new_tokens: int = 64                   # tokens per response
     temperature: float = 0.7                   # sampling temperature
     top_p: float = 0.9                         # nucleus threshold
-    judge: str = "default"                     # the judge (rlcd.judge spec; default: the task's chosen judge); none: judge-free only
+    judge: list[str] = field(default_factory=lambda: ["default"])  # judges (rlcd.judge specs; default: the task's chosen judge); none: judge-free only
+    cross: list[str] | None = None             # PLUS,MINUS: a row of o+ from simulator PLUS against o- from MINUS, per design
     batch_size: int = 16                       # sequences per generation / judge batch
     seed: int = 0                              # sampling seed
     device: str = "cpu"                        # cpu or cuda
@@ -65,15 +74,15 @@ def surface_overlap(tokenizer, a: str, b: str) -> float:
     return sum((ca & cb).values()) / union if union else 1.0
 
 
-def contrast_stats(records: list[dict], tokenizer, judged: dict | None = None) -> dict:
+def contrast_stats(records: list[dict], tokenizer, surface: bool = True) -> dict:
     """The judge-free measures of one pairs file (rlcd.simulate.pair_stats for identical pairs and word
-    overlap), and the judge's, from rlcd.simulate.judge_stats, as P(o+ better) with a 95% interval."""
+    overlap); surface=False (a cross-model row, p+ and p- in two templates) leaves the p+/p- overlap out."""
     n = len(records)
     if n == 0:
         return {"pairs": 0}
     mean = lambda xs: sum(xs) / len(xs)                                    # noqa: E731
     s = sim.pair_stats(records, tokenizer)
-    out = {
+    return {
         "pairs": n,
         "refusal_plus": mean([is_refusal(r["chosen"]) for r in records]),
         "refusal_minus": mean([is_refusal(r["rejected"]) for r in records]),
@@ -81,19 +90,52 @@ def contrast_stats(records: list[dict], tokenizer, judged: dict | None = None) -
         "chars_plus": mean([len(r["chosen"].strip()) for r in records]),
         "chars_minus": mean([len(r["rejected"].strip()) for r in records]),
         "word_overlap": s["mean_word_overlap"],
-        "surface_overlap": mean([surface_overlap(tokenizer, r["p_plus"], r["p_minus"]) for r in records]),
+        "surface_overlap": (mean([surface_overlap(tokenizer, r["p_plus"], r["p_minus"]) for r in records])
+                            if surface else None),
     }
-    if judged:
-        m = judged["judge_p_chosen"]
-        se = judged["judge_p_chosen_se"] if judged["judge_p_chosen_se"] is not None else math.nan
-        out |= {"judge_p_plus": m, "judge_p_plus_ci": [m - 1.96 * se, m + 1.96 * se],
-                "judge_prefers_plus": judged["judge_agree"]}
+
+
+def judged_row(judged: dict, self_judged: bool) -> dict:
+    """One judge's measures of one cell, from rlcd.simulate.judge_stats: P(o+ better) with a 95% interval."""
+    m = judged["judge_p_chosen"]
+    se = judged["judge_p_chosen_se"] if judged["judge_p_chosen_se"] is not None else math.nan
+    return {"judge": judged["judge"], "p_plus": m, "ci": [m - 1.96 * se, m + 1.96 * se],
+            "prefers_plus": judged["judge_agree"], "self_judged": self_judged}
+
+
+def cross_records(plus: list[dict], minus: list[dict]) -> list[dict]:
+    """o+ of one simulator's pairs against o- of another's, joined by prompt id (prompts both simulated)."""
+    by_id = {r["id"]: r for r in minus}
+    return [{**r, "rejected": by_id[r["id"]]["rejected"], "p_minus": by_id[r["id"]]["p_minus"]}
+            for r in plus if r["id"] in by_id]
+
+
+def judge_cells(spec, records: dict, files: dict, args: Args, precision) -> dict:
+    """`spec`'s judge_stats of every cell, each cached beside its pairs file (and recomputed when the
+    cell's pairs changed); the judge's model is loaded only when some cell is not cached."""
+    from models import load_model
+
+    out, todo = {}, []
+    for cell, recs in records.items():
+        cache = Path(f"{files[cell]}.judge.{spec.name.replace('/', '_')}.json")
+        hit = json.loads(cache.read_text()) if cache.is_file() else None
+        if hit and hit.get("pairs") == len(recs):
+            out[cell] = hit["stats"]
+        else:
+            todo.append((cell, cache))
+    if todo:
+        model = tok = None
+        if spec.needs_model:
+            model, tok = load_model(spec.model, device=args.device, dtype=precision.inference_dtype)
+        for cell, cache in todo:
+            out[cell] = sim.judge_stats(records[cell], spec, model, tok, args.batch_size, progress=args.progress)
+            write_json_atomic(cache, {"pairs": len(records[cell]), "stats": out[cell]})
+        del model
     return out
 
 
 def run(args: Args) -> dict:
     """Simulate every cell (resuming what is on disk), then measure it; returns {"rows": [...], ...}."""
-    from models import load_model
     from models.checkpoint import resolve
     from models.tokenizer import Tokenizer
     from rlcd.jsonl import read_objects
@@ -101,7 +143,11 @@ def run(args: Args) -> dict:
 
     designs = [load_design(d) for d in args.design]                   # every design checked before any work
     precision = resolve_precision(args.precision, args.device)
-    spec = None if args.judge == "none" else judges.resolve_judge(args.judge, args.task)
+    specs = [] if args.judge == ["none"] else [judges.resolve_judge(j, args.task) for j in args.judge]
+    crosses = [tuple(c.split(",")) for c in args.cross or []]
+    for c, text in zip(crosses, args.cross or []):
+        if len(c) != 2 or not set(c) <= set(args.simulator):
+            raise ValueError(f"--cross {text!r}: expected PLUS,MINUS, two of the --simulator models")
     out = Path(args.out)
     files = {}
     for s in args.simulator:
@@ -117,39 +163,44 @@ def run(args: Args) -> dict:
             sim.simulate(sim_args)
             files[s, d.name] = f
     records = {cell: [r for _, r in read_objects(f)[0]] for cell, f in files.items()}
-    judged = {}
-    if spec is not None:
-        model = tok = None
-        if spec.needs_model:
-            model, tok = load_model(spec.model, device=args.device, dtype=precision.inference_dtype)
-        judged = {cell: sim.judge_stats(recs, spec, model, tok, args.batch_size, progress=args.progress)
-                  for cell, recs in records.items()}
-        del model
+    for plus, minus in crosses:
+        for d in designs:
+            cell = (f"{plus} (o+) / {minus} (o-)", d.name)
+            records[cell] = cross_records(records[plus, d.name], records[minus, d.name])
+            files[cell] = out / f"{Path(plus).name}--{Path(minus).name}--{d.name}.cross"
+    judged = {spec.name: judge_cells(spec, records, files, args, precision) for spec in specs}
     rows = []
     for (s, dname), recs in records.items():
-        tok = Tokenizer.from_dir(resolve(s))
-        rows.append({"simulator": s, "design": dname, "file": str(files[s, dname]),
-                     "self_judged": spec is not None and spec.needs_model and spec.model == s,
-                     **contrast_stats(recs, tok, judged.get((s, dname)))})
-    return {"task": args.task, "split": "dev", "judge": spec.name if spec else None,
-            "judge_accuracy": judges.describe_accuracy(judges.measured_accuracy(spec, args.task)) if spec else None,
-            "precision": precision.name, "rows": rows}
+        cross = s not in args.simulator
+        tok = Tokenizer.from_dir(resolve(s.split(" ")[0]))          # a cross row: its o+ simulator's
+        rows.append({"simulator": s, "design": dname, "file": str(files[s, dname]), "cross": cross,
+                     **contrast_stats(recs, tok, surface=not cross),
+                     "judges": [judged_row(judged[spec.name][s, dname],
+                                           spec.needs_model and (spec.model == s or spec.model in s.split(" ")))
+                                for spec in specs if judged[spec.name].get((s, dname))]})
+    return {"task": args.task, "split": "dev", "precision": precision.name,
+            "judges": [{"judge": spec.name,
+                        "accuracy": judges.describe_accuracy(judges.measured_accuracy(spec, args.task))}
+                       for spec in specs], "rows": rows}
 
 
 def format_table(result: dict) -> str:
     f = lambda v: "-" if v is None else f"{v:.2f}"                       # noqa: E731
-    lines = ["| simulator | design | pairs | judge P(o+ better) [95% CI] | prefers o+ | refusals o+ / o- | "
-             "identical | chars o+ / o- | word overlap | p+/p- token overlap |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    names = [j["judge"] for j in result["judges"]]
+    lines = ["| simulator | design | pairs | " + "".join(f"{n}: P(o+ better) [95% CI], prefers o+ | " for n in names)
+             + "refusals o+ / o- | identical | chars o+ / o- | word overlap | p+/p- token overlap |",
+             "|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|"]
     for r in result["rows"]:
-        judged = (f"{f(r['judge_p_plus'])} [{f(r['judge_p_plus_ci'][0])}, {f(r['judge_p_plus_ci'][1])}]"
-                  + (" (self-judged)" if r["self_judged"] else "")) if "judge_p_plus" in r else "-"
-        lines.append(f"| {r['simulator']} | {r['design']} | {r['pairs']} | {judged} | "
-                     f"{f(r.get('judge_prefers_plus'))} | {f(r.get('refusal_plus'))} / {f(r.get('refusal_minus'))} | "
+        by = {j["judge"]: j for j in r["judges"]}
+        judged = "".join(f"{f(j['p_plus'])} [{f(j['ci'][0])}, {f(j['ci'][1])}], {f(j['prefers_plus'])}"
+                         + (" (self-judged)" if j["self_judged"] else "") + " | " if (j := by.get(n)) else "- | "
+                         for n in names)
+        lines.append(f"| {r['simulator']} | {r['design']} | {r['pairs']} | {judged}"
+                     f"{f(r.get('refusal_plus'))} / {f(r.get('refusal_minus'))} | "
                      f"{f(r.get('identical'))} | {r.get('chars_plus', 0):.0f} / {r.get('chars_minus', 0):.0f} | "
                      f"{f(r.get('word_overlap'))} | {f(r.get('surface_overlap'))} |")
-    lines.append(f"task {result['task']}, dev prompts; judge {result['judge']}"
-                 + (f": {result['judge_accuracy']}" if result["judge_accuracy"] else ""))
+    lines.append(f"task {result['task']}, dev prompts"
+                 + "".join(f"; judge {j['judge']}: {j['accuracy']}" for j in result["judges"]))
     return "\n".join(lines)
 
 
@@ -163,5 +214,5 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result))
     if args.out_json:
         Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out_json).write_text(json.dumps(result, indent=2))
+        write_json_atomic(Path(args.out_json), result)
     return 0

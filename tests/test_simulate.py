@@ -419,28 +419,46 @@ def test_contrast_command_on_a_tiny_model(ckpt, tmp_path, monkeypatch, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q, "split": "dev"}) + "\n" for q in QUESTIONS[:6]))
     out, js = tmp_path / "contrast", tmp_path / "contrast.json"
-    cmd = ["contrast", "--simulator", str(ckpt), "--design", "paper-header", "refuse-vs-prefill",
+    other = save_model(make_tiny_model(max_seq_len=1024), make_tiny_tokenizer(), tmp_path / "other")
+    cmd = ["contrast", "--simulator", str(ckpt), str(other), "--design", "paper-header", "refuse-vs-prefill",
            "--prompts", str(prompts), "--n-prompts", "6", "--max-new-tokens", "6", "--batch-size", "4",
-           "--judge", "refusal", "--no-progress", "--out", str(out), "--out-json", str(js)]
+           "--judge", "refusal", "shorter", "--cross", f"{ckpt},{other}", "--no-progress", "--out", str(out),
+           "--out-json", str(js)]
     assert eval_cli.main(cmd) == 0
     table = capsys.readouterr().out
     result = json.loads(js.read_text())
-    assert [r["design"] for r in result["rows"]] == ["paper-header", "refuse-vs-prefill"]
-    header, prefill = result["rows"]
+    assert [(r["simulator"], r["design"]) for r in result["rows"]] == [
+        (str(ckpt), "paper-header"), (str(ckpt), "refuse-vs-prefill"), (str(other), "paper-header"),
+        (str(other), "refuse-vs-prefill"), (f"{ckpt} (o+) / {other} (o-)", "paper-header"),
+        (f"{ckpt} (o+) / {other} (o-)", "refuse-vs-prefill")]
+    header, prefill = result["rows"][:2]
     assert header["pairs"] == 6 and header["refusal_plus"] == 1.0 and header["refusal_minus"] == 0.0
-    # the judge-free refusal judge prefers every refusing o+ to a complying o-
-    assert header["judge_p_plus"] == 1.0 and header["judge_prefers_plus"] == 1.0 and not header["self_judged"]
+    # the judge-free refusal judge prefers every refusing o+ to a complying o-; one entry per judge
+    refusal, shorter = header["judges"]
+    assert (refusal["judge"], shorter["judge"]) == ("refusal", "shorter")
+    assert refusal["p_plus"] == 1.0 and refusal["prefers_plus"] == 1.0 and not refusal["self_judged"]
     # p+ and p- differ in one affix under the paper's design, in a whole persona and a prefix under the other
     assert 0.85 < header["surface_overlap"] < 1.0 and prefill["surface_overlap"] < header["surface_overlap"]
-    assert "| paper-header | 6 |" in table and "judge refusal" in table
-    # a rerun resumes every cell without simulating again
+    assert "| paper-header | 6 |" in table and "judge refusal" in table and "judge shorter" in table
+    # the cross row: o+ of the first simulator against o- of the second, prompt by prompt; no p+/p- overlap
+    cross = result["rows"][4]
+    first = [json.loads(x) for x in (out / f"{ckpt.name}--paper-header.jsonl").read_text().splitlines()]
+    second = {r["id"]: r for r in map(json.loads, (out / "other--paper-header.jsonl").read_text().splitlines())}
+    assert cross["cross"] and cross["pairs"] == 6 and cross["surface_overlap"] is None
+    assert cross["chars_plus"] == sum(len(r["chosen"].strip()) for r in first) / 6
+    assert cross["chars_minus"] == sum(len(second[r["id"]]["rejected"].strip()) for r in first) / 6
+    # a rerun resumes every cell without simulating again, and every judgement from its cache
     monkeypatch.setattr(sim, "generate_texts", lambda *a, **k: pytest.fail("resumed cells are not resampled"))
+    monkeypatch.setattr(sim, "judge_stats", lambda *a, **k: pytest.fail("cached judgements are not redone"))
     assert eval_cli.main(cmd) == 0
     assert json.loads(js.read_text())["rows"] == result["rows"]
+    assert eval_cli.main([*cmd[:cmd.index("--cross")], "--cross", f"{ckpt},nope", *cmd[cmd.index("--cross") + 2:]]) == 2
+    assert "--cross" in capsys.readouterr().err
     # surface overlap is a multiset Jaccard
     tok = make_tiny_tokenizer()
     assert contrast.surface_overlap(tok, "abab", "abab") == 1.0
     assert contrast.surface_overlap(tok, "aab", "ab") == pytest.approx(2 / 3)
     # a bad design is refused before anything is simulated
-    assert eval_cli.main([*cmd[:4], "nope.json", *cmd[5:]]) == 2
+    d = cmd.index("--design")
+    assert eval_cli.main([*cmd[:d + 1], "nope.json", *cmd[d + 3:]]) == 2
     assert "nope.json" in capsys.readouterr().err
