@@ -4,7 +4,8 @@ Every script and training stage declares one dataclass; each field's trailing `#
 `--help` text. Unknown flags are rejected by argparse. Every numeric value is checked against the rule of
 its field name (RULES) when the command line is parsed, before a command loads a model or touches a file,
 so a bad value is one line naming the flag and exit code 2, never a traceback minutes later.
-`save_config` writes the resolved values next to a run's outputs.
+`argv_of` writes settings back as flags (ppo's presets, the pipeline's budgets); `save_config` writes the
+resolved values next to a run's outputs.
 """
 from __future__ import annotations
 
@@ -186,6 +187,25 @@ def parse_args(cls, argv: list[str] | None = None, prog: str | None = None, desc
     except ArgsError as e:
         print(f"{prog or Path(sys.argv[0]).name}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def argv_of(settings: dict) -> list[str]:
+    """Settings as a command line's flags: {"n_prompts": 32, "progress": False,
+    "pairs": [a], "limit": None} -> ["--n-prompts", "32", "--no-progress", "--pairs", a] (None: not given, so
+    the command's default). Flags given after these override them (argparse keeps an option's last value):
+    how ppo's presets and the pipeline's budgets reach a command."""
+    argv: list[str] = []
+    for k, v in settings.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif v is None:
+            continue
+        elif isinstance(v, (list, tuple)):
+            argv += [flag, *map(str, v)]
+        else:
+            argv += [flag, str(v)]
+    return argv
 
 
 def save_config(args, path: str | Path) -> None:

@@ -42,6 +42,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from models import CheckpointError
+from rlcd import evaluate, pm, ppo, respond, runs, sft, simulate
+from rlcd.cli import ArgsError, argv_of, parse_args, read_args
+from rlcd.tasks import TASKS
 
 DEFAULT_POLICY = "smollm2-135m-instruct"
 POLICIES = ("base", "rlcd", "rlaif", "cd")       # cd = context distillation (SFT on o+)
@@ -95,7 +99,7 @@ BUDGETS: dict[str, dict[str, dict]] = {
 class Args:
     """RLCD end to end for one task: pairs, preference models, SFT, PPO, evaluation, report (train.py pipeline)."""
     out: str                                  # run directory; rerun the same command to resume it
-    task: str = "harmless"                    # harmless, helpful or outlines
+    task: str = "harmless"                    # harmless, helpful or outlines (rlcd.tasks.TASKS)
     budget: str = "quick"                     # quick (~10 min on 2 CPU cores), cpu (hours), paper (GPU)
     policy: str = DEFAULT_POLICY              # the model aligned (and the trunk of the preference models)
     simulator: str | None = None              # the model that simulates pairs (default: the policy)
@@ -111,21 +115,17 @@ class Args:
 STAGES = ("pairs-rlcd", "pairs-rlaif", "pm-rlcd", "pm-rlaif", "sft", "ppo-rlcd", "ppo-rlaif", "agreement",
           "respond", "compare", "report")
 
-
-def argv_of(settings: dict) -> list[str]:
-    """{"n_prompts": 32, "progress": False, "pairs": [a]} -> ["--n-prompts", "32", "--no-progress", "--pairs", a]."""
-    argv: list[str] = []
-    for k, v in settings.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            argv.append(flag if v else "--no-" + k.replace("_", "-"))
-        elif v is None:
-            continue
-        elif isinstance(v, (list, tuple)):
-            argv += [flag, *map(str, v)]
-        else:
-            argv += [flag, str(v)]
-    return argv
+# The commands the stages run, (script, command) as the stage's command line names it -> the entry point
+# that script dispatches to and the Args it parses. The pipeline calls the entry points itself.
+COMMANDS = {
+    ("train.py", "simulate"): (simulate.main, simulate.Args),
+    ("train.py", "pm"): (pm.main, pm.Args),
+    ("train.py", "sft"): (sft.main, sft.Args),
+    ("train.py", "ppo"): (ppo.main, ppo.Args),
+    ("eval.py", "pm-agreement"): (pm.pm_agreement_main, pm.PMAgreementArgs),
+    ("eval.py", "respond"): (respond.main, respond.Args),
+    ("eval.py", "compare"): (evaluate.compare_main, evaluate.CompareArgs),
+}
 
 
 def budget_settings(budget: str, overrides: list[str] | None) -> dict[str, dict]:
@@ -148,8 +148,8 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
     """The command lines (argv after `train.py` / `eval.py`) of every stage, in order."""
     if args.budget not in BUDGETS:
         raise ValueError(f"--budget must be one of {sorted(BUDGETS)}, got {args.budget!r}")
-    if args.task not in ("harmless", "helpful", "outlines"):
-        raise ValueError(f"--task must be harmless, helpful or outlines, got {args.task!r}")
+    if args.task not in TASKS:
+        raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
     b, out = budget_settings(args.budget, args.set), Path(args.out)
     common = dict(seed=args.seed, progress=args.progress)
     prompts = args.prompts or args.task
@@ -186,13 +186,16 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
 
 
 def _run_command(argv: list[str]) -> int:
-    """Run one of the project's commands in this process: ["train.py", stage, ...] or ["eval.py", cmd, ...]."""
+    """Run one of the project's commands in this process, ["train.py", stage, ...] or ["eval.py", cmd, ...],
+    through its entry point (COMMANDS), as that script would: a checkpoint that fails to load past the
+    command's own checks is one line on stderr and exit code 2."""
+    script, command, rest = argv[0], argv[1], argv[2:]
+    entry, _ = COMMANDS[script, command]
     try:
-        if argv[0] == "train.py":
-            import train
-            return train.main(argv[1:])
-        import eval as eval_cli
-        return eval_cli.main(argv[1:])
+        return entry(rest) or 0
+    except CheckpointError as e:
+        print(f"{script} {command}: {e}", file=sys.stderr)
+        return 2
     except SystemExit as e:                   # argparse and the stages' own checks exit
         return e.code if isinstance(e.code, int) else 2
 
@@ -201,7 +204,6 @@ def _resumable(argv: list[str]) -> list[str]:
     """A training stage whose run directory holds a checkpoint is continued with --resume."""
     if argv[0] != "train.py" or argv[1] not in ("pm", "sft", "ppo"):
         return argv
-    from rlcd import runs
     out = Path(argv[argv.index("--out") + 1])
     ckpt = out / runs.CKPT_DIRS[argv[1]] / runs.RUN_JSON
     return argv + ["--resume"] if ckpt.is_file() else argv
@@ -210,22 +212,11 @@ def _resumable(argv: list[str]) -> list[str]:
 def check_plan(cmds: dict[str, list[list[str]]]) -> None:
     """Parse every stage's command line as the stage will (rlcd.cli.read_args), before any stage runs: a
     bad --set value or flag is a ValueError naming the stage now, not after the stages before it."""
-    import importlib
-
-    from rlcd import ppo
-    from rlcd.cli import ArgsError, read_args
-
-    eval_args = {"pm-agreement": ("rlcd.pm", "PMAgreementArgs"), "respond": ("rlcd.respond", "Args"),
-                 "compare": ("rlcd.evaluate", "CompareArgs")}
     for stage, argvs in cmds.items():
         for argv in argvs:
             script, command, rest = argv[0], argv[1], [str(a) for a in argv[2:]]
-            if script == "train.py":
-                cls = importlib.import_module(f"rlcd.{command}").Args
-                rest = ppo.apply_preset(rest) if command == "ppo" else rest
-            else:
-                module, name = eval_args[command]
-                cls = getattr(importlib.import_module(module), name)
+            _, cls = COMMANDS[script, command]
+            rest = ppo.apply_preset(rest) if cls is ppo.Args else rest        # as ppo.main parses it
             try:
                 read_args(cls, rest, prog=f"{script} {command}")
             except ArgsError as e:
@@ -316,8 +307,6 @@ def run(args: Args) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlcd.cli import parse_args
-
     args = parse_args(Args, argv, prog="train.py pipeline", description=Args.__doc__)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Every rank would run every stage, the judge and the report on its own: refuse instead.

@@ -77,7 +77,7 @@ from kernels import token_logprobs
 from models import CheckpointError, Tokenizer, Transformer, load_model
 from models.generation import Generation, SamplingParams, generate
 from rlcd import distributed, runs
-from rlcd.cli import parse_args
+from rlcd.cli import argv_of, parse_args
 from rlcd.ppo_core import (KL_ESTIMATORS, KLController, apply_missing_stop, batch_mean, explained_variance, gae,
                            kl_per_token, masked_mean, masked_whiten, policy_loss, shape_rewards, value_loss)
 from rlcd.reward import (RewardModel, TextReward, end_marker, fp32_head, load_reward_model, load_rule,
@@ -181,11 +181,7 @@ def apply_preset(argv: list[str]) -> list[str]:
     """argv with the flags of its --preset (if any) put in front, so that explicit flags override them."""
     name = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), None)
     name = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), name)
-    flags: list[str] = []
-    for k, v in PRESETS.get(name or "default", {}).items():
-        flag = "--" + k.replace("_", "-")
-        flags += [flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, str(v)]
-    return flags + argv
+    return argv_of(PRESETS.get(name or "default", {})) + argv
 
 
 # --- the value network ---------------------------------------------------------------------------------------

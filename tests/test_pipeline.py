@@ -17,7 +17,7 @@ from conftest import make_tiny_model, make_tiny_tokenizer
 from safetensors.torch import load_file
 
 from models import save_model
-from rlcd import pipeline
+from rlcd import cli, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,7 @@ def test_budget_overrides_and_plan():
     assert sim[sim.index("--model") + 1] == "big"                                   # simulator vs policy
     pm = cmds["pm-rlcd"][0]
     assert pm[pm.index("--model") + 1] == "small" and "--method" not in pm
-    assert pipeline.argv_of({"a_b": True, "c": False, "d": None, "e": [1, 2]}) == ["--a-b", "--no-c", "--e", "1", "2"]
+    assert cli.argv_of({"a_b": True, "c": False, "d": None, "e": [1, 2]}) == ["--a-b", "--no-c", "--e", "1", "2"]
 
 
 @pytest.mark.slow
