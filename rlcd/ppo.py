@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import resource
 import sys
 import time
@@ -735,11 +734,8 @@ def train_iteration(run: PPORun, it: int, timer: PhaseTimer) -> tuple[dict, Gene
     stats, gen, score = iteration(run, it, timer)
     keys, vals = zip(*stats.items())
     rec = {"step": it + 1, "beta": run.kl_ctl.value, **dict(zip(keys, torch.stack(list(vals)).tolist()))}
-    bad = [k for k in ("score", "pm_score", "kl", "policy_loss", "value_loss", "entropy", "grad_norm",
-                       "value_grad_norm") if not math.isfinite(rec[k])]
-    if bad:
-        raise FloatingPointError(f"iteration {it + 1}: non-finite {', '.join(f'{k}={rec[k]}' for k in bad)}; "
-                                 f"stopped before checkpointing it (the last checkpoint is intact; try a lower --lr)")
+    guarded = ("score", "pm_score", "kl", "policy_loss", "value_loss", "entropy", "grad_norm", "value_grad_norm")
+    runs.check_finite(it + 1, "iteration", **{k: rec[k] for k in guarded})
     run.kl_ctl.update(rec["kl"], run.args.batch_size)
     return rec, gen, score
 

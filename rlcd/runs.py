@@ -365,12 +365,14 @@ def autocast(args: RunArgs, device: torch.device) -> contextlib.AbstractContextM
     return precision_of(args, device).autocast(device)
 
 
-def check_finite(step: int, **values: float) -> None:
-    """NaN/inf guard: raise before the optimiser step so the last checkpoint stays good."""
+def check_finite(step: int, what: str = "step", **values: float) -> None:
+    """The NaN/inf guard of every stage: FloatingPointError naming `what` (step, or PPO's iteration) and the
+    non-finite values, raised before the step is logged or checkpointed, so the last checkpoint stays good."""
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
-        raise FloatingPointError(f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; "
-                                 f"the last checkpoint is intact (try a lower --lr, or --grad-clip)")
+        raise FloatingPointError(f"{what} {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; "
+                                 f"stopped before checkpointing it (the last checkpoint is intact; try a lower "
+                                 f"--lr, or --grad-clip)")
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------
