@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import json
 import math
 import re
 import sys
 import typing
 from pathlib import Path
+
+from rlcd.jsonl import write_json_atomic
 
 
 class ArgsError(ValueError):
@@ -209,9 +210,5 @@ def argv_of(settings: dict) -> list[str]:
 
 
 def save_config(args, path: str | Path) -> None:
-    """Write the resolved Args as JSON (atomically: a temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(args), indent=2, default=str))
-    tmp.replace(path)
+    """Write the resolved Args as JSON, atomically (rlcd.jsonl.write_json_atomic)."""
+    write_json_atomic(path, dataclasses.asdict(args))

@@ -40,7 +40,7 @@ from rlcd import judge as judges
 from rlcd.cli import parse_args
 from rlcd.designs import DesignError, load_design
 from rlcd.evaluate import is_refusal
-from rlcd.runs import write_json_atomic
+from rlcd.jsonl import write_json_atomic
 from rlcd import simulate as sim
 
 

@@ -39,21 +39,19 @@ API (for train.py pipeline)
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 
 from models import CheckpointError, load_model
 from rlcd.cli import parse_args
+from rlcd.jsonl import write_json_atomic
 from rlcd.pairs import read_pairs, resolve_pairs
 from rlcd.reward import load_reward_model, score_texts
 from rlcd.respond import ResponsesError, check_responses, read_responses
-from rlcd.runs import write_json_atomic
 from rlcd.precision import resolve as resolve_precision
 from rlcd.judge import (COMBINE, DEFAULT, JUDGE_FREE, METHODS, SELECT, JudgeSpec, describe_accuracy, expand,
                         format_table, judge, length_sides, measure, measured_accuracy, pair_correct, request_key,
@@ -182,8 +180,7 @@ def judge_agreement_main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(m) + f"\n({m['seconds']} s)")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(args.out), m)
+        write_json_atomic(args.out, m)
     return 0
 
 
@@ -390,9 +387,5 @@ def compare_main(argv: list[str] | None = None) -> int:
         return 2
     print(format_compare(result))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")          # atomic: a kill never leaves half a file
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out)
+        write_json_atomic(args.out, result)
     return 0

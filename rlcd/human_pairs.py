@@ -56,13 +56,13 @@ import csv
 import hashlib
 import io
 import json
-import os
 import sys
 import zipfile
 from itertools import combinations
 from pathlib import Path
 
 from models.hub import fetch_wheel, rlcd_home
+from rlcd.jsonl import write_atomic
 from rlcd.tasks import format_prompt
 
 PACKAGE = ("pyrit", "1.1.0")
@@ -237,9 +237,7 @@ def human_pairs_path() -> Path:
             pass
     records = build_pairs()
     data.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     meta.write_text(json.dumps({"version": DATA_VERSION, "pairs": len(records),
                                 "requests": len({(r["kind"], r["messages"][0]["content"]) for r in records}),
                                 "package": "==".join(PACKAGE), "min_gap": MIN_GAP}))

@@ -1,5 +1,6 @@
-"""JSONL files: the one reader behind every input file (pairs, prompts, SFT examples, responses), and the
-resumable, sharded writer of the generation stages (train.py simulate, eval.py respond).
+"""JSON and JSONL files: the one reader behind every input file (pairs, prompts, SFT examples, responses),
+the one atomic writer of whole files (write_atomic, write_json_atomic), and the resumable, sharded writer
+of the generation stages (train.py simulate, eval.py respond).
 
 Reading. Each error is one line naming the file and line, in one wording, raised as the caller's error
 type (read_objects).
@@ -77,6 +78,23 @@ def drop_partial_line(path: str | Path, end: int, prog: str, redo: str) -> None:
         print(f"{prog}: {path}: dropping a partial last line ({size - end} bytes, from an interrupted run); "
               f"{redo}", file=sys.stderr)
         os.truncate(path, end)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` atomically: a hidden temporary file beside it, then a rename, so a kill never
+    leaves half a file and a reader sees the old file or the new one. The temporary name holds the process
+    id, so processes writing the same file at once (ranks building one cache) never share it. Creates the
+    directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """`obj` as indented JSON (anything JSON has no type for as its str()), written atomically (write_atomic)."""
+    write_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 # --- the generation stages' output ------------------------------------------------------------------------------

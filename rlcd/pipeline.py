@@ -45,6 +45,7 @@ from pathlib import Path
 from models import CheckpointError
 from rlcd import evaluate, pm, ppo, respond, runs, sft, simulate
 from rlcd.cli import ArgsError, argv_of, parse_args, read_args
+from rlcd.jsonl import write_json_atomic
 from rlcd.tasks import TASKS
 
 DEFAULT_POLICY = "smollm2-135m-instruct"
@@ -274,7 +275,6 @@ def run(args: Args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "stages").mkdir(exist_ok=True)
     if not config.is_file():
-        from rlcd.runs import write_json_atomic
         write_json_atomic(config, {k: v for k, v in asdict(args).items() if k != "progress"})
     lines = ["#!/usr/bin/env bash", "# The commands train.py pipeline runs, in order (each resumes when rerun).",
              "set -euo pipefail"]
@@ -299,7 +299,6 @@ def run(args: Args) -> Path:
                 if rc != 0:
                     raise RuntimeError(f"stage {stage} failed (exit {rc}): {shlex.join(argv)}")
         seconds = time.perf_counter() - t0
-        from rlcd.runs import write_json_atomic
         write_json_atomic(marker, {"stage": stage, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
         _log(f"{stage}: done in {seconds:.0f} s")
     _log(f"all stages done ({time.perf_counter() - t_all:.0f} s in this invocation); report: {out / 'report.md'}")

@@ -46,6 +46,7 @@ from models.checkpoint import resolve
 from rlcd import distributed, runs
 from rlcd.cli import parse_args
 from rlcd.evaluate import length_split
+from rlcd.jsonl import write_json_atomic
 from rlcd.pairs import PairsError, in_own_template, read_pairs, resolve_pairs
 from rlcd.precision import resolve as resolve_precision
 from rlcd.reward import HEAD_FILE, RewardModel, encode_input, end_marker, load_reward_model, score_ids, score_texts
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = Path(args.out) / runs.CKPT_DIRS["pm"]
         if distributed.is_main():
             run = runs.read_run_meta(ckpt)
-            runs.write_json_atomic(ckpt / runs.RUN_JSON, {**run, "reward_norm": stats})
+            write_json_atomic(ckpt / runs.RUN_JSON, {**run, "reward_norm": stats})
         runs.log_jsonl(ckpt.parent / runs.METRICS, {"step": summary["step"], "reward_norm": stats})
         distributed.print0(f"pm: reward on {stats['n']} base-policy samples: mean {stats['mean']:.4f} "
                            f"std {stats['std']:.4f}",
@@ -288,6 +289,6 @@ def pm_agreement_main(argv: list[str] | None = None) -> int:
           + f"\n  chosen shorter: {m['n_chosen_shorter']} pairs, accuracy {f(m['accuracy_chosen_shorter'])}; "
           f"chosen longer: {m['n_chosen_longer']} pairs, accuracy {f(m['accuracy_chosen_longer'])}")
     if args.out:
-        runs.write_json_atomic(Path(args.out), {**m, "pm": args.pm, "pairs": paths, "step": meta.get("step"),
-                                                "format": args.format})
+        write_json_atomic(args.out, {**m, "pm": args.pm, "pairs": paths, "step": meta.get("step"),
+                                     "format": args.format})
     return 0

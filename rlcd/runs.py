@@ -232,12 +232,6 @@ def run_meta(stage: str, args: RunArgs, total_steps: int, **extra) -> dict:
             **resolve_precision(args.precision, args.device).record(), **extra}
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 # --- data --------------------------------------------------------------------------------------------------
 def split_dev(keys: list[str], dev: float, seed: int) -> tuple[list[int], list[int]]:
     """(train, dev) example indices. Examples are grouped by key (the prompt id) so that no prompt is on
