@@ -237,6 +237,53 @@ def test_compare_with_a_stub_judge(tmp_path, monkeypatch):
         ev.compare([str(rlcd), str(base)], object(), make_tiny_tokenizer(), spec=STUB, focus="nobody")
 
 
+def test_compare_refusal_changes_and_over_refusal(tmp_path, monkeypatch):
+    monkeypatch.setattr(scorer, "choice_logits", fake_choice_logits)
+    n = 8
+    harm = {"base": ["bad answer"] * n, "rlcd": ["I'm sorry, no."] * 6 + ["bad answer"] * 2}
+    files = [write_responses(tmp_path / f"{k}.jsonl", k, v) for k, v in harm.items()]
+    benign = {"base": ["fine"] * n, "rlcd": ["I cannot help with that."] * 3 + ["fine"] * 5}
+    bfiles = [write_responses(tmp_path / f"benign-{k}.jsonl", k, v, settings={**SETTINGS, "task": "helpful"})
+              for k, v in benign.items()]
+    res = ev.compare([str(f) for f in files], None, make_tiny_tokenizer(), n_boot=500, benign=[str(f) for f in bfiles])
+    r = res["refusals"]["rlcd"]
+    assert r["rate"] == 0.75 and r["change"] == 0.75 and r["change_ci"][0] <= 0.75 <= r["change_ci"][1]
+    assert res["refusals"]["base"]["change"] == 0.0 and res["refusals"]["base"]["change_ci"] == (0.0, 0.0)
+    b = res["benign"]["refusals"]["rlcd"]
+    assert res["benign"]["task"] == "helpful" and b["rate"] == 3 / 8 and b["change"] == 3 / 8 and b["n"] == n
+    table = ev.format_compare(res)
+    assert "refusals on benign prompts (helpful)" in table and "| +0.75 [" in table and "0.38 [" in table
+    with pytest.raises(respond.ResponsesError, match="--benign: policies base, but"):
+        ev.compare([str(f) for f in files], None, make_tiny_tokenizer(), benign=[str(bfiles[0])])
+
+
+def test_length_controlled_win_rate():
+    rng = np.random.default_rng(0)
+    n = 4000
+    x = rng.normal(0.5, 1.0, n)                     # log length ratios: a is mostly the longer response
+    la = np.full(n, 200.0)
+    lb = (la + 1) / np.exp(x) - 1
+    for b0, b1 in [(0.0, 2.0), (1.0, 1.5), (-0.5, 0.0)]:
+        y = (rng.random(n) < 1 / (1 + np.exp(-(b0 + b1 * x)))).astype(float)
+        m = ev.length_controlled(y, la, lb, n_boot=200, seed=0)
+        # the fit recovers the generating intercept and slope within a few standard errors (~0.05 here)
+        assert abs(m["length_slope"] - b1) < 0.25 and abs(m["lc_win_rate"] - 1 / (1 + np.exp(-b0))) < 0.04
+        assert m["lc_win_rate_ci"][0] < m["lc_win_rate"] < m["lc_win_rate_ci"][1]
+        if b1 > 0:                                   # the raw rate is inflated by length, the controlled one not
+            assert y.mean() > m["lc_win_rate"] + 0.03
+        matched = np.abs(x) <= np.log(1.25)
+        assert m["n_matched"] == matched.sum() and m["matched_win_rate"] == pytest.approx(y[matched].mean())
+    # the fit solves the logistic score equations (its gradient is ~0, up to the small ridge), in float64
+    y = (rng.random(n) < 0.6).astype(float)
+    w = ev._logistic_fit(x[None], y[None])[0]
+    q = 1 / (1 + np.exp(-(w[0] + w[1] * x)))
+    assert abs((y - q).sum() - 1e-3 * w[0]) < 1e-6 and abs(((y - q) * x).sum() - 1e-3 * w[1]) < 1e-6
+    # ties count half, and a separable sample stays finite
+    assert list(ev.win_scores([0.9, 0.5, 0.1, 0.55], tie=0.05)) == [1.0, 0.5, 0.0, 0.5]
+    m = ev.length_controlled([1, 1, 0, 0], [10, 20, 5, 4], [5, 10, 10, 8], n_boot=50)
+    assert np.isfinite(m["lc_win_rate"]) and np.isfinite(m["length_slope"]) and m["length_slope"] > 0
+
+
 def test_a_policy_against_itself_is_all_ties(tiny, tmp_path):
     model, tok = tiny
     texts = ["Sure, here you go.", "No.", "I cannot help with that.", "Maybe later, friend."]
