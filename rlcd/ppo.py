@@ -29,8 +29,9 @@ policy forward (free with the shared value head, whose forward is the policy's).
 Hot path: no host synchronisation inside an iteration except the generation engine's stop check; every
 diagnostic stays a tensor until one `.tolist()` per iteration. Log-probs come from the fused entry
 point kernels.token_logprobs, which never builds (B, T, V) logits. Phases (PHASES: the steps above, with
-step 6 split into forward, backward and optimiser) are timed with CUDA events on a GPU (no sync) and
-perf_counter on a CPU (where ops run synchronously), and logged as t_<phase> seconds.
+step 6 split into forward, backward and optimiser) are timed by rlcd/profiling.py's PhaseTimer, with CUDA
+events on a GPU (no sync) and perf_counter on a CPU (where ops run synchronously), and logged as t_<phase>
+seconds; --profile (profiling.run_profile) runs a few iterations under the PyTorch profiler instead.
 
 Value network (--value-model): "separate" (the paper: a second trunk with a scalar head, initialised
 from the preference model, trained jointly by the same optimiser) or "shared" (a zero-initialised
@@ -55,17 +56,18 @@ collective and keeps its packed or compiled fast paths.
 
 Shapes: B rollouts, T = T_p + T_r columns (left-padded prompt, then the right-padded response),
 T_p prompt columns, T_r response columns, D model width, V vocabulary.
+
+Length: PPO as one reads it, in one file of ~700 lines: the settings with every flag documented, the presets,
+the iteration as one numbered function (~170 lines, kept whole so that the loop is visible in one place),
+the models it needs and the run around it. What can stand apart does: the math in ppo_core.py, the timing
+and --profile in profiling.py, the loop, checkpoints and resume in runs.py.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import resource
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -82,6 +84,7 @@ from rlcd.ppo_core import (KL_ESTIMATORS, KLController, apply_missing_stop, batc
 from rlcd.reward import (RewardModel, TextReward, end_marker, fp32_head, load_reward_model, load_rule,
                          pm_text_score, rule_score, score_tokens)
 from rlcd.precision import freeze_for
+from rlcd.profiling import PhaseTimer, run_profile
 
 # Phases of an iteration, timed by PhaseTimer: the numbered steps of `iteration`, its update (step 6) as
 # forward (the policy and value forward and the losses), backward, and optimiser (gradient clip, AdamW,
@@ -266,39 +269,6 @@ class PPORun:
         else:
             values = response_columns(self.value_net.values(seq, start), T_p)                  # (b, T_r)
         return logp, ent, values
-
-
-class PhaseTimer:
-    """Seconds per phase without a host sync: CUDA events on a GPU (read after the iteration's one sync),
-    perf_counter on a CPU, where ops run synchronously. Each phase is also a profiler range."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list[tuple[str, object, object]] = []
-
-    def _now(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        with torch.profiler.record_function(name):
-            t0 = self._now()
-            yield
-            self.marks.append((name, t0, self._now()))
-
-    def read(self) -> dict[str, float]:
-        """Seconds per phase since the last read (synchronises on a GPU: call once per iteration)."""
-        if self.cuda:
-            torch.cuda.synchronize()
-        out: dict[str, float] = {}
-        for name, a, b in self.marks:
-            out[name] = out.get(name, 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
-        self.marks.clear()
-        return out
 
 
 # --- one iteration ------------------------------------------------------------------------------------------
@@ -574,26 +544,6 @@ def build(args: Args, prompts: list[list[int]], policy: Transformer, ref: Transf
                   kl_ctl, device, end_id, sampler)
 
 
-def phase_table(times: dict[str, float], peak_bytes: int | None, title: str = "") -> str:
-    """A markdown table of seconds per phase and their shares, the total and the peak memory."""
-    total = sum(times.get(p, 0.0) for p in PHASES)
-    lines = [title] if title else []
-    lines += ["| phase | s | share |", "|---|---:|---:|"]
-    lines += [f"| {p} | {times.get(p, 0.0):.2f} | {100 * times.get(p, 0.0) / max(total, 1e-9):.0f}% |"
-              for p in PHASES]
-    lines.append(f"| **iteration** | **{total:.2f}** | 100% |")
-    if peak_bytes:
-        lines.append(f"\npeak memory: {peak_bytes / 2**30:.2f} GiB")
-    return "\n".join(lines)
-
-
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes: allocated on the GPU, the process's resident set on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux reports KiB
-
-
 def _line(it: int, total: int, r: dict) -> str:
     phases = " ".join(f"{p[:3]} {r['t_' + p]:.1f}" for p in PHASES)
     return (f"iter {it}/{total} | score {r['score']:+.3f} | kl {r['kl']:.3f} | beta {r['beta']:.4g} | "
@@ -682,7 +632,9 @@ def main(argv: list[str] | None = None) -> int:
                        f"{precision.describe()}; iterations {start_it}..{args.iterations}", file=sys.stderr)
     out = Path(args.out)
     if args.profile:
-        return run_profile(ppo, out)
+        return run_profile(lambda it, timer: train_iteration(ppo, it, timer)[0], device, out, PHASES, "PPO iteration",
+                           f"{args.value_model} value network, {args.batch_size} x {args.max_new_tokens} tokens, "
+                           f"{device}" + (f", {distributed.world_size()} ranks" if distributed.active() else ""))
 
     timer = PhaseTimer(device)
     last: dict = {}                       # the latest iteration's rollouts and scores, for the sample log
@@ -738,43 +690,3 @@ def train_iteration(run: PPORun, it: int, timer: PhaseTimer) -> tuple[dict, Gene
     runs.check_finite(it + 1, "iteration", **{k: rec[k] for k in guarded})
     run.kl_ctl.update(rec["kl"], run.args.batch_size)
     return rec, gen, score
-
-
-def timed_iterations(run: PPORun, warmup: int, iters: int,
-                     after: Callable[[dict], None] | None = None) -> dict[str, float]:
-    """Iterations 0 .. warmup + iters - 1 through train_iteration (the KL controller adapts as in
-    training); returns the mean seconds per phase of the last `iters` (the warm-up ones, which pay for
-    allocation, packing and compilation, are left out). `after(record)` runs after each iteration. What
-    --profile and bench/bench_ppo.py time."""
-    timer = PhaseTimer(run.device)
-    totals: dict[str, float] = {}
-    for it in range(warmup + iters):
-        stats, _, _ = train_iteration(run, it, timer)
-        times = timer.read()
-        if it >= warmup:
-            for k, v in times.items():
-                totals[k] = totals.get(k, 0.0) + v / iters
-        if after is not None:
-            after(stats)
-    return totals
-
-
-def run_profile(ppo: PPORun, out: Path, wait: int = 1, warmup: int = 1, active: int = 2) -> int:
-    """--profile: wait + warmup + active iterations under torch.profiler (its wait/warm-up/active
-    schedule); writes OUT/profile/trace.json (chrome://tracing, Perfetto) and prints the phase table of
-    the active iterations. Nothing is checkpointed. Under torchrun each rank writes its own trace
-    (trace.rank<r>.json: its collectives show as gloo/nccl ranges) and rank 0 prints its table."""
-    from torch.profiler import ProfilerActivity, profile, schedule
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ppo.device.type == "cuda" else [])
-    trace = out / "profile" / ("trace.json" if not distributed.active() else f"trace.rank{distributed.rank()}.json")
-    trace.parent.mkdir(parents=True, exist_ok=True)
-    with profile(activities=acts, schedule=schedule(wait=wait, warmup=warmup, active=active),
-                 on_trace_ready=lambda p: p.export_chrome_trace(str(trace)), profile_memory=False) as prof:
-        totals = timed_iterations(ppo, wait + warmup, active, lambda stats: prof.step())
-    distributed.print0(phase_table(totals, peak_memory(ppo.device),
-                                   f"PPO iteration, mean of {active} profiled ({ppo.args.value_model} value network, "
-                                   f"{ppo.args.batch_size} x {ppo.args.max_new_tokens} tokens, {ppo.device}"
-                                   + (f", {distributed.world_size()} ranks)" if distributed.active() else ")")))
-    distributed.print0(f"chrome trace: {trace}")
-    return 0

@@ -22,6 +22,7 @@ from rlcd import ppo as ppo_mod
 from rlcd import runs
 from rlcd.precision import freeze_for
 from rlcd.precision import resolve as resolve_precision
+from rlcd.profiling import PhaseTimer, timed_iterations
 from rlcd.reward import RewardModel, load_reward_model
 
 GOOD = "xyzqkwv#"          # the synthetic reward counts these characters (none occurs in the prompts)
@@ -62,7 +63,7 @@ def tiny_run(value_model, **overrides):
 @pytest.mark.parametrize("value_model", ["separate", "shared"])
 def test_tiny_policy_learns_a_synthetic_reward(value_model):
     run = tiny_run(value_model)
-    timer = ppo_mod.PhaseTimer(torch.device("cpu"))
+    timer = PhaseTimer(torch.device("cpu"))
     scores, kls = [], []
     for it in range(20):
         stats, gen, _ = ppo_mod.iteration(run, it, timer)
@@ -99,7 +100,7 @@ def test_kl_is_zero_and_the_first_ratio_one_at_iteration_zero(precision, value_m
         log_ratios.append((logp - old_logp)[mask].detach())
         return real(logp, old_logp, adv, mask, *rest)
     monkeypatch.setattr(ppo_mod, "policy_loss", spy)
-    stats, _, _ = ppo_mod.iteration(run, 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+    stats, _, _ = ppo_mod.iteration(run, 0, PhaseTimer(torch.device("cpu")))
     first = log_ratios[0]                       # the first micro-batch of the first minibatch, before any step
     bound = FIRST_RATIO_BOUND[precision]
     if epochs == 1 and micro_batch == 16:
@@ -132,7 +133,7 @@ def test_the_pm_reads_what_it_was_trained_on():
     tok = make_tiny_tokenizer()
     run = tiny_run("shared", max_new_tokens=6)
     run.pm, run.end_id = RewardModel(make_tiny_model(1)).eval(), tok.token_id("<|im_end|>")
-    _, gen, score = ppo_mod.iteration(run, 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+    _, gen, score = ppo_mod.iteration(run, 0, PhaseTimer(torch.device("cpu")))
     assert not gen.finished.all()
     seqs = []
     for b in range(gen.tokens.shape[0]):
@@ -146,10 +147,10 @@ def test_first_update_starts_at_ratio_one_and_moves_the_policy():
     # 2 epochs: the first minibatch's ratio is 1 (old log-probs from the sampling pass, values from the
     # same weights), so approx_kl is ~0 there and > 0 after the first step
     run = tiny_run("separate", ppo_epochs=2, minibatches=2)
-    stats, _, _ = ppo_mod.iteration(run, 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+    stats, _, _ = ppo_mod.iteration(run, 0, PhaseTimer(torch.device("cpu")))
     assert stats["approx_kl"].item() > 1e-6
     run1 = tiny_run("separate")
-    stats1, _, _ = ppo_mod.iteration(run1, 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+    stats1, _, _ = ppo_mod.iteration(run1, 0, PhaseTimer(torch.device("cpu")))
     assert stats1["approx_kl"].item() < 1e-9 and stats1["clipfrac"].item() == 0
 
 
@@ -159,7 +160,7 @@ def test_fused_first_forward_equals_the_general_path(value_model):
     # forward; the general path (two micro-batches) computes them at rollout: the same update
     cpu = torch.device("cpu")
     fused, general = tiny_run(value_model, micro_batch=16), tiny_run(value_model, micro_batch=8)
-    t_fused, t_general = ppo_mod.PhaseTimer(cpu), ppo_mod.PhaseTimer(cpu)
+    t_fused, t_general = PhaseTimer(cpu), PhaseTimer(cpu)
     a, _, _ = ppo_mod.iteration(fused, 0, t_fused)
     b, _, _ = ppo_mod.iteration(general, 0, t_general)
     for k in ("score", "kl", "policy_loss", "value_loss", "entropy", "explained_variance", "grad_norm", "return_mean"):
@@ -171,14 +172,14 @@ def test_fused_first_forward_equals_the_general_path(value_model):
 def test_logged_lr_is_the_one_the_step_used():
     # read before scheduler.step(), as runs.train_loop does: iteration 0 runs at f(0) = 1 (no warm-up)
     run = tiny_run("shared", max_new_tokens=4, iterations=4)
-    lrs = [ppo_mod.iteration(run, it, ppo_mod.PhaseTimer(torch.device("cpu")))[0]["lr"].item() for it in range(2)]
+    lrs = [ppo_mod.iteration(run, it, PhaseTimer(torch.device("cpu")))[0]["lr"].item() for it in range(2)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[1] == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi / 4)))
 
 
 def test_entropy_exact_with_a_bonus_estimated_without():
     cpu = torch.device("cpu")
-    exact, _, _ = ppo_mod.iteration(tiny_run("shared", ent_coef=0.01, max_new_tokens=32), 0, ppo_mod.PhaseTimer(cpu))
-    estimate, _, _ = ppo_mod.iteration(tiny_run("shared", max_new_tokens=32), 0, ppo_mod.PhaseTimer(cpu))
+    exact, _, _ = ppo_mod.iteration(tiny_run("shared", ent_coef=0.01, max_new_tokens=32), 0, PhaseTimer(cpu))
+    estimate, _, _ = ppo_mod.iteration(tiny_run("shared", max_new_tokens=32), 0, PhaseTimer(cpu))
     # same weights, same samples: the mean entropy and its Monte Carlo estimate -E[log pi(x)] agree loosely
     assert 0 < exact["entropy"].item() < 5.8                                  # below log(320)
     assert estimate["entropy"].item() == pytest.approx(exact["entropy"].item(), rel=0.25)
@@ -400,7 +401,8 @@ def test_profile_and_benchmark_adapt_beta_as_training_does():
     run = tiny_run("shared", kl_target=1e-4, kl_coef=0.1, iterations=4)
     beta0 = run.kl_ctl.value
     seen = []
-    ppo_mod.timed_iterations(run, 1, 1, lambda rec: seen.append(rec["beta"]))
+    timed_iterations(lambda it, timer: ppo_mod.train_iteration(run, it, timer)[0], run.device, 1, 1,
+                     lambda rec: seen.append(rec["beta"]))
     assert seen[0] == beta0 and run.kl_ctl.value != beta0                 # the record holds the beta it used
     assert len(seen) == 2 and seen[1] != beta0
 
@@ -415,7 +417,7 @@ def test_train_iteration_raises_on_non_finite(monkeypatch):
 
     monkeypatch.setattr(ppo_mod, "iteration", nan_score)
     with pytest.raises(FloatingPointError, match="iteration 1: non-finite score=nan"):
-        ppo_mod.train_iteration(run, 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+        ppo_mod.train_iteration(run, 0, PhaseTimer(torch.device("cpu")))
 
 
 def test_a_pm_trained_on_plain_pairs_is_refused(tiny_setup, tmp_path, capsys):
@@ -438,7 +440,7 @@ def test_a_response_ended_by_another_stop_token_is_scored_with_the_pm_end_marker
     run = tiny_run("shared", max_new_tokens=6)
     run.pm, run.end_id = RewardModel(make_tiny_model(1)).eval(), end_id
     # a second stop token the tiny policy does emit: the most common first response token of iteration 0
-    _, gen, _ = ppo_mod.iteration(copy.deepcopy(run), 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+    _, gen, _ = ppo_mod.iteration(copy.deepcopy(run), 0, PhaseTimer(torch.device("cpu")))
     other = torch.mode(gen.tokens[:, 0]).values.item()
     run.stop_ids = [end_id, other]
     seen = {}
@@ -449,7 +451,7 @@ def test_a_response_ended_by_another_stop_token_is_scored_with_the_pm_end_marker
         return real(pm, seq, start, last, normalize=normalize)
     ppo_mod.score_tokens, saved = spy, ppo_mod.score_tokens
     try:
-        _, gen, score = ppo_mod.iteration(run, 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+        _, gen, score = ppo_mod.iteration(run, 0, PhaseTimer(torch.device("cpu")))
     finally:
         ppo_mod.score_tokens = saved
     ended_other = gen.finished & (gen.tokens.gather(1, (gen.lengths - 1).clamp(min=0)[:, None]).squeeze(1) == other)
@@ -491,7 +493,7 @@ def _text_reward_run(score):
     convs = [[{"role": "user", "content": "".join(rng.choice("bcdfg") for _ in range(5))}] for _ in range(64)]
     assert [tok.encode(tok.apply_chat_template(c)) for c in convs] == run.prompts
     run.pm = TextReward(score, tok, convs, "test")
-    _, gen, pm_score = ppo_mod.iteration(run, 0, ppo_mod.PhaseTimer(torch.device("cpu")))
+    _, gen, pm_score = ppo_mod.iteration(run, 0, PhaseTimer(torch.device("cpu")))
     texts = [tok.decode(gen.tokens[b, :int(gen.lengths[b]) - int(gen.finished[b])].tolist())
              for b in range(gen.tokens.shape[0])]
     return run, gen, pm_score, texts, convs
@@ -569,7 +571,7 @@ def test_the_value_network_fits_a_fixed_target_at_its_own_learning_rate(value_mo
     assert sum(len(g["params"]) for g in groups if id(g["params"][0]) in value_ids) == len(value_ids)
     losses = []
     for it in range(30):
-        stats, _, _ = ppo_mod.iteration(run, it, ppo_mod.PhaseTimer(torch.device("cpu")))
+        stats, _, _ = ppo_mod.iteration(run, it, PhaseTimer(torch.device("cpu")))
         losses.append(stats["value_loss"].item())
         assert stats["value_grad_norm"].item() > 0 and stats["grad_norm"].item() >= 0
     assert sum(losses[-3:]) / 3 < 0.1 * losses[0], losses
