@@ -43,7 +43,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from models import CheckpointError
-from rlcd import evaluate, pm, ppo, respond, runs, sft, simulate
+from rlcd import evaluate, pm, ppo, respond, sft, simulate
+from rlcd.checkpoints import CKPT_DIRS, RUN_JSON
 from rlcd.cli import ArgsError, argv_of, parse_args, read_args
 from rlcd.jsonl import write_json_atomic
 from rlcd.tasks import TASKS
@@ -206,7 +207,7 @@ def _resumable(argv: list[str]) -> list[str]:
     if argv[0] != "train.py" or argv[1] not in ("pm", "sft", "ppo"):
         return argv
     out = Path(argv[argv.index("--out") + 1])
-    ckpt = out / runs.CKPT_DIRS[argv[1]] / runs.RUN_JSON
+    ckpt = out / CKPT_DIRS[argv[1]] / RUN_JSON
     return argv + ["--resume"] if ckpt.is_file() else argv
 
 

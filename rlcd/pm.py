@@ -44,6 +44,7 @@ from torch import Tensor
 from models import CheckpointError, Tokenizer, load_model
 from models.checkpoint import resolve
 from rlcd import distributed, runs
+from rlcd.checkpoints import CKPT_DIRS, RUN_JSON, read_run_meta
 from rlcd.cli import parse_args
 from rlcd.evaluate import length_split
 from rlcd.jsonl import write_json_atomic
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         train_idx, dev_idx = runs.split_dev([r["id"] for r in recs], args.dev, args.seed)
         if args.norm_policy is not None and args.norm_samples > 0:
             resolve(args.norm_policy)           # sampled after training: a bad name fails now, not then
-        # Model: trunk + head; when resuming, runs.checkpoints restores the head with the optimiser state.
+        # Model: trunk + head; when resuming, checkpoints.checkpointing restores the head with the optimiser state.
         trunk, tok = runs.load_trunk(args, resume_from, device)
     except (CheckpointError, PairsError, ValueError, FileNotFoundError) as e:
         print(f"{distributed.tag('train.py pm')}: {e}", file=sys.stderr)
@@ -235,10 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         pm.eval()
         with runs.autocast(args, device):          # the precision PPO scores in (rlcd.precision.freeze_for)
             stats = reward_norm_stats(pm, tok, train + dev, args, device)
-        ckpt = Path(args.out) / runs.CKPT_DIRS["pm"]
+        ckpt = Path(args.out) / CKPT_DIRS["pm"]
         if distributed.is_main():
-            run = runs.read_run_meta(ckpt)
-            write_json_atomic(ckpt / runs.RUN_JSON, {**run, "reward_norm": stats})
+            run = read_run_meta(ckpt)
+            write_json_atomic(ckpt / RUN_JSON, {**run, "reward_norm": stats})
         runs.log_jsonl(ckpt.parent / runs.METRICS, {"step": summary["step"], "reward_norm": stats})
         distributed.print0(f"pm: reward on {stats['n']} base-policy samples: mean {stats['mean']:.4f} "
                            f"std {stats['std']:.4f}",

@@ -60,7 +60,7 @@ T_p prompt columns, T_r response columns, D model width, V vocabulary.
 Length: PPO as one reads it, in one file of ~700 lines: the settings with every flag documented, the presets,
 the iteration as one numbered function (~170 lines, kept whole so that the loop is visible in one place),
 the models it needs and the run around it. What can stand apart does: the math in ppo_core.py, the timing
-and --profile in profiling.py, the loop, checkpoints and resume in runs.py.
+and --profile in profiling.py, the loop in runs.py, checkpoints and resume in checkpoints.py.
 """
 from __future__ import annotations
 
@@ -78,6 +78,7 @@ from kernels import token_logprobs
 from models import CheckpointError, Tokenizer, Transformer, load_model
 from models.generation import Generation, SamplingParams, generate
 from rlcd import distributed, runs
+from rlcd.checkpoints import checkpointing, read_run_meta
 from rlcd.cli import argv_of, parse_args
 from rlcd.ppo_core import (KL_ESTIMATORS, KLController, apply_missing_stop, batch_mean, explained_variance, gae,
                            kl_per_token, masked_mean, masked_whiten, policy_loss, shape_rewards, value_loss)
@@ -621,11 +622,11 @@ def main(argv: list[str] | None = None) -> int:
     ppo = build(args, prompts, policy, ref, pm, value_net, tok.stop_ids, tok.pad_id, device, end_id)
     # Checkpoints hold the policy, the value network and (run.json) the KL controller; resume restores them.
     value = {"value": ppo.value_net} if ppo.value_net is not None else {"value_head": ppo.value_head}
-    start_it, save_checkpoint, meta = runs.checkpoints(
+    start_it, save_checkpoint, meta = checkpointing(
         args, "ppo", policy, tok, ppo.optimizer, ppo.scheduler, args.iterations, keys, resume_from, value,
         pm=args.pm, policy=args.policy, n_prompts=len(prompts))
     if resume_from is not None:
-        ppo.kl_ctl.load_state_dict(runs.read_run_meta(resume_from)["kl_ctl"])
+        ppo.kl_ctl.load_state_dict(read_run_meta(resume_from)["kl_ctl"])
     distributed.print0(f"ppo: {len(prompts)} prompts ({n_long} over {args.max_prompt_tokens} tokens dropped), "
                        f"{args.batch_size} rollouts x {args.max_new_tokens} tokens per iteration, {args.value_model} "
                        f"value network, {meta['n_trainable'] / 1e6:.1f}M trainable parameters, precision "

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from models import CheckpointError, Tokenizer, Transformer, load_model
 from models.tokenizer import TURN_END_TOKENS
-from rlcd import runs
+from rlcd import checkpoints, runs
 
 PLAIN_END = "\n\nHuman:"      # the paper's end marker: the start of the next human turn
 HEAD_FILE = "head"            # head.safetensors in the checkpoint: {"weight": (1, D), "bias": (1,)}
@@ -165,7 +165,7 @@ def load_reward_model(run_dir: str | Path, device: str | torch.device = "cpu",
     checkpoint. Returns (model in eval mode, tokenizer, run.json). Another stage's run is an error."""
     from models.checkpoint import read_safetensors
 
-    ckpt, meta = runs.find_checkpoint(run_dir, "pm")
+    ckpt, meta = checkpoints.find_checkpoint(run_dir, "pm")
     head_file = ckpt / f"{HEAD_FILE}.safetensors"
     if not head_file.is_file():
         raise CheckpointError(f"{ckpt}: no {head_file.name} (an incomplete preference-model checkpoint)")

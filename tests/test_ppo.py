@@ -19,7 +19,7 @@ from kernels import token_logprobs
 from models import load_model, save_model
 from models.generation import SamplingParams, generate
 from rlcd import ppo as ppo_mod
-from rlcd import runs
+from rlcd import checkpoints, runs
 from rlcd.precision import freeze_for
 from rlcd.precision import resolve as resolve_precision
 from rlcd.profiling import PhaseTimer, timed_iterations
@@ -199,15 +199,15 @@ def test_presets_put_their_flags_first():
 
 # --- the command line ------------------------------------------------------------------------------------------
 def save_pm(trunk, tok, out, formats=("chat",)):
-    """A preference-model run directory written the way train.py pm writes one (runs.save_checkpoint)."""
+    """A preference-model run directory written the way train.py pm writes one (checkpoints.save_checkpoint)."""
     from rlcd import pm as pm_mod
 
     pm = RewardModel(trunk)
     opt = torch.optim.AdamW(pm.head.parameters())
-    meta = runs.run_meta("pm", pm_mod.Args(pairs=["none"], out=str(out)), 1,
-                         reward_norm={"mean": 0.25, "std": 2.0, "n": 8}, formats=list(formats))
-    runs.save_checkpoint(out / "reward", pm.trunk, tok, meta, opt, runs.cosine_schedule(opt, 0, 1), 1, "none",
-                         {"head": pm.head.state_dict()})
+    meta = checkpoints.run_meta("pm", pm_mod.Args(pairs=["none"], out=str(out)), 1,
+                                reward_norm={"mean": 0.25, "std": 2.0, "n": 8}, formats=list(formats))
+    checkpoints.save_checkpoint(out / "reward", pm.trunk, tok, meta, opt, runs.cosine_schedule(opt, 0, 1), 1,
+                                "none", {"head": pm.head.state_dict()})
     return out
 
 
@@ -281,14 +281,14 @@ def test_resume_continues_exactly(tiny_setup, tmp_path, value_model, micro_batch
         json.loads((split / "policy" / "run.json").read_text())["kl_ctl"]
 
 
-# A train.py ppo that SIGKILLs itself at the `call`-th call of runs.<fn>: "replace_dir" is the last act of a
+# A train.py ppo that SIGKILLs itself at the `call`-th call of checkpoints.<fn>: "replace_dir" is the last act of a
 # checkpoint write (every file of it written to .partial, none swapped in); "torch.save" comes in its middle
 # (the weights written, the trainer state not).
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import torch
-from rlcd import runs
+from rlcd import checkpoints
 calls = [0]
 def killing(real):
     def wrapped(*a, **k):
@@ -300,7 +300,7 @@ def killing(real):
 if {fn!r} == "torch.save":
     torch.save = killing(torch.save)
 else:
-    runs.{fn} = killing(runs.{fn})
+    checkpoints.{fn} = killing(checkpoints.{fn})
 import train
 sys.exit(train.main(sys.argv[1:]))
 """

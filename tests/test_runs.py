@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 
 from models import CheckpointError, load_model
-from rlcd import runs
+from rlcd import checkpoints, runs
 
 
 def test_cosine_schedule_by_hand():
@@ -65,9 +65,9 @@ def test_freeze_lower_layers_and_optimizer_groups():
 
 
 def test_rng_state_round_trip():
-    state = runs.rng_state()
+    state = checkpoints.rng_state()
     a = (random.random(), np.random.rand(), torch.rand(1).item())
-    runs.set_rng_state(state)
+    checkpoints.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
 
 
@@ -80,37 +80,37 @@ def _checkpoint(tmp_path, step, scale=1.0):
     sched = runs.cosine_schedule(opt, 1, 10)
     ckpt = tmp_path / "run" / "policy"
     ckpt.parent.mkdir(exist_ok=True)
-    return runs.save_checkpoint(ckpt, model, make_tiny_tokenizer(), {"stage": "sft"}, opt, sched, step, "fp",
-                                {"head": {"weight": torch.full((1, 4), scale)}})
+    return checkpoints.save_checkpoint(ckpt, model, make_tiny_tokenizer(), {"stage": "sft"}, opt, sched, step, "fp",
+                                       {"head": {"weight": torch.full((1, 4), scale)}})
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     ckpt = _checkpoint(tmp_path, step=2, scale=2.0)
-    assert runs.read_run_meta(ckpt)["step"] == 2
+    assert checkpoints.read_run_meta(ckpt)["step"] == 2
 
     def crash(*a, **k):                        # the process dies while writing the trainer state
         raise KeyboardInterrupt("killed mid-write")
-    monkeypatch.setattr(runs.torch, "save", crash)
+    monkeypatch.setattr(checkpoints.torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         _checkpoint(tmp_path, step=4, scale=4.0)
     monkeypatch.undo()
     # the previous checkpoint is complete and unchanged; nothing half-written is left beside it
-    assert runs.read_run_meta(ckpt)["step"] == 2
+    assert checkpoints.read_run_meta(ckpt)["step"] == 2
     model, _ = load_model(ckpt)
     assert torch.all(model.norm.weight == 2.0)
     assert sorted(os.listdir(ckpt.parent)) == ["policy"]
     # a full disk (torch.save's own words for it) is reported with the checkpoint's path and the free space
     def disk_full(*a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 54912 vs 54804")
-    monkeypatch.setattr(runs.torch, "save", disk_full)
+    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
     with pytest.raises(OSError, match=r"writing checkpoint .*policy failed with [0-9.]+ GiB free .* is intact "
                                       r"\(RuntimeError: .*unexpected pos"):
         _checkpoint(tmp_path, step=5, scale=5.0)
     monkeypatch.undo()
-    assert runs.read_run_meta(ckpt)["step"] == 2 and sorted(os.listdir(ckpt.parent)) == ["policy"]
+    assert checkpoints.read_run_meta(ckpt)["step"] == 2 and sorted(os.listdir(ckpt.parent)) == ["policy"]
     # a crash between the two renames of the swap leaves only .policy.old: it is found and restored
     os.replace(ckpt, ckpt.with_name(".policy.old"))
-    found, meta = runs.find_checkpoint(ckpt.parent, "sft")
+    found, meta = checkpoints.find_checkpoint(ckpt.parent, "sft")
     assert found == ckpt and meta["step"] == 2 and torch.equal(load_model(ckpt)[0].norm.weight, model.norm.weight)
 
 
@@ -119,9 +119,9 @@ def test_trainer_state_round_trip_and_data_check(tmp_path):
     model = make_tiny_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = runs.cosine_schedule(opt, 1, 10)
-    assert runs.load_trainer_state(ckpt, opt, sched, "fp") == 3
+    assert checkpoints.load_trainer_state(ckpt, opt, sched, "fp") == 3
     with pytest.raises(CheckpointError, match="training data or its order changed"):
-        runs.load_trainer_state(ckpt, opt, sched, "other")
+        checkpoints.load_trainer_state(ckpt, opt, sched, "other")
 
 
 def test_nan_guard_names_the_quantity_and_skips_the_update(tmp_path):
@@ -179,8 +179,8 @@ def test_resume_checks_settings_and_drops_metrics_after_the_checkpoint(tmp_path)
     runs.prepare_run(args, "sft")
     model = make_tiny_model()
     opt = torch.optim.AdamW(model.parameters())
-    runs.save_checkpoint(tmp_path / "run" / "policy", model, make_tiny_tokenizer(), runs.run_meta("sft", args, 9),
-                         opt, runs.cosine_schedule(opt, 0, 9), 2, "fp")
+    checkpoints.save_checkpoint(tmp_path / "run" / "policy", model, make_tiny_tokenizer(),
+                                checkpoints.run_meta("sft", args, 9), opt, runs.cosine_schedule(opt, 0, 9), 2, "fp")
     for s in (1, 2, 3, 4):                    # steps 3 and 4 were logged, then the run died before saving
         runs.log_jsonl(tmp_path / "run" / runs.METRICS, {"step": s, "loss": 1.0})
     resumed = runs.TrainArgs(out=str(tmp_path / "run"), lr=1e-3, resume=True, stop_after=5, progress=False)

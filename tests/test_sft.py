@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import generate as generate_cli
 from models import CheckpointError, load_model, save_model
-from rlcd import runs
+from rlcd import checkpoints
 from rlcd import sft as sft_mod
 from rlcd.pairs import PairsError
 from rlcd.sft import encode_example, read_examples, response_mask, sft_nll
@@ -131,4 +131,4 @@ def test_sft_bad_input(tiny_dir, pairs, tmp_path, capsys):
     assert sft_mod.main(sft_argv(pairs, pm_run, tiny_dir, "--resume")) == 2
     assert "holds a 'pm' run (reward/), not a 'sft' run" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="a 'pm' run directory"):
-        runs.find_checkpoint(pm_run, "sft")
+        checkpoints.find_checkpoint(pm_run, "sft")
