@@ -43,8 +43,8 @@ from pathlib import Path
 
 from models.hub import fetch_wheel, rlcd_home
 from rlcd.jsonl import read_objects, write_atomic
+from rlcd.tasks import TASKS
 
-TASK_NAMES = ("harmless", "helpful", "outlines")
 SPLITS = ("train", "dev", "test")
 # Bump when the built sets change (sources, normalisation, ids, premises): a cache written by an
 # older version is rebuilt instead of silently reused.
@@ -298,7 +298,7 @@ def build_task(task: str) -> list[dict]:
     Sorting by id (a hash) interleaves the sources, so any prefix (`limit`) is a fair sample of them.
     """
     if task not in _BUILDERS:
-        raise DataError(f"unknown task {task!r}; expected one of {', '.join(TASK_NAMES)}")
+        raise DataError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     return sorted(_dedup(_BUILDERS[task]()), key=lambda r: r["id"])
 
 
@@ -397,12 +397,12 @@ def load_prompts(task_or_path: str, split: str | None = "train", limit: int | No
         raise ValueError(f"split must be one of {', '.join(SPLITS)} or None, got {split!r}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    if task_or_path in TASK_NAMES:
+    if task_or_path in TASKS:
         records = _cached_task(task_or_path)
     else:
         path = Path(task_or_path).expanduser()
         if not path.is_file():
-            raise DataError(f"{task_or_path}: neither a task ({', '.join(TASK_NAMES)}) nor a file")
+            raise DataError(f"{task_or_path}: neither a task ({', '.join(TASKS)}) nor a file")
         records = _read_file(path)
     if split is not None:
         records = [r for r in records if r["split"] == split]
