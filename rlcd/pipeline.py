@@ -157,7 +157,7 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
     prompts = args.prompts or args.task
     sim = dict(task=args.task, prompts=args.prompts, model=args.simulator or args.policy, **b["simulate"], **common)
     train = dict(model=args.policy, **common)
-    ppo = dict(policy=args.policy, prompts=prompts, **b["ppo"], seed=args.seed)      # ppo prints a line per iteration
+    ppo_flags = dict(policy=args.policy, prompts=prompts, **b["ppo"], seed=args.seed)  # ppo prints each iteration
     cmds: dict[str, list[list[str]]] = {
         "pairs-rlcd": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlcd.jsonl", method="rlcd", design=args.design, **sim))]],
         "pairs-rlaif": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlaif.jsonl", method="rlaif", judge=args.judge, **sim))]],
@@ -167,8 +167,8 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
                                                       **train, **b["pm"]))]],
         "sft": [["train.py", "sft", *argv_of(dict(out=out / "sft", pairs=[out / "pairs-rlcd.jsonl"], field="chosen",
                                                   **train, **b["sft"]))]],
-        "ppo-rlcd": [["train.py", "ppo", *argv_of(dict(out=out / "ppo-rlcd", pm=out / "pm-rlcd", **ppo))]],
-        "ppo-rlaif": [["train.py", "ppo", *argv_of(dict(out=out / "ppo-rlaif", pm=out / "pm-rlaif", **ppo))]],
+        "ppo-rlcd": [["train.py", "ppo", *argv_of(dict(out=out / "ppo-rlcd", pm=out / "pm-rlcd", **ppo_flags))]],
+        "ppo-rlaif": [["train.py", "ppo", *argv_of(dict(out=out / "ppo-rlaif", pm=out / "pm-rlaif", **ppo_flags))]],
         # The human pairs are stored as plain dialogue; the PMs were trained on pairs in the simulator's
         # format (chat unless --set simulate.format=plain), so their prompts are re-rendered in it.
         "agreement": [["eval.py", "pm-agreement", *argv_of(dict(pm=out / f"pm-{m}", pairs=[args.human_pairs],

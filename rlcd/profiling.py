@@ -112,6 +112,7 @@ def run_profile(step: Step, device: torch.device, out: Path, phases: tuple[str, 
     with profile(activities=acts, schedule=schedule(wait=wait, warmup=warmup, active=active),
                  on_trace_ready=lambda p: p.export_chrome_trace(str(trace)), profile_memory=False) as prof:
         totals = timed_iterations(step, device, wait + warmup, active, lambda record: prof.step())
-    distributed.print0(phase_table(totals, phases, peak_memory(device), f"{what}, mean of {active} profiled ({detail})"))
+    title = f"{what}, mean of {active} profiled ({detail})"
+    distributed.print0(phase_table(totals, phases, peak_memory(device), title))
     distributed.print0(f"chrome trace: {trace}")
     return 0
