@@ -1,5 +1,6 @@
-"""The checkpoints of a training stage's run (pm, sft, ppo): what is written, atomically, and what --resume
-reads back, bit for bit. The loop that calls them, and the run directory they live in, are rlcd/runs.py's.
+"""The checkpoints of a training stage's run (pm, sft, ppo, dpo): what is written, atomically, and what
+--resume reads back, bit for bit. The loop that calls them, and the run directory they live in, are
+rlcd/runs.py's.
 
 A checkpoint is OUT/<ckpt>/, replaced atomically as a whole:
     config.json, model.safetensors, tokenizer*.json    a Hugging Face-format model (models.save_model)
@@ -7,7 +8,7 @@ A checkpoint is OUT/<ckpt>/, replaced atomically as a whole:
     run.json              {"stage", "step", "total_steps", "config", ...}: small, human-readable; a stage
                           may add to it (the PM's reward statistics, PPO's KL controller)
     trainer_state.pt      optimiser, scheduler, RNG states and the data-order fingerprint: --resume
-<ckpt> is CKPT_DIRS[stage]: "policy" for sft and ppo, so that `generate.py --model OUT` loads the policy
+<ckpt> is CKPT_DIRS[stage]: "policy" for sft, ppo and dpo, so that `generate.py --model OUT` loads the policy
 (models.checkpoint.resolve looks for OUT/policy), and "reward" for pm, so that a preference model run is
 never silently loaded as a policy.
 
@@ -46,7 +47,7 @@ from rlcd.precision import resolve as resolve_precision
 if TYPE_CHECKING:                           # the settings' type only: runs.py imports this module
     from rlcd.runs import RunArgs
 
-CKPT_DIRS = {"pm": "reward", "sft": "policy", "ppo": "policy"}
+CKPT_DIRS = {"pm": "reward", "sft": "policy", "ppo": "policy", "dpo": "policy"}
 RUN_JSON = "run.json"
 STATE_FILE = "trainer_state.pt"
 STATE_DIR = "trainer_state"          # the resume state of a run under torchrun (torch.distributed.checkpoint)

@@ -61,9 +61,6 @@ from rlcd.pm import bt_loss, pair_metrics
 from rlcd.precision import freeze_for
 from rlcd.sft import encode_example, response_logprobs
 
-# A DPO run's checkpoint is a policy, in OUT/policy/ where generate.py, eval.py and PPO look for one.
-runs.CKPT_DIRS.setdefault("dpo", "policy")
-
 
 @dataclass(kw_only=True)
 class Args(runs.TrainArgs):
