@@ -124,7 +124,7 @@ class Args(runs.RunArgs):
     kl_estimator: str = "k1"          # k1 = log pi - log pi_ref, or k3 = (r - 1) - log r
     kl_clamp: bool = True             # clamp k1 at 0 (official RLCD code)
     # 5. whitening and GAE
-    whiten_rewards: bool = True       # scale the per-token rewards to unit variance (paper: yes; N+: no)
+    whiten_rewards: bool = False      # scale the per-token rewards to unit variance (paper: yes; N+: no): with a normalised score on one token of T, it multiplies returns ~sqrt(T)-fold away from the value head's scale
     whiten_advantages: bool = True    # advantages to mean 0, std 1 over the batch
     gamma: float = 1.0                # GAE discount (paper: 1)
     lam: float = 1.0                  # GAE lambda (paper: 1; N+: 0.95)
@@ -169,10 +169,10 @@ class Args(runs.RunArgs):
 PRESETS: dict[str, dict] = {
     "default": {},
     # RLCD (arXiv 2307.12950, App. / official code): 512 rollouts, 2 epochs x 2 minibatches, responses up
-    # to 300 tokens, lr 1e-5, beta 0.004, -1 without a stop; everything else (clamped k1, whitened rewards,
+    # to 300 tokens, lr 1e-5, beta 0.004, -1 without a stop, whitened rewards; everything else (clamped k1,
     # gamma = lambda = 1, clips 0.2, vf_coef 0.1, separate value net from the PM) is already the default.
     "paper": dict(batch_size=512, ppo_epochs=2, minibatches=2, micro_batch=8, max_new_tokens=300, iterations=60,
-                  lr=1e-5, kl_coef=0.004, no_stop_score=-1.0),
+                  lr=1e-5, kl_coef=0.004, no_stop_score=-1.0, whiten_rewards=True),
     # The N+ implementation details of RLHF with PPO (Huang et al. 2024) / TRL's PPO: beta 0.05 on
     # unclamped k1, no reward whitening, lambda 0.95, 4 epochs x 1 minibatch, -1 without a stop.
     "nplus": dict(kl_coef=0.05, kl_clamp=False, whiten_rewards=False, gamma=1.0, lam=0.95, ppo_epochs=4,
