@@ -9,12 +9,13 @@ never the more harmful reply. `eval.py judge-agreement --pairs OUT` then measure
 The label is the refusal rule's by construction, so the refusal rule itself scores 1 here and is not a
 candidate; what this measures is whether a model judge orders the two kinds of response the right way.
 
-    python bench/refusal_pairs.py runs/contrast-harmless/*.jsonl --out runs/refusal-pairs.jsonl
+    python bench/refusal_pairs.py runs/contrast-harmless/*.jsonl --out runs/refusal-pairs.jsonl [--sample 100]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pairs", nargs="+", help="RLCD pairs files (harmless task)")
     ap.add_argument("--out", required=True, help="the labelled pairs, JSONL")
+    ap.add_argument("--sample", type=int, default=None, help="keep a random N of them (seed 0), to bound the judging")
     args = ap.parse_args()
     rows = []
     for path in args.pairs:
@@ -51,6 +53,9 @@ def main() -> int:
         print(f"{path}: {len(recs)} pairs, {len(mine)} with exactly one refusal "
               f"({sum(m['refusal_was'] == 'o+' for m in mine)} of them o+)", file=sys.stderr)
         rows += mine
+    if args.sample is not None and args.sample < len(rows):
+        random.Random(0).shuffle(rows)
+        rows = rows[:args.sample]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{len(rows)} pairs -> {args.out}", file=sys.stderr)
