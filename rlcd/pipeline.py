@@ -13,16 +13,17 @@ exact command lines are written to OUT/commands.sh, so any stage can be rerun or
   3. pm-rlcd          train.py pm on 1                                OUT/pm-rlcd/
   4. pm-rlaif         train.py pm on 2                                OUT/pm-rlaif/
   5. sft              train.py sft on 1's o+ (context distillation)   OUT/sft/
-  6. ppo-rlcd         train.py ppo against 3                          OUT/ppo-rlcd/
-  7. ppo-rlaif        train.py ppo against 4                          OUT/ppo-rlaif/
-  8. agreement        eval.py pm-agreement of 3 and 4 on human pairs  OUT/agreement-{rlcd,rlaif}.json
-  9. respond          eval.py respond: base, rlcd, rlaif, cd          OUT/responses/<policy>.jsonl
- 10. compare          eval.py compare with the judge                  OUT/compare.json
- 11. report           the tables below, curves as SVG                 OUT/report.md
+  6. dpo              train.py dpo on 1 (no preference model)         OUT/dpo/
+  7. ppo-rlcd         train.py ppo against 3                          OUT/ppo-rlcd/
+  8. ppo-rlaif        train.py ppo against 4                          OUT/ppo-rlaif/
+  9. agreement        eval.py pm-agreement of 3 and 4 on human pairs  OUT/agreement-{rlcd,rlaif}.json
+ 10. respond          eval.py respond: base, rlcd, rlaif, cd, dpo     OUT/responses/<policy>.jsonl
+ 11. compare          eval.py compare with the judge                  OUT/compare.json
+ 12. report           the tables below, curves as SVG                 OUT/report.md
 
 Resuming. A stage that finished writes OUT/stages/<stage>.json (its time and result); a rerun skips it.
 A stage that was interrupted is run again and resumes from its own partial output: simulate and respond
-complete their JSONL files chunk by chunk, pm/sft/ppo continue from their last checkpoint (--resume,
+complete their JSONL files chunk by chunk, pm/sft/dpo/ppo continue from their last checkpoint (--resume,
 restored bit for bit), the evaluation stages recompute. So the same command after a kill at any moment
 finishes the job with nothing repeated that was complete and nothing lost.
 
@@ -43,14 +44,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from models import CheckpointError
-from rlcd import evaluate, pm, ppo, respond, sft, simulate
+from rlcd import dpo, evaluate, pm, ppo, respond, sft, simulate
 from rlcd.checkpoints import CKPT_DIRS, RUN_JSON
 from rlcd.cli import ArgsError, argv_of, parse_args, read_args
 from rlcd.jsonl import write_json_atomic
 from rlcd.tasks import TASKS
 
 DEFAULT_POLICY = "smollm2-135m-instruct"
-POLICIES = ("base", "rlcd", "rlaif", "cd")       # cd = context distillation (SFT on o+)
+# The trained policies and their run directories in OUT; "base" is the policy itself.
+POLICY_RUNS = {"rlcd": "ppo-rlcd", "rlaif": "ppo-rlaif", "cd": "sft", "dpo": "dpo"}   # cd = context distillation
+POLICIES = ("base", *POLICY_RUNS)
 
 # Settings per budget. Each stage's flags; anything not listed is that command's default.
 BUDGETS: dict[str, dict[str, dict]] = {
@@ -60,6 +63,9 @@ BUDGETS: dict[str, dict[str, dict]] = {
         "pm": dict(train_layers=4, epochs=2, batch_size=8, micro_batch=8, lr=5e-5, dev=4, eval_every=0,
                    norm_samples=16, norm_max_new_tokens=48, save_every=0),
         "sft": dict(train_layers=4, epochs=1, batch_size=8, micro_batch=8, lr=2e-5, dev=4, eval_every=0,
+                    save_every=0),
+        # lr 1e-5 for the top 4 blocks: not tuned (the paper's 1e-6 is for a full fine-tune).
+        "dpo": dict(train_layers=4, epochs=1, batch_size=8, micro_batch=8, lr=1e-5, beta=0.1, dev=4, eval_every=0,
                     save_every=0),
         "ppo": dict(iterations=4, batch_size=8, micro_batch=8, max_new_tokens=48, lr=1e-5, kl_coef=0.02,
                     train_layers=4, no_stop_score="none", save_every=2, sample_every=0),
@@ -73,6 +79,9 @@ BUDGETS: dict[str, dict[str, dict]] = {
         "pm": dict(train_layers=4, epochs=2, batch_size=16, micro_batch=8, lr=5e-5, dev=64, eval_every=0,
                    norm_samples=64, norm_max_new_tokens=64, save_every=20),
         "sft": dict(train_layers=0, epochs=3, batch_size=32, micro_batch=8, lr=2e-5, dev=64, eval_every=0,
+                    save_every=20),
+        # A full fine-tune as the SFT baseline's, at the paper's full-fine-tune rate: not tuned here.
+        "dpo": dict(train_layers=0, epochs=3, batch_size=32, micro_batch=8, lr=1e-6, beta=0.1, dev=64, eval_every=0,
                     save_every=20),
         "ppo": dict(iterations=40, batch_size=16, micro_batch=16, max_new_tokens=64, lr=1e-5, kl_coef=0.02,
                     no_stop_score="none", save_every=5, sample_every=10),
@@ -88,6 +97,9 @@ BUDGETS: dict[str, dict[str, dict]] = {
         "pm": dict(epochs=1, batch_size=16, micro_batch=8, lr=3e-6, dev=500, eval_every=50, norm_samples=256,
                    norm_max_new_tokens=300, save_every=100, device="cuda"),
         "sft": dict(epochs=3, batch_size=128, micro_batch=16, lr=2e-5, dev=0.05, save_every=100, device="cuda"),
+        # DPO's settings (Rafailov et al. 2023): a full fine-tune, lr 1e-6, beta 0.1, 64 pairs a step.
+        "dpo": dict(epochs=1, batch_size=64, micro_batch=8, lr=1e-6, beta=0.1, dev=0.05, save_every=100,
+                    device="cuda"),
         "ppo": dict(preset="paper", device="cuda", save_every=5),
         "respond": dict(n_prompts=None, max_new_tokens=300, temperature=1.0, top_p=1.0, batch_size=64,
                         device="cuda"),
@@ -99,7 +111,7 @@ BUDGETS: dict[str, dict[str, dict]] = {
 
 @dataclass
 class Args:
-    """RLCD end to end for one task: pairs, preference models, SFT, PPO, evaluation, report (train.py pipeline)."""
+    """RLCD end to end for one task: pairs, preference models, SFT, DPO, PPO, evaluation, report (train.py pipeline)."""
     out: str                                  # run directory; rerun the same command to resume it
     task: str = "harmless"                    # harmless, helpful or outlines (rlcd.tasks.TASKS)
     budget: str = "quick"                     # quick (~10 min on 2 CPU cores), cpu (hours), paper (GPU)
@@ -114,7 +126,7 @@ class Args:
     progress: bool = True                     # each stage's progress bar
 
 
-STAGES = ("pairs-rlcd", "pairs-rlaif", "pm-rlcd", "pm-rlaif", "sft", "ppo-rlcd", "ppo-rlaif", "agreement",
+STAGES = ("pairs-rlcd", "pairs-rlaif", "pm-rlcd", "pm-rlaif", "sft", "dpo", "ppo-rlcd", "ppo-rlaif", "agreement",
           "respond", "compare", "report")
 
 # The commands the stages run, (script, command) as the stage's command line names it -> the entry point
@@ -123,6 +135,7 @@ COMMANDS = {
     ("train.py", "simulate"): (simulate.main, simulate.Args),
     ("train.py", "pm"): (pm.main, pm.Args),
     ("train.py", "sft"): (sft.main, sft.Args),
+    ("train.py", "dpo"): (dpo.main, dpo.Args),
     ("train.py", "ppo"): (ppo.main, ppo.Args),
     ("eval.py", "pm-agreement"): (pm.pm_agreement_main, pm.PMAgreementArgs),
     ("eval.py", "respond"): (respond.main, respond.Args),
@@ -157,16 +170,21 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
     prompts = args.prompts or args.task
     sim = dict(task=args.task, prompts=args.prompts, model=args.simulator or args.policy, **b["simulate"], **common)
     train = dict(model=args.policy, **common)
+    policies = [f"base={args.policy}", *(f"{p}={out / d}" for p, d in POLICY_RUNS.items())]
     ppo_flags = dict(policy=args.policy, prompts=prompts, **b["ppo"], seed=args.seed)  # ppo prints each iteration
     cmds: dict[str, list[list[str]]] = {
-        "pairs-rlcd": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlcd.jsonl", method="rlcd", design=args.design, **sim))]],
-        "pairs-rlaif": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlaif.jsonl", method="rlaif", judge=args.judge, **sim))]],
+        "pairs-rlcd": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlcd.jsonl", method="rlcd",
+                                                               design=args.design, **sim))]],
+        "pairs-rlaif": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlaif.jsonl", method="rlaif",
+                                                                judge=args.judge, **sim))]],
         "pm-rlcd": [["train.py", "pm", *argv_of(dict(out=out / "pm-rlcd", pairs=[out / "pairs-rlcd.jsonl"],
                                                      **train, **b["pm"]))]],
         "pm-rlaif": [["train.py", "pm", *argv_of(dict(out=out / "pm-rlaif", pairs=[out / "pairs-rlaif.jsonl"],
                                                       **train, **b["pm"]))]],
         "sft": [["train.py", "sft", *argv_of(dict(out=out / "sft", pairs=[out / "pairs-rlcd.jsonl"], field="chosen",
                                                   **train, **b["sft"]))]],
+        "dpo": [["train.py", "dpo", *argv_of(dict(out=out / "dpo", pairs=[out / "pairs-rlcd.jsonl"], **train,
+                                                  **b["dpo"]))]],
         "ppo-rlcd": [["train.py", "ppo", *argv_of(dict(out=out / "ppo-rlcd", pm=out / "pm-rlcd", **ppo_flags))]],
         "ppo-rlaif": [["train.py", "ppo", *argv_of(dict(out=out / "ppo-rlaif", pm=out / "pm-rlaif", **ppo_flags))]],
         # The human pairs are stored as plain dialogue; the PMs were trained on pairs in the simulator's
@@ -176,10 +194,8 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
                                                                 out=out / f"agreement-{m}.json", **b["agreement"]))]
                       for m in ("rlcd", "rlaif")],
         "respond": [["eval.py", "respond", *argv_of(dict(
-            policy=[f"base={args.policy}", f"rlcd={out / 'ppo-rlcd'}", f"rlaif={out / 'ppo-rlaif'}",
-                    f"cd={out / 'sft'}"],
-            out_dir=out / "responses", task=args.task, prompts=args.prompts, split="test", **b["respond"],
-            **common))]],
+            policy=policies, out_dir=out / "responses", task=args.task, prompts=args.prompts, split="test",
+            **b["respond"], **common))]],
         "compare": [["eval.py", "compare", *argv_of(dict(
             responses=[out / "responses" / f"{p}.jsonl" for p in POLICIES], judge=args.judge, baseline="base",
             focus="rlcd", pm=out / "pm-rlcd", out=out / "compare.json", seed=args.seed, **b["compare"]))]],
@@ -204,7 +220,7 @@ def _run_command(argv: list[str]) -> int:
 
 def _resumable(argv: list[str]) -> list[str]:
     """A training stage whose run directory holds a checkpoint is continued with --resume."""
-    if argv[0] != "train.py" or argv[1] not in ("pm", "sft", "ppo"):
+    if argv[0] != "train.py" or argv[1] not in CKPT_DIRS:
         return argv
     out = Path(argv[argv.index("--out") + 1])
     ckpt = out / CKPT_DIRS[argv[1]] / RUN_JSON

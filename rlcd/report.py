@@ -1,4 +1,5 @@
-"""OUT/report.md of a pipeline run: settings, each stage's headline figures, PPO curves, win rates, samples.
+"""OUT/report.md of a pipeline run: settings, each stage's headline figures, PPO and DPO curves, win rates,
+samples.
 
 Everything is read back from the files the stages wrote (pairs, metrics.jsonl, agreement-*.json,
 compare.json, responses/), so the report can be rebuilt at any time by deleting OUT/stages/report.json
@@ -90,6 +91,32 @@ def _ppo_section(out: Path) -> list[str]:
                     "model.", "", *figs, ""]
 
 
+def _dpo_section(out: Path) -> list[str]:
+    from rlcd.plot import render
+
+    recs = _jsonl(out / "dpo" / "metrics.jsonl")
+    train = [r for r in recs if "margin" in r and "eval" not in r]
+    dev = [r for r in recs if r.get("eval") == "dev"]
+    if not train:
+        return []
+    q = max(1, len(train) // 4)
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)   # noqa: E731
+    last_dev = dev[-1] if dev else {}
+    lines = ["## 4. DPO", "", "| run | steps | margin, first quarter | margin, last quarter | accuracy, last quarter | "
+             "dev margin | dev accuracy |", "|---|---|---|---|---|---|---|",
+             f"| dpo | {len(train)} | {_f(mean(train[:q], 'margin'))} | {_f(mean(train[-q:], 'margin'))} | "
+             f"{_f(mean(train[-q:], 'accuracy'))} | {_f(last_dev.get('margin'))} | {_f(last_dev.get('accuracy'))} |"]
+    # Dev panels only when there is a curve to draw (the budgets evaluate at the end).
+    dev_recs = [{"step": r["step"], "dev_margin": r["margin"], "dev_accuracy": r["accuracy"]} for r in dev]
+    keys = ["margin", "accuracy"] + (["dev_margin", "dev_accuracy"] if len(dev) > 1 else [])
+    svg = out / "dpo.svg"
+    svg.write_text(render(train + dev_recs, keys, smooth=max(1, min(5, len(train) // 4)),
+                          title="DPO on the RLCD pairs"))
+    return lines + ["", "Margin: the implicit reward of the chosen response minus the rejected one's, "
+                    "beta (log pi - log ref); accuracy: the fraction of pairs it orders as labelled.", "",
+                    f"![DPO on the RLCD pairs]({svg.name})", ""]
+
+
 def _compare_section(out: Path) -> list[str]:
     from rlcd.evaluate import format_compare
 
@@ -97,10 +124,10 @@ def _compare_section(out: Path) -> list[str]:
     if not f.is_file():
         return []
     res = json.loads(f.read_text())
-    lines = ["## 4. Policies on held-out prompts", "",
+    lines = ["## 5. Policies on held-out prompts", "",
              "Policies: base (the initial model), rlcd (PPO against the RLCD PM), rlaif (PPO against the RLAIF "
-             "PM), cd (context distillation: SFT on the RLCD o+ responses).", "", format_compare(res), ""]
-    return lines
+             "PM), cd (context distillation: SFT on the RLCD o+ responses), dpo (DPO on the RLCD pairs).", ""]
+    return lines + [format_compare(res), ""]
 
 
 def _samples_section(out: Path, policies: list[str], n: int = 3) -> list[str]:
@@ -108,7 +135,7 @@ def _samples_section(out: Path, policies: list[str], n: int = 3) -> list[str]:
     ids = sorted(set.intersection(*(set(v) for v in resp.values()))) if all(resp.values()) else []
     if not ids:
         return []
-    lines = ["## 5. Samples (the first prompts by id)", ""]
+    lines = ["## 6. Samples (the first prompts by id)", ""]
     for i in ids[:n]:
         msgs = resp[policies[0]][i]["messages"]
         lines += [f"**Prompt:** {msgs[-1]['content'].strip()}", "", "| policy | response |", "|---|---|"]
@@ -135,8 +162,8 @@ def write_report(out: Path, args, stage_names: list[str], policies: list[str]) -
              "| stage | seconds |", "|---|---|"]
     lines += [f"| {s} | {v['seconds']:.0f} |" for s, v in stages.items()]
     lines += [""]
-    lines += _pairs_section(out, tok) + _pm_section(out) + _ppo_section(out) + _compare_section(out) \
-        + _samples_section(out, policies)
+    lines += _pairs_section(out, tok) + _pm_section(out) + _ppo_section(out) + _dpo_section(out) \
+        + _compare_section(out) + _samples_section(out, policies)
     report = out / "report.md"
     write_atomic(report, "\n".join(lines) + "\n")
     return report

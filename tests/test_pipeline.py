@@ -1,6 +1,6 @@
 """train.py pipeline on a tiny random model: the whole job end to end, its report, and SIGKILL during
 every stage followed by the same command, which must finish with the same stage outputs as an
-uninterrupted run."""
+uninterrupted run; the plan of every budget."""
 import dataclasses
 import json
 import os
@@ -29,6 +29,8 @@ TINY = ["simulate.n_prompts=12", "simulate.max_new_tokens=16", "simulate.batch_s
         "pm.norm_samples=4", "pm.norm_max_new_tokens=8", "pm.save_every=1",
         "sft.train_layers=0", "sft.epochs=1", "sft.batch_size=4", "sft.micro_batch=4", "sft.dev=2",
         "sft.save_every=1",
+        "dpo.train_layers=0", "dpo.epochs=1", "dpo.batch_size=4", "dpo.micro_batch=4", "dpo.lr=1e-4", "dpo.dev=2",
+        "dpo.save_every=1",
         "ppo.iterations=3", "ppo.batch_size=4", "ppo.micro_batch=4", "ppo.max_new_tokens=8", "ppo.train_layers=0",
         "ppo.lr=1e-4", "ppo.save_every=1",
         "respond.n_prompts=6", "respond.max_new_tokens=16", "respond.batch_size=3", "respond.temperature=1.0",
@@ -105,8 +107,8 @@ def _tensors(d: Path) -> dict[str, torch.Tensor]:
 def assert_same_outputs(a: Path, b: Path) -> None:
     for name in ("pairs-rlcd.jsonl", "pairs-rlaif.jsonl", *(f"responses/{p}.jsonl" for p in pipeline.POLICIES)):
         assert _records(a / name) == _records(b / name), name
-    for run, sub in (("pm-rlcd", "reward"), ("pm-rlaif", "reward"), ("sft", "policy"), ("ppo-rlcd", "policy"),
-                     ("ppo-rlaif", "policy")):
+    for run, sub in (("pm-rlcd", "reward"), ("pm-rlaif", "reward"), ("sft", "policy"), ("dpo", "policy"),
+                     ("ppo-rlcd", "policy"), ("ppo-rlaif", "policy")):
         ta, tb = _tensors(a / run / sub), _tensors(b / run / sub)
         assert ta.keys() == tb.keys() and ta, run
         for k in ta:   # resume restores weights, optimiser and RNG bit for bit (rlcd/runs.py)
@@ -131,11 +133,32 @@ def test_budget_overrides_and_plan():
         pipeline.budget_settings("quick", ["iterations=8"])
     cmds = pipeline.plan(pipeline.Args(out="o", simulator="big", policy="small"))
     assert list(cmds) == [s for s in pipeline.STAGES if s != "report"]
+    assert pipeline.STAGES.index("dpo") == pipeline.STAGES.index("sft") + 1
+    pipeline.check_plan(cmds)
     sim = cmds["pairs-rlcd"][0]
     assert sim[sim.index("--model") + 1] == "big"                                   # simulator vs policy
     pm = cmds["pm-rlcd"][0]
     assert pm[pm.index("--model") + 1] == "small" and "--method" not in pm
+    (dpo,) = cmds["dpo"]
+    assert dpo[:2] == ["train.py", "dpo"] and dpo[dpo.index("--model") + 1] == "small"
+    assert dpo[dpo.index("--pairs") + 1] == str(Path("o") / "pairs-rlcd.jsonl")
+    assert dpo[dpo.index("--out") + 1] == str(Path("o") / "dpo")
     assert cli.argv_of({"a_b": True, "c": False, "d": None, "e": [1, 2]}) == ["--a-b", "--no-c", "--e", "1", "2"]
+
+
+def _flag(argv: list, name: str) -> list[str]:
+    """The values of one flag in a command line (up to the next flag)."""
+    i = argv.index(name) + 1
+    j = next((k for k in range(i, len(argv)) if str(argv[k]).startswith("--")), len(argv))
+    return [str(a) for a in argv[i:j]]
+
+
+def test_every_policy_is_compared():
+    cmds = pipeline.plan(pipeline.Args(out="o"))
+    (responses,), (compare,) = cmds["respond"], cmds["compare"]
+    assert [p.partition("=")[0] for p in _flag(responses, "--policy")] == list(pipeline.POLICIES)
+    assert "dpo" in pipeline.POLICIES
+    assert _flag(compare, "--responses") == [str(Path("o") / "responses" / f"{p}.jsonl") for p in pipeline.POLICIES]
 
 
 @pytest.mark.slow
@@ -144,9 +167,13 @@ def test_pipeline_end_to_end_and_killed_during_every_stage(setup, tmp_path):
     proc = run_to_end(setup, ref)
     report = (ref / "report.md").read_text()
     assert proc.stdout.strip().endswith("report.md")
-    for heading in ("Simulated pairs", "Preference models", "PPO", "Policies on held-out prompts", "Samples"):
+    for heading in ("Simulated pairs", "Preference models", "PPO", "DPO", "Policies on held-out prompts", "Samples"):
         assert heading in report, heading
-    assert (ref / "ppo-rlcd.svg").read_text().startswith("<svg") and (ref / "commands.sh").is_file()
+    dpo_section = report.split("## 4. DPO")[1].split("## 5.")[0]
+    assert "| dpo | " in dpo_section and "(dpo.svg)" in dpo_section and "| dpo | " in report.split("Samples")[1]
+    for svg in ("ppo-rlcd.svg", "dpo.svg"):
+        assert (ref / svg).read_text().startswith("<svg"), svg
+    assert (ref / "commands.sh").is_file()
     seconds = {s: json.loads((ref / "stages" / f"{s}.json").read_text())["seconds"] for s in pipeline.STAGES}
 
     out = tmp_path / "killed"
