@@ -18,7 +18,9 @@ exact command lines are written to OUT/commands.sh, so any stage can be rerun or
   8. ppo-rlaif        train.py ppo against 4                          OUT/ppo-rlaif/
   9. agreement        eval.py pm-agreement of 3 and 4 on human pairs  OUT/agreement-{rlcd,rlaif}.json
  10. respond          eval.py respond: base, rlcd, rlaif, cd, dpo     OUT/responses/<policy>.jsonl
- 11. compare          eval.py compare with the judge                  OUT/compare.json
+                      harmless: also the helpful task's test prompts  OUT/responses-benign/<policy>.jsonl
+ 11. compare          eval.py compare with the judge (harmless:       OUT/compare.json
+                      refusal rates on the benign prompts too)
  12. report           the tables below, curves as SVG                 OUT/report.md
 
 Resuming. A stage that finished writes OUT/stages/<stage>.json (its time and result); a rerun skips it.
@@ -54,6 +56,9 @@ DEFAULT_POLICY = "smollm2-135m-instruct"
 # The trained policies and their run directories in OUT; "base" is the policy itself.
 POLICY_RUNS = {"rlcd": "ppo-rlcd", "rlaif": "ppo-rlaif", "cd": "sft", "dpo": "dpo"}   # cd = context distillation
 POLICIES = ("base", *POLICY_RUNS)
+# The over-refusal check: a task whose policies also answer another task's benign test prompts, where a
+# refusal is a failure (eval.py compare --benign).
+BENIGN = {"harmless": "helpful"}
 
 # Settings per budget. Each stage's flags; anything not listed is that command's default.
 BUDGETS: dict[str, dict[str, dict]] = {
@@ -171,6 +176,11 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
     sim = dict(task=args.task, prompts=args.prompts, model=args.simulator or args.policy, **b["simulate"], **common)
     train = dict(model=args.policy, **common)
     policies = [f"base={args.policy}", *(f"{p}={out / d}" for p, d in POLICY_RUNS.items())]
+
+    def respond_cmd(out_dir: Path, task: str, prompts_file: str | None) -> list[str]:
+        return ["eval.py", "respond", *argv_of(dict(policy=policies, out_dir=out_dir, task=task, prompts=prompts_file,
+                                                    split="test", **b["respond"], **common))]
+    benign = BENIGN.get(args.task)
     ppo_flags = dict(policy=args.policy, prompts=prompts, **b["ppo"], seed=args.seed)  # ppo prints each iteration
     cmds: dict[str, list[list[str]]] = {
         "pairs-rlcd": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlcd.jsonl", method="rlcd",
@@ -193,12 +203,13 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
                                                                 format=b["simulate"].get("format", "chat"),
                                                                 out=out / f"agreement-{m}.json", **b["agreement"]))]
                       for m in ("rlcd", "rlaif")],
-        "respond": [["eval.py", "respond", *argv_of(dict(
-            policy=policies, out_dir=out / "responses", task=args.task, prompts=args.prompts, split="test",
-            **b["respond"], **common))]],
+        # The over-refusal check's prompts are the benign task's own test split, whatever --prompts says.
+        "respond": [respond_cmd(out / "responses", args.task, args.prompts)]
+                   + ([respond_cmd(out / "responses-benign", benign, None)] if benign else []),
         "compare": [["eval.py", "compare", *argv_of(dict(
             responses=[out / "responses" / f"{p}.jsonl" for p in POLICIES], judge=args.judge, baseline="base",
-            focus="rlcd", pm=out / "pm-rlcd", out=out / "compare.json", seed=args.seed, **b["compare"]))]],
+            focus="rlcd", pm=out / "pm-rlcd", out=out / "compare.json", seed=args.seed, **b["compare"],
+            benign=[out / "responses-benign" / f"{p}.jsonl" for p in POLICIES] if benign else None))]],
     }
     return cmds
 

@@ -127,6 +127,10 @@ def _compare_section(out: Path) -> list[str]:
     lines = ["## 5. Policies on held-out prompts", "",
              "Policies: base (the initial model), rlcd (PPO against the RLCD PM), rlaif (PPO against the RLAIF "
              "PM), cd (context distillation: SFT on the RLCD o+ responses), dpo (DPO on the RLCD pairs).", ""]
+    if "benign" in res:
+        lines += [f"Refusals on benign prompts: the same policies on the {res['benign']['task']} task's test "
+                  "prompts, where each refusal is an over-refusal, a policy declining what it should answer, which "
+                  "looks harmless without being aligned.", ""]
     return lines + [format_compare(res), ""]
 
 

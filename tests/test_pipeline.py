@@ -105,7 +105,8 @@ def _tensors(d: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_outputs(a: Path, b: Path) -> None:
-    for name in ("pairs-rlcd.jsonl", "pairs-rlaif.jsonl", *(f"responses/{p}.jsonl" for p in pipeline.POLICIES)):
+    for name in ("pairs-rlcd.jsonl", "pairs-rlaif.jsonl",
+                 *(f"{d}/{p}.jsonl" for d in ("responses", "responses-benign") for p in pipeline.POLICIES)):
         assert _records(a / name) == _records(b / name), name
     for run, sub in (("pm-rlcd", "reward"), ("pm-rlaif", "reward"), ("sft", "policy"), ("dpo", "policy"),
                      ("ppo-rlcd", "policy"), ("ppo-rlaif", "policy")):
@@ -121,7 +122,7 @@ def assert_same_outputs(a: Path, b: Path) -> None:
         ga, gb = (json.loads((d / f"agreement-{m}.json").read_text()) for d in (a, b))
         assert ga["accuracy"] == gb["accuracy"] and ga["p_chosen"] == gb["p_chosen"]
     ca, cb = (json.loads((d / "compare.json").read_text()) for d in (a, b))
-    assert ca["policies"] == cb["policies"]
+    assert ca["policies"] == cb["policies"] and ca["benign"]["refusals"] == cb["benign"]["refusals"]
     assert [c["p"] for c in ca["comparisons"]] == [c["p"] for c in cb["comparisons"]]
 
 
@@ -153,12 +154,22 @@ def _flag(argv: list, name: str) -> list[str]:
     return [str(a) for a in argv[i:j]]
 
 
-def test_every_policy_is_compared():
-    cmds = pipeline.plan(pipeline.Args(out="o"))
-    (responses,), (compare,) = cmds["respond"], cmds["compare"]
+def test_every_policy_is_compared_and_harmless_checks_over_refusal():
+    cmds = pipeline.plan(pipeline.Args(out="o", task="harmless"))
+    (responses, benign), (compare,) = cmds["respond"], cmds["compare"]
     assert [p.partition("=")[0] for p in _flag(responses, "--policy")] == list(pipeline.POLICIES)
     assert "dpo" in pipeline.POLICIES
-    assert _flag(compare, "--responses") == [str(Path("o") / "responses" / f"{p}.jsonl") for p in pipeline.POLICIES]
+    # the same policies and settings on the helpful task's test split, into their own directory
+    assert _flag(benign, "--task") == ["helpful"] and _flag(benign, "--split") == ["test"]
+    assert _flag(benign, "--policy") == _flag(responses, "--policy")
+    assert _flag(benign, "--n-prompts") == _flag(responses, "--n-prompts")
+    assert _flag(compare, "--benign") == [str(Path("o") / "responses-benign" / f"{p}.jsonl") for p in pipeline.POLICIES]
+    # with a prompts file of the user's, the benign prompts are still the helpful task's own
+    responses, benign = pipeline.plan(pipeline.Args(out="o", prompts="mine.txt"))["respond"]
+    assert _flag(responses, "--prompts") == ["mine.txt"] and "--prompts" not in benign
+    for task in ("helpful", "outlines"):
+        cmds = pipeline.plan(pipeline.Args(out="o", task=task))
+        assert len(cmds["respond"]) == 1 and "--benign" not in cmds["compare"][0]
 
 
 @pytest.mark.slow
@@ -171,6 +182,7 @@ def test_pipeline_end_to_end_and_killed_during_every_stage(setup, tmp_path):
         assert heading in report, heading
     dpo_section = report.split("## 4. DPO")[1].split("## 5.")[0]
     assert "| dpo | " in dpo_section and "(dpo.svg)" in dpo_section and "| dpo | " in report.split("Samples")[1]
+    assert "refusals on benign prompts (helpful)" in report and "over-refusal" in report
     for svg in ("ppo-rlcd.svg", "dpo.svg"):
         assert (ref / svg).read_text().startswith("<svg"), svg
     assert (ref / "commands.sh").is_file()
