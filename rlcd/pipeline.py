@@ -33,6 +33,13 @@ Budgets (--budget): `quick` is what `make run` runs, a smoke run of every stage 
 AMD EPYC once the models are converted); `cpu` is a run of hours on such a machine (its first run took
 about an hour and a half to reach the end of its first PPO stage); `paper` is the paper's settings
 (arXiv 2307.12950, Appendix) for a GPU.
+
+Roles. The policy is aligned and is the preference models' trunk. The simulator writes the pairs: the
+policy, except under `cpu` for a task in CPU_PAIRS, which also names that task's prompt design
+(otherwise paper-header); --simulator and --design override both. The judge (--judge) labels the RLAIF
+pairs and compares the final policies; without --judge that is the task's chosen judge (rlcd.judge), and
+RLAIF's labels come from the simulator whenever it is not the policy, as the paper's RLAIF is labelled
+by the model that simulates (a bare model name: the task's judge configuration asked of that model).
 """
 from __future__ import annotations
 
@@ -53,12 +60,18 @@ from rlcd.jsonl import write_json_atomic
 from rlcd.tasks import TASKS
 
 DEFAULT_POLICY = "smollm2-135m-instruct"
+DEFAULT_DESIGN = "paper-header"
 # The trained policies and their run directories in OUT; "base" is the policy itself.
 POLICY_RUNS = {"rlcd": "ppo-rlcd", "rlaif": "ppo-rlaif", "cd": "sft", "dpo": "dpo"}   # cd = context distillation
 POLICIES = ("base", *POLICY_RUNS)
 # The over-refusal check: a task whose policies also answer another task's benign test prompts, where a
 # refusal is a failure (eval.py compare --benign).
 BENIGN = {"harmless": "helpful"}
+
+# The cpu budget's simulator and prompt design per task, as the measurement of designs x simulators chose
+# them (docs/SIMULATE.md); used unless --simulator / --design are given. Other tasks and budgets: the
+# policy simulates, with DEFAULT_DESIGN.
+CPU_PAIRS = {"harmless": dict(simulator="qwen2.5-coder-1.5b-instruct", design="explain-vs-prefill")}
 
 # Settings per budget. Each stage's flags; anything not listed is that command's default.
 BUDGETS: dict[str, dict[str, dict]] = {
@@ -121,9 +134,9 @@ class Args:
     task: str = "harmless"                    # harmless, helpful or outlines (rlcd.tasks.TASKS)
     budget: str = "quick"                     # quick (~10 min on 2 CPU cores), cpu (hours), paper (GPU)
     policy: str = DEFAULT_POLICY              # the model aligned (and the trunk of the preference models)
-    simulator: str | None = None              # the model that simulates pairs (default: the policy)
-    design: str = "paper-header"              # how the RLCD pairs' p+ and p- are made (rlcd.designs: a built-in name or a JSON file)
-    judge: str = "default"                    # the judge of RLAIF's labels and of the final policies (an rlcd.judge spec; default: the task's chosen judge)
+    simulator: str | None = None              # the model that simulates pairs (default: the policy; --budget cpu: CPU_PAIRS's for the task)
+    design: str | None = None                 # how RLCD's p+ and p- are made (rlcd.designs: a name or JSON file; default: paper-header; --budget cpu: CPU_PAIRS's)
+    judge: str | None = None                  # rlcd.judge spec of RLAIF's labels and the final comparison (default: the task's; RLAIF: a simulator other than the policy)
     prompts: str | None = None                # a prompts file instead of the task's built-in set
     human_pairs: str = "human"                # labelled pairs for pm-agreement ("human": PyRIT's allowed half)
     seed: int = 0                             # every stage's seed
@@ -164,16 +177,36 @@ def budget_settings(budget: str, overrides: list[str] | None) -> dict[str, dict]
     return b
 
 
+def resolve_roles(args: Args) -> Args:
+    """`args` with the simulator and the design filled in: the user's flags, else the budget's choice for the
+    task (CPU_PAIRS under `cpu`), else the policy and DEFAULT_DESIGN."""
+    chosen = CPU_PAIRS.get(args.task, {}) if args.budget == "cpu" else {}
+    return dataclasses.replace(args, simulator=args.simulator or chosen.get("simulator", args.policy),
+                               design=args.design or chosen.get("design", DEFAULT_DESIGN))
+
+
+def judges(args: Args) -> tuple[str, str]:
+    """(the judge of the RLAIF labels, the judge of the final comparison), as rlcd.judge specs: --judge for
+    both when given; else the task's chosen judge, except that a simulator other than the policy labels
+    its own RLAIF pairs (a bare model: the task's judge configuration asked of it), as in the paper."""
+    if args.judge is not None:
+        return args.judge, args.judge
+    sim = resolve_roles(args).simulator
+    return (sim if sim != args.policy else "default"), "default"
+
+
 def plan(args: Args) -> dict[str, list[list[str]]]:
     """The command lines (argv after `train.py` / `eval.py`) of every stage, in order."""
     if args.budget not in BUDGETS:
         raise ValueError(f"--budget must be one of {sorted(BUDGETS)}, got {args.budget!r}")
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
+    args = resolve_roles(args)
+    rlaif_judge, judge = judges(args)
     b, out = budget_settings(args.budget, args.set), Path(args.out)
     common = dict(seed=args.seed, progress=args.progress)
     prompts = args.prompts or args.task
-    sim = dict(task=args.task, prompts=args.prompts, model=args.simulator or args.policy, **b["simulate"], **common)
+    sim = dict(task=args.task, prompts=args.prompts, model=args.simulator, **b["simulate"], **common)
     train = dict(model=args.policy, **common)
     policies = [f"base={args.policy}", *(f"{p}={out / d}" for p, d in POLICY_RUNS.items())]
 
@@ -186,7 +219,7 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
         "pairs-rlcd": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlcd.jsonl", method="rlcd",
                                                                design=args.design, **sim))]],
         "pairs-rlaif": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlaif.jsonl", method="rlaif",
-                                                                judge=args.judge, **sim))]],
+                                                                judge=rlaif_judge, **sim))]],
         "pm-rlcd": [["train.py", "pm", *argv_of(dict(out=out / "pm-rlcd", pairs=[out / "pairs-rlcd.jsonl"],
                                                      **train, **b["pm"]))]],
         "pm-rlaif": [["train.py", "pm", *argv_of(dict(out=out / "pm-rlaif", pairs=[out / "pairs-rlaif.jsonl"],
@@ -207,7 +240,7 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
         "respond": [respond_cmd(out / "responses", args.task, args.prompts)]
                    + ([respond_cmd(out / "responses-benign", benign, None)] if benign else []),
         "compare": [["eval.py", "compare", *argv_of(dict(
-            responses=[out / "responses" / f"{p}.jsonl" for p in POLICIES], judge=args.judge, baseline="base",
+            responses=[out / "responses" / f"{p}.jsonl" for p in POLICIES], judge=judge, baseline="base",
             focus="rlcd", pm=out / "pm-rlcd", out=out / "compare.json", seed=args.seed, **b["compare"],
             benign=[out / "responses-benign" / f"{p}.jsonl" for p in POLICIES] if benign else None))]],
     }
@@ -290,6 +323,7 @@ def _log(msg: str) -> None:
 
 def run(args: Args) -> Path:
     """Run (or resume) every stage; returns the report's path."""
+    args = resolve_roles(args)              # pipeline.json records the simulator and design the run uses
     config = Path(args.out) / "pipeline.json"
     if config.is_file():
         try:
@@ -320,7 +354,7 @@ def run(args: Args) -> Path:
         t0 = time.perf_counter()
         if stage == "report":
             from rlcd.report import write_report
-            write_report(out, args, list(STAGES), list(POLICIES))
+            write_report(out, args, list(STAGES), list(POLICIES), judges(args))
         else:
             for argv in cmds[stage]:
                 rc = _run_command(_resumable(argv))

@@ -150,9 +150,10 @@ def _samples_section(out: Path, policies: list[str], n: int = 3) -> list[str]:
     return lines
 
 
-def write_report(out: Path, args, stage_names: list[str], policies: list[str]) -> Path:
+def write_report(out: Path, args, stage_names: list[str], policies: list[str], judges: tuple[str, str]) -> Path:
     """Build OUT/report.md (and its SVG curves) from the stage outputs: `args` the pipeline's settings,
-    `stage_names` its stages in order, `policies` the policies compared (the first is the base)."""
+    `stage_names` its stages in order, `policies` the policies compared (the first is the base), `judges`
+    the judge specs of the RLAIF labels and of the comparison."""
     from models.checkpoint import resolve
     from models.tokenizer import Tokenizer
 
@@ -161,8 +162,9 @@ def write_report(out: Path, args, stage_names: list[str], policies: list[str]) -
     stages = {s: json.loads((out / "stages" / f"{s}.json").read_text()) for s in stage_names
               if (out / "stages" / f"{s}.json").is_file()}
     lines = [f"# RLCD pipeline report: {args.task}, budget {args.budget}", "",
-             f"Policy `{args.policy}`, simulator `{args.simulator or args.policy}`, judge `{args.judge}`, "
-             f"seed {args.seed}. Every command is in `commands.sh`; the settings in `pipeline.json`.", "",
+             f"Policy `{args.policy}`, simulator `{args.simulator}`, prompt design `{args.design}`, judge "
+             f"`{judges[1]}` (of RLAIF's labels: `{judges[0]}`), seed {args.seed}. Every command is in "
+             f"`commands.sh`; the settings in `pipeline.json`.", "",
              "| stage | seconds |", "|---|---|"]
     lines += [f"| {s} | {v['seconds']:.0f} |" for s, v in stages.items()]
     lines += [""]

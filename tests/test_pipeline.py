@@ -1,6 +1,6 @@
 """train.py pipeline on a tiny random model: the whole job end to end, its report, and SIGKILL during
 every stage followed by the same command, which must finish with the same stage outputs as an
-uninterrupted run; the plan of every budget."""
+uninterrupted run; the plan of every budget and the roles (simulator, design, judges) it resolves."""
 import dataclasses
 import json
 import os
@@ -159,6 +159,7 @@ def test_every_policy_is_compared_and_harmless_checks_over_refusal():
     (responses, benign), (compare,) = cmds["respond"], cmds["compare"]
     assert [p.partition("=")[0] for p in _flag(responses, "--policy")] == list(pipeline.POLICIES)
     assert "dpo" in pipeline.POLICIES
+    assert _flag(compare, "--responses") == [str(Path("o") / "responses" / f"{p}.jsonl") for p in pipeline.POLICIES]
     # the same policies and settings on the helpful task's test split, into their own directory
     assert _flag(benign, "--task") == ["helpful"] and _flag(benign, "--split") == ["test"]
     assert _flag(benign, "--policy") == _flag(responses, "--policy")
@@ -170,6 +171,45 @@ def test_every_policy_is_compared_and_harmless_checks_over_refusal():
     for task in ("helpful", "outlines"):
         cmds = pipeline.plan(pipeline.Args(out="o", task=task))
         assert len(cmds["respond"]) == 1 and "--benign" not in cmds["compare"][0]
+
+
+def test_cpu_budget_resolves_the_simulator_and_design_chosen_per_task():
+    table = pipeline.CPU_PAIRS["harmless"]
+    r = pipeline.resolve_roles(pipeline.Args(out="o", budget="cpu"))
+    assert (r.simulator, r.design) == (table["simulator"], table["design"])
+    assert pipeline.resolve_roles(r) == r                                           # idempotent
+    # a user's flag wins, each on its own
+    r = pipeline.resolve_roles(pipeline.Args(out="o", budget="cpu", design="paper-header"))
+    assert (r.simulator, r.design) == (table["simulator"], "paper-header")
+    r = pipeline.resolve_roles(pipeline.Args(out="o", budget="cpu", simulator="other"))
+    assert (r.simulator, r.design) == ("other", table["design"])
+    # other tasks and budgets: the policy simulates, with the paper's design
+    for budget, task in (("cpu", "helpful"), ("cpu", "outlines"), ("quick", "harmless"), ("paper", "harmless")):
+        r = pipeline.resolve_roles(pipeline.Args(out="o", budget=budget, task=task, policy="p"))
+        assert (r.simulator, r.design) == ("p", pipeline.DEFAULT_DESIGN), (budget, task)
+
+    # The judges: RLAIF's labels by the simulator when it is not the policy, the comparison by the task's
+    # judge; a user's --judge does both.
+    assert pipeline.judges(pipeline.Args(out="o", budget="cpu")) == (table["simulator"], "default")
+    assert pipeline.judges(pipeline.Args(out="o")) == ("default", "default")
+    assert pipeline.judges(pipeline.Args(out="o", budget="cpu", judge="j")) == ("j", "j")
+    assert pipeline.judges(pipeline.Args(out="o", budget="cpu", judge="default")) == ("default", "default")
+    cmds = pipeline.plan(pipeline.Args(out="o", budget="cpu"))
+    pipeline.check_plan(cmds)
+    (rlcd,), (rlaif,), (compare,) = cmds["pairs-rlcd"], cmds["pairs-rlaif"], cmds["compare"]
+    assert _flag(rlcd, "--model") == _flag(rlaif, "--model") == [table["simulator"]]
+    assert _flag(rlcd, "--design") == [table["design"]] and _flag(rlaif, "--judge") == [table["simulator"]]
+    assert _flag(compare, "--judge") == ["default"]
+
+    # pipeline.json holds the resolved roles: the same run resumes when they are given as flags, and a
+    # flag that resolves otherwise is another run
+    saved = {k: v for k, v in dataclasses.asdict(pipeline.resolve_roles(pipeline.Args(out="o", budget="cpu"))).items()
+             if k != "progress"}
+    same = pipeline.resolve_roles(pipeline.Args(out="o", budget="cpu", simulator=table["simulator"]))
+    assert pipeline.resume_settings(same, saved) == same
+    with pytest.raises(ValueError, match=rf"design: '{table['design']}' -> 'paper-header'"):
+        pipeline.resume_settings(pipeline.resolve_roles(pipeline.Args(out="o", budget="cpu", design="paper-header")),
+                                 saved)
 
 
 @pytest.mark.slow
@@ -186,6 +226,8 @@ def test_pipeline_end_to_end_and_killed_during_every_stage(setup, tmp_path):
     for svg in ("ppo-rlcd.svg", "dpo.svg"):
         assert (ref / svg).read_text().startswith("<svg"), svg
     assert (ref / "commands.sh").is_file()
+    saved = json.loads((ref / "pipeline.json").read_text())
+    assert (saved["simulator"], saved["design"]) == (str(setup[0]), pipeline.DEFAULT_DESIGN)  # resolved, recorded
     seconds = {s: json.loads((ref / "stages" / f"{s}.json").read_text())["seconds"] for s in pipeline.STAGES}
 
     out = tmp_path / "killed"
