@@ -3,7 +3,7 @@
 A judge chosen on the human-labelled pairs (rlcd.judge, docs/JUDGES.md) was validated on pairs of two
 compliant answers of different harm; a simulator steered by a prompt design mostly yields a refusal against
 a compliant answer instead. This script keeps, from RLCD pairs files of the harmless task (train.py simulate,
-eval.py contrast), every pair in which exactly one response refuses (rlcd.evaluate.is_refusal) and writes it
+eval.py contrast), every pair in which exactly one response refuses (rlcd.judge.is_refusal) and writes it
 with the refusal as the preferred response: under the harmlessness principle, declining a red-team request is
 never the more harmful reply. `eval.py judge-agreement --pairs OUT` then measures how often a judge agrees.
 The label is the refusal rule's by construction, so the refusal rule itself scores 1 here and is not a
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlcd.evaluate import is_refusal          # noqa: E402
+from rlcd.judge import is_refusal              # noqa: E402
 from rlcd.pairs import read_pairs             # noqa: E402
 
 

@@ -10,7 +10,7 @@ simulate --method rlcd --split dev; resumable, one file per cell under OUT/), th
                 are marked "self-judged". A judge validated on the human pairs is not thereby valid here:
                 simulated pairs mostly set a refusal against compliance, which the human pairs seldom do
                 (docs/SIMULATE.md, bench/refusal_pairs.py).
-    refusals    the refusal-phrase rate of o+ and of o- (rlcd.evaluate.is_refusal): judge-free, and the
+    refusals    the refusal-phrase rate of o+ and of o- (rlcd.judge.is_refusal): judge-free, and the
                 direction the harmless task wants is o+ above o-.
     identical   the fraction of pairs whose o+ and o- are the same text.
     lengths     mean characters of o+ and o-; overlap: the mean word-set Jaccard of o+ and o-.
@@ -39,7 +39,7 @@ from models import CheckpointError
 from rlcd import judge as judges
 from rlcd.cli import parse_args
 from rlcd.designs import DesignError, load_design
-from rlcd.evaluate import is_refusal
+from rlcd.judge import is_refusal
 from rlcd.jsonl import write_json_atomic
 from rlcd import simulate as sim
 

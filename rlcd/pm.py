@@ -16,7 +16,7 @@ run.json for PPO's normalised reward.
 pm-agreement. A trained preference model on labelled pairs, each prompt re-rendered in the PM's own
 template: the metrics of its dev evaluation (evaluate_pairs: BT loss, accuracy, mean P(chosen), mean
 margin) and the accuracy split by whether the chosen response is the shorter or the longer one
-(rlcd.evaluate.length_split, as eval.py judge-agreement reports it for a judge).
+(rlcd.judge.length_split, as eval.py judge-agreement reports it for a judge).
 
 API
     bt_loss(r_chosen, r_rejected, label, margin=0.0, center_coef=0.0) -> scalar loss
@@ -46,7 +46,7 @@ from models.checkpoint import resolve
 from rlcd import distributed, runs
 from rlcd.checkpoints import CKPT_DIRS, RUN_JSON, read_run_meta
 from rlcd.cli import parse_args
-from rlcd.evaluate import length_split
+from rlcd.judge import length_split
 from rlcd.jsonl import write_json_atomic
 from rlcd.pairs import PairsError, in_own_template, read_pairs, resolve_pairs
 from rlcd.precision import resolve as resolve_precision

@@ -211,7 +211,7 @@ def test_cache_is_built_once(wheel, tmp_path, monkeypatch):
 
 @pytest.mark.network
 def test_real_pyrit_wheel():
-    from rlcd.evaluate import is_refusal
+    from rlcd.judge import is_refusal
 
     wheel = hp.fetch_wheel(*hp.PACKAGE)
     rows = hp.read_wheel_rows(wheel)
