@@ -422,7 +422,7 @@ def _configs(hd: int, dtype: torch.dtype, on_gpu: bool) -> dict:
     """Block sizes and launch settings.
 
     GPU: chosen by compiling for sm_90 without a GPU (python -m kernels.aot_check) among the Triton
-    tutorial's Hopper configs, keeping those without register spills; not timed yet (no GPU session). fp32
+    tutorial's Hopper configs, keeping those without register spills; not timed on a GPU. fp32
     (exact 'ieee' products, no tensor cores) is a correctness path with small tiles; it still spills at hd=128.
     Interpreter: the smallest tiles tl.dot accepts (16), with BLOCK_M != BLOCK_N in each kernel so the tests
     exercise unequal tiles and several blocks at small T.

@@ -369,7 +369,7 @@ def _configs(dtype: torch.dtype, on_gpu: bool) -> dict:
 
     GPU: matmul-like tiles, chosen by compiling for sm_90 without a GPU (python -m kernels.aot_check) and
     keeping configs without register spills; smaller for fp32 (no tensor-core path, 2x the bytes). Not timed
-    yet (no GPU session). Interpreter: 16 rows and 16-deep D steps (the least tl.dot takes) so small tests cross
+    on a GPU. Interpreter: 16 rows and 16-deep D steps (the least tl.dot takes) so small tests cross
     several blocks, but wide V tiles: the interpreter pays per program and per loop trip, not per element.
     """
     if on_gpu and dtype != torch.float32:
