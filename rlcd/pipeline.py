@@ -29,9 +29,9 @@ complete their JSONL files chunk by chunk, pm/sft/dpo/ppo continue from their la
 restored bit for bit), the evaluation stages recompute. So the same command after a kill at any moment
 finishes the job with nothing repeated that was complete and nothing lost.
 
-Budgets (--budget): `quick` is what `make run` runs, a smoke run of every stage (602 s on the idle 2-core
-AMD EPYC once the models are converted); `cpu` is a run of hours on such a machine (its first run took
-about an hour and a half to reach the end of its first PPO stage); `paper` is the paper's settings
+Budgets (--budget): `quick` is what `make run` runs, a smoke run of every stage (minutes on 2 cores once the
+models are converted: README.md has the measured figure); `cpu` is a run of hours on such a machine,
+harmlessness pairs from Qwen2.5-Coder-1.5B (CPU_PAIRS); `paper` is the paper's settings
 (arXiv 2307.12950, Appendix) for a GPU.
 
 Roles. The policy is aligned and is the preference models' trunk. The simulator writes the pairs: the
@@ -75,7 +75,7 @@ CPU_PAIRS = {"harmless": dict(simulator="qwen2.5-coder-1.5b-instruct", design="e
 
 # Settings per budget. Each stage's flags; anything not listed is that command's default.
 BUDGETS: dict[str, dict[str, dict]] = {
-    # ~10 min on the idle 2-core AMD EPYC: a smoke run of the whole method, too small to align anything.
+    # Minutes on 2 idle cores: a smoke run of the whole method, too small to align anything.
     "quick": {
         "simulate": dict(n_prompts=32, max_new_tokens=48, batch_size=16),
         "pm": dict(train_layers=4, epochs=2, batch_size=8, micro_batch=8, lr=5e-5, dev=4, eval_every=0,
@@ -132,7 +132,7 @@ class Args:
     """RLCD end to end for one task: pairs, preference models, SFT, DPO, PPO, evaluation, report (train.py pipeline)."""
     out: str                                  # run directory; rerun the same command to resume it
     task: str = "harmless"                    # harmless, helpful or outlines (rlcd.tasks.TASKS)
-    budget: str = "quick"                     # quick (~10 min on 2 CPU cores), cpu (hours), paper (GPU)
+    budget: str = "quick"                     # quick (minutes on 2 CPU cores), cpu (hours), paper (GPU)
     policy: str = DEFAULT_POLICY              # the model aligned (and the trunk of the preference models)
     simulator: str | None = None              # the model that simulates pairs (default: the policy; --budget cpu: CPU_PAIRS's for the task)
     design: str | None = None                 # how RLCD's p+ and p- are made (rlcd.designs: a name or JSON file; default: paper-header; --budget cpu: CPU_PAIRS's)
