@@ -163,20 +163,21 @@ def run(args: Args) -> dict:
             sim.simulate(sim_args)
             files[s, d.name] = f
     records = {cell: [r for _, r in read_objects(f)[0]] for cell, f in files.items()}
+    sides = {s: (s, s) for s in args.simulator}          # a row's label -> (o+ simulator, o- simulator)
     for plus, minus in crosses:
+        label = f"{plus} (o+) / {minus} (o-)"
+        sides[label] = (plus, minus)
         for d in designs:
-            cell = (f"{plus} (o+) / {minus} (o-)", d.name)
-            records[cell] = cross_records(records[plus, d.name], records[minus, d.name])
-            files[cell] = out / f"{Path(plus).name}--{Path(minus).name}--{d.name}.cross"
+            records[label, d.name] = cross_records(records[plus, d.name], records[minus, d.name])
+            files[label, d.name] = out / f"{Path(plus).name}--{Path(minus).name}--{d.name}.cross"
     judged = {spec.name: judge_cells(spec, records, files, args, precision) for spec in specs}
     rows = []
     for (s, dname), recs in records.items():
-        cross = s not in args.simulator
-        tok = Tokenizer.from_dir(resolve(s.split(" ")[0]))          # a cross row: its o+ simulator's
-        rows.append({"simulator": s, "design": dname, "file": str(files[s, dname]), "cross": cross,
-                     **contrast_stats(recs, tok, surface=not cross),
-                     "judges": [judged_row(judged[spec.name][s, dname],
-                                           spec.needs_model and (spec.model == s or spec.model in s.split(" ")))
+        plus, minus = sides[s]
+        tok = Tokenizer.from_dir(resolve(plus))                          # a cross row: its o+ simulator's
+        rows.append({"simulator": s, "design": dname, "file": str(files[s, dname]), "cross": plus != minus,
+                     **contrast_stats(recs, tok, surface=plus == minus),
+                     "judges": [judged_row(judged[spec.name][s, dname], spec.needs_model and spec.model in (plus, minus))
                                 for spec in specs if judged[spec.name].get((s, dname))]})
     return {"task": args.task, "split": "dev", "precision": precision.name,
             "judges": [{"judge": spec.name,
