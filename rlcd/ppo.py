@@ -80,6 +80,7 @@ from models.generation import Generation, SamplingParams, generate
 from rlcd import distributed, runs
 from rlcd.checkpoints import checkpointing, read_run_meta
 from rlcd.cli import argv_of, parse_args
+from rlcd.judge import is_refusal
 from rlcd.ppo_core import (KL_ESTIMATORS, KLController, apply_missing_stop, batch_mean, explained_variance, gae,
                            kl_per_token, masked_mean, masked_whiten, policy_loss, shape_rewards, value_loss)
 from rlcd.reward import (RewardModel, TextReward, end_marker, fp32_head, load_reward_model, load_rule,
@@ -550,7 +551,7 @@ def _line(it: int, total: int, r: dict) -> str:
     return (f"iter {it}/{total} | score {r['score']:+.3f} | kl {r['kl']:.3f} | beta {r['beta']:.4g} | "
             f"pg {r['policy_loss']:+.4f} | vf {r['value_loss']:.4f} | ent {r['entropy']:.3f} | "
             f"akl {r['approx_kl']:.2e} | clip {r['clipfrac']:.3f} | ev {r['explained_variance']:+.2f} | "
-            f"len {r['response_length']:.1f} | end {r['finished']:.2f} | {r['tokens_per_s']:.0f} tok/s | "
+            f"len {r['response_length']:.1f} | end {r['finished']:.2f} | ref {r['refusals']:.2f} | {r['tokens_per_s']:.0f} tok/s | "
             f"{r['iter_s']:.1f}s ({phases})")
 
 
@@ -643,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     def step(it: int) -> dict:
         rec, last["gen"], last["score"] = train_iteration(ppo, it, timer)
         times = timer.read()
-        return rec | {f"t_{p}": times.get(p, 0.0) for p in PHASES}
+        return rec | {"refusals": refusal_rate(last["gen"], tok)} | {f"t_{p}": times.get(p, 0.0) for p in PHASES}
 
     def after(rec: dict) -> None:
         if not distributed.is_main():                   # rank 0 prints; its own rollouts are the samples
@@ -666,6 +667,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: {e}", file=sys.stderr)
         return 3
     return 0
+
+
+def refusal_rate(gen: Generation, tok: Tokenizer) -> float:
+    """The fraction of an iteration's rollouts (every rank's) that decline (rlcd.judge.is_refusal on the
+    decoded response): a judge-free view, per iteration, of what PPO changes in the harmless task (and of
+    over-refusal in the others). Read after the iteration's one host sync, so it adds no wait."""
+    n = sum(is_refusal(tok.decode(t[:k])) for t, k in zip(gen.tokens.tolist(), gen.lengths.tolist()))
+    counts = distributed.all_reduce_sum(torch.tensor([float(n), float(len(gen.lengths))], device=gen.tokens.device))
+    return counts[0].item() / counts[1].item()
 
 
 def sample_records(gen: Generation, score: Tensor, tok: Tokenizer, n: int) -> list[dict]:

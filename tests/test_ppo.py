@@ -6,6 +6,7 @@ import json
 import math
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -237,6 +238,18 @@ def read_log(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_refusal_rate_reads_each_response_to_its_length():
+    tok = make_tiny_tokenizer()
+    texts = ["I cannot help with that.", "Sure, the steps are", "I'm sorry, but no."]
+    ids = [tok.encode(t, add_bos=False) for t in texts]
+    width = max(map(len, ids)) + 3
+    # padding after each response spells a refusal: it must not be read
+    pad = tok.encode("I cannot", add_bos=False)
+    rows = [(e + pad * width)[:width] for e in ids]
+    gen = SimpleNamespace(tokens=torch.tensor(rows), lengths=torch.tensor([len(e) for e in ids]))
+    assert ppo_mod.refusal_rate(gen, tok) == pytest.approx(2 / 3)
+
+
 def test_run_directory_diagnostics_and_samples(tiny_setup, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_cli.main(ppo_argv(tiny_setup, out, "--kl-target", "1.0", "--save-every", "2")) == 0
@@ -244,9 +257,10 @@ def test_run_directory_diagnostics_and_samples(tiny_setup, tmp_path, capsys):
     iters = [r for r in log if "score" in r and "samples" not in r]
     assert [r["step"] for r in iters] == [1, 2, 3, 4]
     for k in ("score", "pm_score", "kl", "beta", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac",
-              "explained_variance", "response_length", "finished", "tokens_per_s", "lr", "grad_norm",
+              "explained_variance", "response_length", "finished", "refusals", "tokens_per_s", "lr", "grad_norm",
               *(f"t_{p}" for p in ppo_mod.PHASES)):
         assert k in iters[0], k
+    assert all(0 <= r["refusals"] <= 1 for r in iters)
     assert iters[1]["beta"] != iters[0]["beta"]                           # the adaptive controller moved
     samples = [r for r in log if "samples" in r]
     assert [r["step"] for r in samples] == [2, 4] and len(samples[0]["samples"]) == 2
