@@ -21,7 +21,7 @@ from rlcd import distributed
 
 STAGES = {
     "pipeline": ("rlcd.pipeline", "every stage below plus evaluation and a report, resumable (the main job)"),
-    "simulate": ("rlcd.simulate", "simulate preference pairs (rlcd, rlaif, rlcd-rescore)"),
+    "simulate": ("rlcd.simulate", "simulate preference pairs (rlcd, rlaif, rlcd-rescore, rlcd-logprob)"),
     "stats": ("rlcd.simulate", "summarise a pairs file"),
     "pm": ("rlcd.pm", "train a Bradley-Terry preference model on pairs"),
     "sft": ("rlcd.sft", "supervised fine-tuning (the context-distillation baseline)"),

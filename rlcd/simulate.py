@@ -13,6 +13,14 @@ Methods (the official code: facebookresearch/RLCD scripts/simulate_preference_da
                   either side may be better.
     rlcd-rescore  pairs from p+ / p- as in rlcd (chosen = o+, rejected = o-), label = P(o+ better)
                   from the same judge.
+    rlcd-logprob  pairs as in rlcd, label = sigmoid(delta) from the simulator's own log-probabilities
+                  (DLMA's self-rewarding score, Liu et al. ACL 2024), how much more p+ explains o+ than o-:
+                  delta = (log p(o+|p+) - log p(o+|p-)) - (log p(o-|p+) - log p(o-|p-)). A design's
+                  reply prefix belongs to the response here: each o is scored in full after p+ or p- with
+                  the prefix cut off (rlcd.tasks.ContrastivePair.contexts). No judge.
+`--from-pairs FILE` takes o+ and o- from an rlcd pairs file of the same model, design, task and seed
+instead of sampling them: relabelling the same pairs with rlcd-rescore or rlcd-logprob, for a comparison
+of labels on identical pairs.
 The judge (`--judge`) is the task's default judge (rlcd.judge, the one chosen on human labels; the same
 judge eval.py compare uses), any rlcd.judge spec, or "self": the paper's scorer, the simulating model
 itself with the task's principle `affix_index` (rlcd.scorer; the paper's plain prompt in one order, or
@@ -49,6 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +77,8 @@ from rlcd import judge as judges
 from rlcd.scorer import JUDGE_FORMATS, judge_pairs, score_pairs
 from rlcd.tasks import FORMATS, TASKS, ContrastivePair, clean, contrastive_pair, format_prompt
 
-METHODS = ("rlcd", "rlaif", "rlcd-rescore")
+METHODS = ("rlcd", "rlaif", "rlcd-rescore", "rlcd-logprob")
+JUDGED = ("rlaif", "rlcd-rescore")          # the methods whose labels come from --judge
 # Fields every pairs record carries; the trainers downstream rely on them.
 REQUIRED = ("id", "task", "method", "format", "messages", "prompt", "chosen", "rejected", "label",
             "affix_index", "p_plus", "p_minus", "settings", "model", "seed")
@@ -80,7 +90,7 @@ RUN_KEYS = ("task", "method", "format", "model", "seed")
 class Args:
     out: str                              # pairs file to write (JSONL); an existing one is resumed
     task: str = "harmless"                # harmless, helpful or outlines: the affixes and scorer principles
-    method: str = "rlcd"                  # rlcd, rlaif or rlcd-rescore
+    method: str = "rlcd"                  # rlcd, rlaif, rlcd-rescore or rlcd-logprob
     prompts: str | None = None            # a prompts file (JSONL or text) instead of the task's built-in set
     split: str = "train"                  # train, dev or test
     n_prompts: int | None = None          # use the first N prompts that fit max_prompt_tokens (None: all)
@@ -101,6 +111,7 @@ class Args:
     seed: int = 0                         # affix choice, A/B order and sampling seed
     device: str = "cpu"                   # cpu or cuda
     precision: str = "auto"               # auto, fp32 or bf16 (rlcd.precision): the weights' dtype of simulator and judge
+    from_pairs: str | None = None         # o+ and o- from this rlcd pairs file (same model, design, task, seed) instead of sampling: relabel them
     progress: bool = True                 # show a progress bar
 
 
@@ -170,6 +181,41 @@ def sample_responses(model, tokenizer: Tokenizer, prompts: list[str], args: Args
     return texts, tries, ended, n_tokens
 
 
+def logprob_labels(model, tokenizer: Tokenizer, cps: list[ContrastivePair], plus: list[str], minus: list[str],
+                   fmt: str, batch_size: int) -> tuple[list[float], list[list[float]]]:
+    """The rlcd-logprob label of each pair (o+ = plus[i], o- = minus[i] under cps[i]): sigmoid(delta) with
+    delta = (log p(o+|p+) - log p(o+|p-)) - (log p(o-|p+) - log p(o-|p-)), the simulator's sequence
+    log-probabilities (its response tokens, no end marker) after each side's context
+    (ContrastivePair.contexts). Returns the labels and, per pair, the four log-probs in that order."""
+    import torch
+
+    from rlcd.dpo import sequence_logprobs
+    from rlcd.reward import encode_parts
+    from rlcd.runs import right_pad
+
+    seqs = []                                     # (ids, prompt length), 4 per pair: o+|p+, o+|p-, o-|p+, o-|p-
+    for cp, op, om in zip(cps, plus, minus):
+        ctx_plus, ctx_minus = cp.contexts()
+        for response in (op, om):
+            for ctx in (ctx_plus, ctx_minus):
+                ids, n_prompt = encode_parts(tokenizer, ctx, response, fmt)
+                seqs.append((ids[:-1], n_prompt))           # the end marker left out: o may have been cut off
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))     # batches of similar lengths
+    logp = [0.0] * len(seqs)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            tokens, seq_len = right_pad([seqs[i][0] for i in idx], tokenizer.pad_id, device)   # (b, T), (b,)
+            prompt_len = torch.tensor([seqs[i][1] for i in idx], device=device)                # (b,)
+            h = model(tokens, return_hidden=True)                                               # (b, T, D)
+            for i, v in zip(idx, sequence_logprobs(h, model.output_weight, tokens, prompt_len, seq_len).tolist()):
+                logp[i] = v
+    four = [logp[4 * k:4 * k + 4] for k in range(len(cps))]
+    deltas = [(a - b) - (c - d) for a, b, c, d in four]
+    return [1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0 for x in deltas], four
+
+
 # ---------------------------------------------------------------------------------------------
 # one chunk of prompts -> records
 
@@ -181,20 +227,29 @@ def with_prefix(prefix: str, text: str) -> str:
 
 
 def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastivePair]], args: Args,
-               design: Design, judge: tuple | None = None) -> tuple[list[dict], int]:
+               design: Design, judge: tuple | None = None, given: dict[str, dict] | None = None,
+               ) -> tuple[list[dict], int]:
     """Records for a chunk of (prompt record, contrastive prompts); prompts whose sampling failed are
-    left out. Returns (records, tokens generated)."""
+    left out. `given` (--from-pairs: id -> rlcd record) supplies o+ and o- instead of sampling; a prompt
+    missing there is left out. Returns (records, tokens generated)."""
     ids = [rec["id"] for rec, _ in items]
     salt = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
     n = len(items)
     # 1. sample: p+ and p- (or p twice) of the whole chunk in the same batches, sorted by length
-    if args.method == "rlaif":
-        prompts = [cp.neutral for _, cp in items] * 2
+    if given is not None:
+        got = [given.get(i) for i in ids]
+        texts = [g and g[side] for side in ("chosen", "rejected") for g in got]     # stored with their prefixes
+        tries = [g and g["tries"][side] for side in ("chosen", "rejected") for g in got]
+        ended = [g and g["ended"][side] for side in ("chosen", "rejected") for g in got]
+        n_tokens = 0
     else:
-        prompts = [cp.plus for _, cp in items] + [cp.minus for _, cp in items]
-    texts, tries, ended, n_tokens = sample_responses(model, tokenizer, prompts, args, salt)
+        if args.method == "rlaif":
+            prompts = [cp.neutral for _, cp in items] * 2
+        else:
+            prompts = [cp.plus for _, cp in items] + [cp.minus for _, cp in items]
+        texts, tries, ended, n_tokens = sample_responses(model, tokenizer, prompts, args, salt)
     keep = [j for j in range(n) if texts[j] is not None and texts[n + j] is not None]
-    if args.method != "rlaif":                 # a design's reply prefixes are part of o+ and o-
+    if args.method != "rlaif" and given is None:   # a design's reply prefixes are part of o+ and o-
         texts = [None if t is None else with_prefix(items[j % n][1].minus_prefix if j >= n else
                                                     items[j][1].plus_prefix, t) for j, t in enumerate(texts)]
     first = [texts[j] for j in keep]           # o+ (rlcd, rescore) or sample 1 (rlaif)
@@ -204,7 +259,11 @@ def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastiveP
     task = TASKS[args.task]
     labels = [1.0] * len(keep)
     scorer: list[dict | None] = [None] * len(keep)
-    if args.method != "rlcd" and keep:
+    if args.method == "rlcd-logprob" and keep:
+        labels, four = logprob_labels(model, tokenizer, [items[j][1] for j in keep], first, second, args.format,
+                                      args.batch_size)
+        scorer = [{"logprob": dict(zip(("plus|p+", "plus|p-", "minus|p+", "minus|p-"), f))} for f in four]
+    elif args.method in JUDGED and keep:
         # The scorer quotes the neutral dialogue in the paper's plain "Human: ... Assistant:" form
         # whatever the generation format, so the judge is the same for both formats.
         conv = [format_prompt(items[j][0]["messages"], "plain") for j in keep]
@@ -238,7 +297,7 @@ def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastiveP
                 "max_tries": args.max_tries, "require_end": args.require_end, "design": design.to_dict(),
                 "both_orders": args.both_orders or args.judge_format == "chat",
                 "precision": resolve_precision(args.precision, args.device).name,
-                "judge": judge[0].name if judge else None if args.method == "rlcd" else "self",
+                "judge": judge[0].name if judge else None if args.method not in JUDGED else "self",
                 "judge_format": args.judge_format}
     out = []
     for k, j in enumerate(keep):
@@ -272,8 +331,11 @@ def _check(args: Args) -> None:
     resolve_precision(args.precision, args.device)
     if args.judge_format not in JUDGE_FORMATS:
         raise ValueError(f"--judge-format must be one of {', '.join(JUDGE_FORMATS)}, got {args.judge_format!r}")
-    if args.method != "rlcd" and args.judge != "self":
+    if args.method in JUDGED and args.judge != "self":
         _judge_spec(args)
+    if args.from_pairs is not None and args.method == "rlaif":
+        raise ValueError("--from-pairs takes o+ and o- of an rlcd file: it relabels with rlcd-rescore or rlcd-logprob, "
+                         "not rlaif (two samples of p)")
     design = load_design(args.design)                      # a DesignError names the file and field
     if args.format == "plain" and design.carrier == "system":
         raise ValueError(f"--design {design.name}: carrier 'system' needs --format chat (plain prompts carry "
@@ -289,6 +351,34 @@ def _judge_spec(args: Args) -> judges.JudgeSpec:
     return spec
 
 
+# What a --from-pairs file must share with this run: its pairs are then the ones this run would sample.
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "max_prompt_tokens", "max_tries", "require_end")
+
+
+def read_given(args: Args, design: Design) -> dict[str, dict]:
+    """The --from-pairs records by id, each checked to come from this run's model, task, format, seed,
+    design and sampling settings (PairsError naming the file, line and setting otherwise)."""
+    lines, _ = read_records(args.from_pairs)
+    want = {"task": args.task, "format": args.format, "model": args.model, "seed": args.seed}
+    want_settings = {k: getattr(args, k) for k in SAMPLING_KEYS} | {"design": design.to_dict()}
+    out = {}
+    for n, rec in lines:
+        where = f"--from-pairs {args.from_pairs}:{n}"
+        if rec["method"] == "rlaif":
+            raise PairsError(f"{where}: an rlaif pair (two samples of p), not o+ and o-")
+        for k, v in want.items():
+            if rec[k] != v:
+                raise PairsError(f"{where}: {k} {rec[k]!r}, but this run has --{k.replace('_', '-')} {v!r}")
+        for k, v in want_settings.items():
+            if rec["settings"].get(k) != v:
+                got = rec["settings"].get(k)
+                raise PairsError(f"{where}: settings.{k} {got.get('name') if k == 'design' and got else got!r}, "
+                                 f"but this run has --{k.replace('_', '-')} "
+                                 f"{v['name'] if k == 'design' else v!r}")
+        out[rec["id"]] = rec
+    return out
+
+
 def simulate(args: Args) -> dict:
     """Run the simulation described by `args`, appending to args.out; returns a summary (the same on
     every rank under torchrun)."""
@@ -302,7 +392,7 @@ def simulate(args: Args) -> dict:
     dtype = resolve_precision(args.precision, device).inference_dtype
     model, tok = load_model(args.model, device=device, dtype=dtype)
     judge = None               # (spec, model, tokenizer) of a judge spec; None: no judge, or --judge self
-    if args.method != "rlcd" and args.judge != "self":
+    if args.method in JUDGED and args.judge != "self":
         spec = _judge_spec(args)
         if not spec.needs_model:
             judge = (spec, None, None)
@@ -324,12 +414,13 @@ def simulate(args: Args) -> dict:
             break
     # Chunks of similar lengths (less padding in their generation batches), fixed by the prompts alone and
     # each sampled from a seed of its ids (rlcd.jsonl): a resumed run writes what an uninterrupted one would.
+    given = read_given(args, design) if args.from_pairs is not None else None
     chunks = fixed_chunks(items, args.batch_size, key=lambda it: (len(tok.encode(it[1].plus)), it[0]["id"]))
     n_todo = sum(rec["id"] not in done for rec, _ in items)
     if distributed.is_main():
         save_config(args, out.with_name(out.name + ".config.json"))
     written, n_tokens, seconds = append_chunks(
-        out, chunks, lambda it: it[0]["id"], done, lambda chunk: make_pairs(model, tok, chunk, args, design, judge),
+        out, chunks, lambda it: it[0]["id"], done, lambda chunk: make_pairs(model, tok, chunk, args, design, judge, given),
         PairsError, f"simulate {args.method}", "pair", args.progress)
     return {"out": str(out), "method": args.method, "format": args.format, "prompts": len(items),
             "already_done": len(items) - n_todo, "dropped_too_long": n_long,

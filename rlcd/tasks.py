@@ -304,6 +304,12 @@ class ContrastivePair(NamedTuple):
     plus_prefix: str = ""  # the reply's beginning that ends p+ (a design's prefix), kept in o+
     minus_prefix: str = ""  # the same for p- and o-
 
+    def contexts(self) -> tuple[str, str]:
+        """p+ and p- without their reply prefixes: where a whole response, prefix included, is scored
+        (rlcd.simulate's rlcd-logprob labels). In plain format the prefix follows a space, cut with it."""
+        return tuple(p[:len(p) - len(x)].rstrip(" ") if x else p
+                     for p, x in ((self.plus, self.plus_prefix), (self.minus, self.minus_prefix)))
+
 
 def _side_messages(messages: list[dict], side) -> list[dict]:
     """The conversation as one side of a design shows it: its system message (appended to the

@@ -1,6 +1,7 @@
 """Preference-pair simulation: labels per method, post-processing and retries, crash-safe resume, clear
 errors, the stats view, and a tiny end-to-end run through the command line."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,61 @@ def test_rescore_label_is_p_of_o_plus_in_either_order(ckpt, tmp_path, monkeypatc
     assert {r["scorer"]["a"] for r in recs} == {"chosen", "rejected"}
 
 
+def naive_logprob(model, tok, context: str, response: str) -> float:
+    """log p(response | context) by a full forward and a float64 log-softmax, one sequence at a time."""
+    from rlcd.reward import encode_parts
+    ids, n_prompt = encode_parts(tok, context, response, "chat")
+    ids = ids[:-1]                                            # no end marker
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).double()[0]       # (T, V)
+    lp = torch.log_softmax(logits, -1)
+    return sum(lp[t - 1, ids[t]].item() for t in range(n_prompt, len(ids)))
+
+
+@pytest.mark.parametrize("design", ["paper-header", "refuse-vs-prefill"])
+def test_logprob_label_is_the_contrast_of_the_simulators_own_logprobs(ckpt, tok, tmp_path, monkeypatch, design):
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate(outputs=lambda call, p, text: " how: " + text))
+    out = tmp_path / "pairs.jsonl"
+    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl", QUESTIONS[:6]), out, "--method", "rlcd-logprob",
+                         "--design", design)) == 0
+    recs = read(out)
+    assert len(recs) >= 3
+    model = load_model(ckpt)[0]
+    for r in recs:
+        cp_plus, cp_minus = r["p_plus"], r["p_minus"]
+        if design == "refuse-vs-prefill":               # the prefix is scored as part of o-, not of the context
+            assert cp_minus.endswith("Sure, here is") and r["rejected"].startswith("Sure, here is")
+            cp_minus = cp_minus[:-len("Sure, here is")]
+        lp = r["scorer"]["logprob"]
+        want = {"plus|p+": (cp_plus, r["chosen"]), "plus|p-": (cp_minus, r["chosen"]),
+                "minus|p+": (cp_plus, r["rejected"]), "minus|p-": (cp_minus, r["rejected"])}
+        for k, (ctx, resp) in want.items():
+            assert lp[k] == pytest.approx(naive_logprob(model, tok, ctx, resp), rel=1e-4, abs=1e-3), k
+        delta = (lp["plus|p+"] - lp["plus|p-"]) - (lp["minus|p+"] - lp["minus|p-"])
+        assert r["label"] == pytest.approx(1 / (1 + math.exp(-delta)))
+        assert r["method"] == "rlcd-logprob" and r["settings"]["judge"] is None
+
+
+def test_from_pairs_relabels_the_same_pairs_without_sampling(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate())
+    prompts = write_prompts(tmp_path / "p.jsonl", QUESTIONS[:6])
+    src = tmp_path / "rlcd.jsonl"
+    assert sim.main(argv(ckpt, prompts, src)) == 0
+    monkeypatch.setattr(sim, "generate_texts", lambda *a, **k: pytest.fail("--from-pairs must not sample"))
+    out = tmp_path / "soft.jsonl"
+    assert sim.main(argv(ckpt, prompts, out, "--method", "rlcd-logprob", "--from-pairs", str(src))) == 0
+    a, b = read(src), read(out)
+    assert [(r["id"], r["chosen"], r["rejected"]) for r in a] == [(r["id"], r["chosen"], r["rejected"]) for r in b]
+    assert all(0 < r["label"] < 1 for r in b) and {r["label"] for r in a} == {1.0}
+    # a file of another design is refused, naming the flag, file, line and setting, before any work
+    bad = tmp_path / "bad.jsonl"
+    assert sim.main(argv(ckpt, prompts, bad, "--method", "rlcd-logprob", "--from-pairs", str(src),
+                         "--design", "soft-affixes")) == 2
+    err = capsys.readouterr().err
+    assert f"--from-pairs {src}:1: settings.design 'paper-header'" in err and "--design 'soft-affixes'" in err
+    assert not bad.exists()
+
+
 def test_rlaif_labels_from_a_judge_spec(ckpt, tmp_path, monkeypatch):
     """--judge SPEC: the labels are P(chosen better) from that judge (rlcd.judge.judge) on the stored
     texts, with the judge's own weights, not the simulating model's."""
@@ -335,7 +391,7 @@ def test_malformed_prompts_line_names_file_and_line(ckpt, tmp_path, capsys):
 def test_bad_method_is_one_line(ckpt, tmp_path, capsys):
     assert sim.main(argv(ckpt, tmp_path / "p.jsonl", tmp_path / "o.jsonl", "--method", "dpo")) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "simulate: error: --method must be one of rlcd, rlaif, rlcd-rescore, got 'dpo'"
+    assert err == "simulate: error: --method must be one of rlcd, rlaif, rlcd-rescore, rlcd-logprob, got 'dpo'"
 
 
 # ---------------------------------------------------------------------------------------------
