@@ -133,7 +133,8 @@ class Args:
     out: str                                  # run directory; rerun the same command to resume it
     task: str = "harmless"                    # harmless, helpful or outlines (rlcd.tasks.TASKS)
     budget: str = "quick"                     # quick (minutes on 2 CPU cores), cpu (hours), paper (GPU)
-    policy: str = DEFAULT_POLICY              # the model aligned (and the trunk of the preference models)
+    policy: str = DEFAULT_POLICY              # the model aligned (and, by default, the trunk of the preference models)
+    pm_model: str | None = None               # the preference models' trunk (default: the policy); another family's PM scores PPO's rollouts from text
     simulator: str | None = None              # the model that simulates pairs (default: the policy; --budget cpu: CPU_PAIRS's for the task)
     design: str | None = None                 # how RLCD's p+ and p- are made (rlcd.designs: a name or JSON file; default: paper-header; --budget cpu: CPU_PAIRS's)
     judge: str | None = None                  # rlcd.judge spec of RLAIF's labels and the final comparison (default: the task's; RLAIF: a simulator other than the policy)
@@ -208,6 +209,9 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
     prompts = args.prompts or args.task
     sim = dict(task=args.task, prompts=args.prompts, model=args.simulator, **b["simulate"], **common)
     train = dict(model=args.policy, **common)
+    # The preference models: on the policy's trunk, or on another model's, normalised on the policy's samples.
+    pm_flags = dict(common, model=args.pm_model or args.policy, **b["pm"],
+                    **({"norm_policy": args.policy} if args.pm_model not in (None, args.policy) else {}))
     policies = [f"base={args.policy}", *(f"{p}={out / d}" for p, d in POLICY_RUNS.items())]
 
     def respond_cmd(out_dir: Path, task: str, prompts_file: str | None) -> list[str]:
@@ -221,9 +225,9 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
         "pairs-rlaif": [["train.py", "simulate", *argv_of(dict(out=out / "pairs-rlaif.jsonl", method="rlaif",
                                                                 judge=rlaif_judge, **sim))]],
         "pm-rlcd": [["train.py", "pm", *argv_of(dict(out=out / "pm-rlcd", pairs=[out / "pairs-rlcd.jsonl"],
-                                                     **train, **b["pm"]))]],
+                                                     **pm_flags))]],
         "pm-rlaif": [["train.py", "pm", *argv_of(dict(out=out / "pm-rlaif", pairs=[out / "pairs-rlaif.jsonl"],
-                                                      **train, **b["pm"]))]],
+                                                      **pm_flags))]],
         "sft": [["train.py", "sft", *argv_of(dict(out=out / "sft", pairs=[out / "pairs-rlcd.jsonl"], field="chosen",
                                                   **train, **b["sft"]))]],
         "dpo": [["train.py", "dpo", *argv_of(dict(out=out / "dpo", pairs=[out / "pairs-rlcd.jsonl"], **train,
@@ -286,7 +290,7 @@ def check_plan(cmds: dict[str, list[list[str]]]) -> None:
 
 
 # Settings that name files or directories: on resume, the same file spelled another way is the same setting.
-PATH_SETTINGS = ("policy", "simulator", "prompts", "human_pairs")
+PATH_SETTINGS = ("policy", "simulator", "pm_model", "prompts", "human_pairs")
 
 
 def _same_path(a, b) -> bool:

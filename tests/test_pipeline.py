@@ -145,6 +145,16 @@ def test_budget_overrides_and_plan():
     assert dpo[dpo.index("--pairs") + 1] == str(Path("o") / "pairs-rlcd.jsonl")
     assert dpo[dpo.index("--out") + 1] == str(Path("o") / "dpo")
     assert cli.argv_of({"a_b": True, "c": False, "d": None, "e": [1, 2]}) == ["--a-b", "--no-c", "--e", "1", "2"]
+    # a preference-model trunk other than the policy: both PMs on it, their reward statistics on the
+    # policy's samples; the policy is still what SFT, DPO and PPO train
+    cmds = pipeline.plan(pipeline.Args(out="o", policy="small", pm_model="trunk"))
+    pipeline.check_plan(cmds)
+    for stage in ("pm-rlcd", "pm-rlaif"):
+        (pm,) = cmds[stage]
+        assert _flag(pm, "--model") == ["trunk"] and _flag(pm, "--norm-policy") == ["small"]
+    assert "--norm-policy" not in pipeline.plan(pipeline.Args(out="o", policy="small"))["pm-rlcd"][0]
+    for stage in ("sft", "dpo", "ppo-rlcd"):
+        assert _flag(cmds[stage][0], "--model" if stage != "ppo-rlcd" else "--policy") == ["small"]
 
 
 def _flag(argv: list, name: str) -> list[str]:
