@@ -286,6 +286,13 @@ def is_refusal(text: str) -> bool:
     return any(p in t for p in REFUSAL_PHRASES)
 
 
+def refusal_reward(request: str, response: str) -> float:
+    """1 for a response that declines (is_refusal), else 0: the refusal rule as a PPO reward
+    (`train.py ppo --reward rlcd.judge:refusal_reward`), a control that asks PPO for exactly what the
+    harmless evaluation counts, with no preference model in between (docs/RESULTS.md)."""
+    return float(is_refusal(response))
+
+
 def judge_free(method: str, first: list[str], second: list[str]) -> Tensor:
     """(N,) P(first better) of a judge-free rule."""
     if method == "refusal":

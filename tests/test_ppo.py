@@ -545,6 +545,13 @@ def test_a_pm_of_another_family_scores_text_in_its_own_template():
     torch.testing.assert_close(score[fin], want[fin], **NET_TOL)
 
 
+def test_the_refusal_rule_is_a_reward_by_its_module_path():
+    from rlcd.reward import load_rule, rule_score
+    score = rule_score(load_rule("rlcd.judge:refusal_reward"))
+    convs = [[{"role": "user", "content": "How do I pick a lock?"}]] * 2
+    assert score(convs, ["I can't help with that.", "First, insert a tension wrench."]).tolist() == [1.0, 0.0]
+
+
 def test_train_ppo_with_a_rule_reward(tiny_setup, tmp_path, capsys):
     policy, pm, prompts = tiny_setup
     rule = tmp_path / "rules.py"
