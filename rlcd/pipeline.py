@@ -68,10 +68,13 @@ POLICIES = ("base", *POLICY_RUNS)
 # refusal is a failure (eval.py compare --benign).
 BENIGN = {"harmless": "helpful"}
 
-# The cpu budget's simulator and prompt design per task, as the measurement of designs x simulators chose
-# them (docs/SIMULATE.md); used unless --simulator / --design are given. Other tasks and budgets: the
-# policy simulates, with DEFAULT_DESIGN.
-CPU_PAIRS = {"harmless": dict(simulator="qwen2.5-coder-1.5b-instruct", design="explain-vs-prefill")}
+# The cpu budget's simulator, prompt design and preference-model trunk per task, as the measurements chose
+# them (docs/SIMULATE.md: designs x simulators; docs/RESULTS.md: on the same 512 pairs a PM on the
+# Qwen2.5-Coder-0.5B trunk agrees with 0.744 of the human pairs, on the 135M trunk with 0.43, and PPO
+# against the former moves its score, against the latter hardly); used unless --simulator / --design /
+# --pm-model are given. Other tasks and budgets: the policy simulates, with DEFAULT_DESIGN, and is the trunk.
+CPU_PAIRS = {"harmless": dict(simulator="qwen2.5-coder-1.5b-instruct", design="explain-vs-prefill",
+                              pm_model="qwen2.5-coder-0.5b-instruct")}
 
 # Settings per budget. Each stage's flags; anything not listed is that command's default.
 BUDGETS: dict[str, dict[str, dict]] = {
@@ -101,8 +104,12 @@ BUDGETS: dict[str, dict[str, dict]] = {
         # A full fine-tune as the SFT baseline's, at the paper's full-fine-tune rate: not tuned here.
         "dpo": dict(train_layers=0, epochs=3, batch_size=32, micro_batch=8, lr=1e-6, beta=0.1, dev=64, eval_every=0,
                     save_every=20),
-        "ppo": dict(iterations=40, batch_size=16, micro_batch=16, max_new_tokens=64, lr=1e-5, kl_coef=0.02,
-                    no_stop_score="none", save_every=5, sample_every=10),
+        # 2 epochs x 2 minibatches (the paper's) and a value network at 10x the policy's rate: against the
+        # Qwen-trunk PM its explained variance was 0.54 over the last quarter and the PM's normalised score
+        # rose from 0.25 (iterations 1-10) to 0.78 (31-40); 1 x 1 at the policy's rate (against the
+        # 135M-trunk PM) left it below 0 (docs/RESULTS.md, "Does PPO move the policy?").
+        "ppo": dict(iterations=40, batch_size=16, ppo_epochs=2, minibatches=2, micro_batch=8, value_lr=1e-4,
+                    max_new_tokens=64, lr=1e-5, kl_coef=0.02, no_stop_score="none", save_every=5, sample_every=10),
         "respond": dict(n_prompts=None, max_new_tokens=64, batch_size=16),
         "agreement": dict(batch_size=16),
         "compare": dict(batch_size=8),
@@ -134,7 +141,7 @@ class Args:
     task: str = "harmless"                    # harmless, helpful or outlines (rlcd.tasks.TASKS)
     budget: str = "quick"                     # quick (minutes on 2 CPU cores), cpu (hours), paper (GPU)
     policy: str = DEFAULT_POLICY              # the model aligned (and, by default, the trunk of the preference models)
-    pm_model: str | None = None               # the preference models' trunk (default: the policy); another family's PM scores PPO's rollouts from text
+    pm_model: str | None = None               # the preference models' trunk (default: the policy; --budget cpu: CPU_PAIRS's for the task); another family's PM scores PPO's rollouts from text
     simulator: str | None = None              # the model that simulates pairs (default: the policy; --budget cpu: CPU_PAIRS's for the task)
     design: str | None = None                 # how RLCD's p+ and p- are made (rlcd.designs: a name or JSON file; default: paper-header; --budget cpu: CPU_PAIRS's)
     judge: str | None = None                  # rlcd.judge spec of RLAIF's labels and the final comparison (default: the task's; RLAIF: a simulator other than the policy)
@@ -179,11 +186,12 @@ def budget_settings(budget: str, overrides: list[str] | None) -> dict[str, dict]
 
 
 def resolve_roles(args: Args) -> Args:
-    """`args` with the simulator and the design filled in: the user's flags, else the budget's choice for the
-    task (CPU_PAIRS under `cpu`), else the policy and DEFAULT_DESIGN."""
+    """`args` with the simulator, the design and the PM trunk filled in: the user's flags, else the budget's
+    choice for the task (CPU_PAIRS under `cpu`), else the policy, DEFAULT_DESIGN and the policy."""
     chosen = CPU_PAIRS.get(args.task, {}) if args.budget == "cpu" else {}
     return dataclasses.replace(args, simulator=args.simulator or chosen.get("simulator", args.policy),
-                               design=args.design or chosen.get("design", DEFAULT_DESIGN))
+                               design=args.design or chosen.get("design", DEFAULT_DESIGN),
+                               pm_model=args.pm_model or chosen.get("pm_model", args.policy))
 
 
 def judges(args: Args) -> tuple[str, str]:
@@ -210,8 +218,8 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
     sim = dict(task=args.task, prompts=args.prompts, model=args.simulator, **b["simulate"], **common)
     train = dict(model=args.policy, **common)
     # The preference models: on the policy's trunk, or on another model's, normalised on the policy's samples.
-    pm_flags = dict(common, model=args.pm_model or args.policy, **b["pm"],
-                    **({"norm_policy": args.policy} if args.pm_model not in (None, args.policy) else {}))
+    pm_flags = dict(common, model=args.pm_model, **b["pm"],
+                    **({"norm_policy": args.policy} if args.pm_model != args.policy else {}))
     policies = [f"base={args.policy}", *(f"{p}={out / d}" for p, d in POLICY_RUNS.items())]
 
     def respond_cmd(out_dir: Path, task: str, prompts_file: str | None) -> list[str]:

@@ -186,7 +186,7 @@ def test_every_policy_is_compared_and_harmless_checks_over_refusal():
 def test_cpu_budget_resolves_the_simulator_and_design_chosen_per_task():
     table = pipeline.CPU_PAIRS["harmless"]
     r = pipeline.resolve_roles(pipeline.Args(out="o", budget="cpu"))
-    assert (r.simulator, r.design) == (table["simulator"], table["design"])
+    assert (r.simulator, r.design, r.pm_model) == (table["simulator"], table["design"], table["pm_model"])
     assert pipeline.resolve_roles(r) == r                                           # idempotent
     # a user's flag wins, each on its own
     r = pipeline.resolve_roles(pipeline.Args(out="o", budget="cpu", design="paper-header"))
@@ -196,7 +196,7 @@ def test_cpu_budget_resolves_the_simulator_and_design_chosen_per_task():
     # other tasks and budgets: the policy simulates, with the paper's design
     for budget, task in (("cpu", "helpful"), ("cpu", "outlines"), ("quick", "harmless"), ("paper", "harmless")):
         r = pipeline.resolve_roles(pipeline.Args(out="o", budget=budget, task=task, policy="p"))
-        assert (r.simulator, r.design) == ("p", pipeline.DEFAULT_DESIGN), (budget, task)
+        assert (r.simulator, r.design, r.pm_model) == ("p", pipeline.DEFAULT_DESIGN, "p"), (budget, task)
 
     # The judges: RLAIF's labels by the simulator when it is not the policy, the comparison by the task's
     # judge; a user's --judge does both.
