@@ -68,13 +68,13 @@ POLICIES = ("base", *POLICY_RUNS)
 # refusal is a failure (eval.py compare --benign).
 BENIGN = {"harmless": "helpful"}
 
-# The cpu budget's simulator, prompt design and preference-model trunk per task, as the measurements chose
-# them (docs/SIMULATE.md: designs x simulators; docs/RESULTS.md: on the same 512 pairs a PM on the
-# Qwen2.5-Coder-0.5B trunk agrees with 0.744 of the human pairs, on the 135M trunk with 0.43, and PPO
-# against the former moves its score, against the latter hardly); used unless --simulator / --design /
-# --pm-model are given. Other tasks and budgets: the policy simulates, with DEFAULT_DESIGN, and is the trunk.
-CPU_PAIRS = {"harmless": dict(simulator="qwen2.5-coder-1.5b-instruct", design="explain-vs-prefill",
-                              pm_model="qwen2.5-coder-0.5b-instruct")}
+# The cpu budget's simulator and prompt design per task (and, where it is not the policy, the preference
+# models' trunk), as the measurement of designs x simulators chose them (docs/SIMULATE.md); used unless
+# --simulator / --design / --pm-model are given. Other tasks and budgets: the policy simulates, with
+# DEFAULT_DESIGN, and is the trunk. On the same 512 harmless pairs a PM on the policy's 135M trunk agrees
+# with 0.731 of the human pairs and one on Qwen2.5-Coder-0.5B with 0.744 (docs/RESULTS.md): no reason yet
+# to pay for the larger trunk.
+CPU_PAIRS = {"harmless": dict(simulator="qwen2.5-coder-1.5b-instruct", design="explain-vs-prefill")}
 
 # Settings per budget. Each stage's flags; anything not listed is that command's default.
 BUDGETS: dict[str, dict[str, dict]] = {
@@ -106,8 +106,8 @@ BUDGETS: dict[str, dict[str, dict]] = {
                     save_every=20),
         # 2 epochs x 2 minibatches (the paper's) and a value network at 10x the policy's rate: against the
         # Qwen-trunk PM its explained variance was 0.54 over the last quarter and the PM's normalised score
-        # rose from 0.25 (iterations 1-10) to 0.78 (31-40); 1 x 1 at the policy's rate (against the
-        # 135M-trunk PM) left it below 0 (docs/RESULTS.md, "Does PPO move the policy?").
+        # rose from 0.25 (iterations 1-10) to 0.78 (31-40); 1 x 1 with the value network at the policy's
+        # rate (against the 135M-trunk PM) left it below 0 (docs/RESULTS.md, "Does PPO move the policy?").
         "ppo": dict(iterations=40, batch_size=16, ppo_epochs=2, minibatches=2, micro_batch=8, value_lr=1e-4,
                     max_new_tokens=64, lr=1e-5, kl_coef=0.02, no_stop_score="none", save_every=5, sample_every=10),
         "respond": dict(n_prompts=None, max_new_tokens=64, batch_size=16),

@@ -186,7 +186,8 @@ def test_every_policy_is_compared_and_harmless_checks_over_refusal():
 def test_cpu_budget_resolves_the_simulator_and_design_chosen_per_task():
     table = pipeline.CPU_PAIRS["harmless"]
     r = pipeline.resolve_roles(pipeline.Args(out="o", budget="cpu"))
-    assert (r.simulator, r.design, r.pm_model) == (table["simulator"], table["design"], table["pm_model"])
+    assert (r.simulator, r.design, r.pm_model) == (table["simulator"], table["design"],
+                                                   table.get("pm_model", r.policy))
     assert pipeline.resolve_roles(r) == r                                           # idempotent
     # a user's flag wins, each on its own
     r = pipeline.resolve_roles(pipeline.Args(out="o", budget="cpu", design="paper-header"))
