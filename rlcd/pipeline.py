@@ -34,7 +34,8 @@ models are converted: README.md has the measured figure); `cpu` is a run of hour
 harmlessness pairs from Qwen2.5-Coder-1.5B (CPU_PAIRS); `paper` is the paper's settings
 (arXiv 2307.12950, Appendix) for a GPU.
 
-Roles. The policy is aligned and is the preference models' trunk. The simulator writes the pairs: the
+Roles. The policy is aligned and, unless --pm-model names another model, is the preference models' trunk
+(another family's PM scores PPO's rollouts from text). The simulator writes the pairs: the
 policy, except under `cpu` for a task in CPU_PAIRS, which also names that task's prompt design
 (otherwise paper-header); --simulator and --design override both. The judge (--judge) labels the RLAIF
 pairs and compares the final policies; without --judge that is the task's chosen judge (rlcd.judge), and

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,8 +211,8 @@ def logprob_labels(model, tokenizer: Tokenizer, cps: list[ContrastivePair], plus
             for i, v in zip(idx, sequence_logprobs(h, model.output_weight, tokens, prompt_len, seq_len).tolist()):
                 logp[i] = v
     four = [logp[4 * k:4 * k + 4] for k in range(len(cps))]
-    deltas = [(a - b) - (c - d) for a, b, c, d in four]
-    return [1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0 for x in deltas], four
+    deltas = torch.tensor([(a - b) - (c - d) for a, b, c, d in four], dtype=torch.float64)
+    return torch.sigmoid(deltas).tolist(), four
 
 
 # ---------------------------------------------------------------------------------------------
