@@ -20,7 +20,8 @@ responses' lengths, read at equal length (`lc_win_rate`, its slope `length_slope
 the longer response), and the win rate over the length-matched prompts alone (lengths within 25%), each with
 a bootstrap interval. Judge-free statistics per policy: mean length in tokens, fraction of responses that
 end, refusal rate (rlcd.judge.REFUSAL_PHRASES) with its interval and its change from the baseline (paired bootstrap),
-distinct-2. `--benign FILES` (the same policies' responses to benign prompts, e.g. the helpful task's test
+distinct-2; for a task whose prompts carry verifiable constraints (instructions), the share of prompts whose
+every checkable constraint the response meets (rlcd.constraints), with its interval and change. `--benign FILES` (the same policies' responses to benign prompts, e.g. the helpful task's test
 split) adds each policy's refusal rate there: over-refusal, a policy that declines everything is not
 aligned. `--pm RUN` adds
 each policy's mean normalised reward under a preference model, which is not an independent judge of a
@@ -39,7 +40,8 @@ API (for train.py pipeline)
     bootstrap_ci(values, n_boot=N_BOOT, seed=0, level=0.95) -> (lo, hi)
     win_scores(p, tie=TIE_MARGIN) -> ndarray; outcome_stats(p, tie=TIE_MARGIN, n_boot=N_BOOT, seed=0) -> dict
     length_controlled(score, len_a, len_b, n_boot=N_BOOT, seed=0) -> dict   lc_win_rate, length_slope, matched
-    refusal_stats(by_policy, baseline, n_boot=N_BOOT, seed=0) -> dict        rates, intervals, paired changes
+    rate_stats(values, baseline, n_boot=N_BOOT, seed=0) -> dict              a 0/1 measure's rates, intervals, paired changes
+    refusal_stats(by_policy, baseline, ...), constraint_stats(by_policy, constraints, baseline, ...) -> dict
     compare(paths, model, tok, baseline=None, spec=None, tie=..., ...) -> dict
     pm_rewards(responses, pm_run, device="cpu") -> dict
     format_compare(result) -> str                     the stdout table
@@ -66,6 +68,7 @@ from rlcd.judge import (COMBINE, DEFAULT, JUDGE_FREE, METHODS, SELECT, JudgeSpec
                         format_table, is_refusal, judge, length_split, measure, measured_accuracy, pair_correct,
                         request_key, resolve_judge, selection_table)
 from rlcd.scorer import JUDGE_FORMATS
+from rlcd.constraints import constraints_of, followed
 from rlcd.tasks import TASKS, format_prompt
 
 TIE_MARGIN = 0.05          # |P - 0.5| below this is a tie (see the module docstring)
@@ -253,102 +256,31 @@ def length_controlled(score, len_a, len_b, n_boot: int = N_BOOT, seed: int = 0, 
             "matched_win_rate_ci": bootstrap_ci(y[m], n_boot, seed) if m.any() else None}
 
 
+def rate_stats(values: dict[str, dict[str, float | None]], baseline: str, n_boot: int = N_BOOT,
+               seed: int = 0) -> dict:
+    """Per policy, a per-prompt 0/1 measure ({policy: {prompt id: value or None}}) on the prompts where every
+    policy has a value: its rate with an interval and its change from the baseline's on the same prompts
+    (paired bootstrap over prompts)."""
+    ids = sorted(set.intersection(*({i for i, v in d.items() if v is not None} for d in values.values())))
+    x = {n: np.array([values[n][i] for i in ids], dtype=np.float64) for n in values}
+    return {n: {"n": len(ids), "rate": float(v.mean()), "rate_ci": bootstrap_ci(v, n_boot, seed),
+                "change": float((v - x[baseline]).mean()),
+                "change_ci": bootstrap_ci(v - x[baseline], n_boot, seed)} for n, v in x.items()}
+
+
 def refusal_stats(by_policy: dict[str, dict[str, dict]], baseline: str, n_boot: int = N_BOOT,
                   seed: int = 0) -> dict:
-    """Per policy, on the prompts all share: the refusal rate with its interval and its change from the
-    baseline's on the same prompts (paired bootstrap over prompts)."""
-    ids = sorted(set.intersection(*(set(r) for r in by_policy.values())))
-    ref = {n: np.array([is_refusal(by_policy[n][i]["response"]) for i in ids], dtype=np.float64) for n in by_policy}
-    return {n: {"n": len(ids), "rate": float(v.mean()), "rate_ci": bootstrap_ci(v, n_boot, seed),
-                "change": float((v - ref[baseline]).mean()),
-                "change_ci": bootstrap_ci(v - ref[baseline], n_boot, seed)} for n, v in ref.items()}
+    """rate_stats of the refusal rule (rlcd.judge.is_refusal) on each policy's responses."""
+    return rate_stats({n: {i: float(is_refusal(r["response"])) for i, r in d.items()} for n, d in by_policy.items()},
+                      baseline, n_boot, seed)
 
 
-def compare(paths: list[str], model, tok, baseline: str | None = None, spec: JudgeSpec | None = None,
-            tie: float = TIE_MARGIN, n_boot: int = N_BOOT, seed: int = 0, batch_size: int = 8,
-            focus: str | None = None, progress: bool = False, benign: list[str] | None = None) -> dict:
-    """Judge every pair of policies (files written by respond) on their common prompts; see the module
-    docstring. spec is the judge and model/tok its model (spec None: judge-free statistics only); `benign`
-    files (the same policies on benign prompts) add their refusal rates (result["benign"])."""
-    files = {str(p): read_responses(p) for p in paths}
-    ids = check_responses(files)
-    by_policy = {recs[0]["policy"]: {r["id"]: r for r in recs} for recs in files.values()}
-    names = list(by_policy)
-    if baseline is None:
-        baseline = "base" if "base" in names else names[0]
-    if baseline not in names:
-        raise ResponsesError(f"--baseline {baseline!r} is none of the policies ({', '.join(names)})")
-    settings = next(iter(files.values()))[0]["settings"]
-    task = settings.get("task", "harmless")
-    result = {"files": {recs[0]["policy"]: p for p, recs in files.items()}, "baseline": baseline,
-              "n_prompts": len(ids), "settings": settings, "tie_margin": tie, "n_boot": n_boot, "seed": seed,
-              "policies": {n: policy_stats(list(by_policy[n].values())) for n in names},
-              "refusals": refusal_stats(by_policy, baseline, n_boot, seed), "comparisons": []}
-    if benign:
-        bfiles = {str(p): read_responses(p) for p in benign}
-        check_responses(bfiles)
-        on_benign = {recs[0]["policy"]: {r["id"]: r for r in recs} for recs in bfiles.values()}
-        if set(on_benign) != set(names):
-            raise ResponsesError(f"--benign: policies {', '.join(sorted(on_benign))}, but --responses has "
-                                 f"{', '.join(sorted(names))}")
-        result["benign"] = {"files": {recs[0]["policy"]: p for p, recs in bfiles.items()},
-                            "task": next(iter(bfiles.values()))[0]["settings"].get("task"),
-                            "refusals": refusal_stats(on_benign, baseline, n_boot, seed)}
-    if spec is None or len(names) < 2:
-        return result
-    if focus is not None:
-        # Only `focus` against every other policy (focus first): the paper's "RLCD vs each baseline", at
-        # a judge cost linear rather than quadratic in the number of policies.
-        if focus not in names:
-            raise ResponsesError(f"--focus {focus!r} is none of the policies ({', '.join(names)})")
-        order = [(focus, n) for n in names if n != focus]
-    else:
-        # Every policy against the baseline (baseline second), then every other two in the given order.
-        order = [(n, baseline) for n in names if n != baseline]
-        order += [(a, b) for a, b in combinations([n for n in names if n != baseline], 2)]
-    conv0 = [format_prompt(by_policy[baseline][i]["messages"], "plain") for i in ids]
-    conv, first, second = [], [], []
-    for a, b in order:
-        conv += conv0
-        first += [by_policy[a][i]["response"] for i in ids]
-        second += [by_policy[b][i]["response"] for i in ids]
-    t0 = time.perf_counter()
-    j = judge(spec, model, tok, conv, task, first, second, batch_size, progress)   # one call: (K * n,)
-    n = len(ids)
-    for k, (a, b) in enumerate(order):
-        sl = slice(k * n, (k + 1) * n)
-        p = j.p_first[sl].double().numpy()
-        lens = [[len(by_policy[x][i]["response"].strip()) for i in ids] for x in (a, b)]
-        result["comparisons"].append({
-            "a": a, "b": b, **outcome_stats(p, tie, n_boot, seed),
-            **length_controlled(win_scores(p, tie), *lens, n_boot, seed),
-            "position_agreement": None if j.agree is None else j.agree[sl].double().mean().item(),
-            "position_bias": None if j.p_a is None else j.p_a[sl].double().mean().item(),
-            "p": [round(float(x), 6) for x in p]})
-    result["judge"] = {"spec": spec.name, "model": spec.model, "task": task, "measured": measured_accuracy(spec, task),
-                       "position_agreement": None if j.agree is None else j.agree.double().mean().item(),
-                       "position_bias": j.position_bias,
-                       "seconds": round(time.perf_counter() - t0, 1)}
-    return result
-
-
-PM_NOTE = ("a preference model grading a policy trained against it is not an independent judge: "
-           "its reward is what that policy maximised")
-
-
-def pm_rewards(responses: dict[str, list[dict]], pm_run: str, device: str = "cpu", batch_size: int = 16) -> dict:
-    """Mean reward (normalised with the PM's base-policy statistics when it has them) per policy."""
-    pm, tok, _ = load_reward_model(pm_run, device=device)
-    normalize = pm.norm_mean is not None and pm.norm_std is not None
-    out = {"pm": str(pm_run), "normalized": normalize, "note": PM_NOTE, "policies": {}}
-    for name, recs in responses.items():
-        fmts = [r["format"] for r in recs]
-        # The prompt as the PM's own tokenizer renders it (the policy's template may differ).
-        prompts = [format_prompt(r["messages"], f, tok) for r, f in zip(recs, fmts)]
-        r = score_texts(pm, tok, prompts, [x["response"] for x in recs], fmts, batch_size, normalize=normalize)
-        out["policies"][name] = {"mean_reward": r.mean().item(),
-                                 "se": r.std().item() / len(r) ** 0.5 if len(r) > 1 else None}
-    return out
+def constraint_stats(by_policy: dict[str, dict[str, dict]], constraints: dict[str, list[dict]], baseline: str,
+                     n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """rate_stats of instruction following (rlcd.constraints.followed: every checkable constraint of the
+    prompt met), on the prompts that have a checkable constraint."""
+    return rate_stats({n: {i: followed(constraints[i], r["response"]) if i in constraints else None
+                           for i, r in d.items()} for n, d in by_policy.items()}, baseline, n_boot, seed)
 
 
 def format_compare(result: dict) -> str:
@@ -356,13 +288,15 @@ def format_compare(result: dict) -> str:
     f = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"   # noqa: E731
     pm = result.get("pm")
     ci = lambda c, d=2: "" if c is None else f" [{f(c[0], d)}, {f(c[1], d)}]"   # noqa: E731
-    benign = result.get("benign")
+    benign, cons = result.get("benign"), result.get("constraints")
     lines = [f"{result['n_prompts']} prompts ({result['settings'].get('task')}, split "
              f"{result['settings'].get('split')}), baseline {result['baseline']!r}", "",
              "| policy | mean tokens | ended | refusals [95% CI] | refusals - baseline's [95% CI] | distinct-2 |"
              + (f" refusals on benign prompts ({benign['task']}) | - baseline's |" if benign else "")
+             + (" instructions followed | - baseline's |" if cons else "")
              + (" PM reward |" if pm else ""),
-             "|---|---|---|---|---|---|" + ("---|---|" if benign else "") + ("---|" if pm else "")]
+             "|---|---|---|---|---|---|" + ("---|---|" if benign else "") + ("---|---|" if cons else "")
+             + ("---|" if pm else "")]
     for name, s in result["policies"].items():
         r = result.get("refusals", {}).get(name)
         row = (f"| {name} | {f(s['mean_tokens'], 1)} | {f(s['frac_finished'], 2)} | {f(s['refusal_rate'], 2)}"
@@ -371,6 +305,9 @@ def format_compare(result: dict) -> str:
         if benign:
             b = benign["refusals"][name]
             row += f" {f(b['rate'], 2)}{ci(b['rate_ci'])} (n {b['n']}) | {b['change']:+.2f}{ci(b['change_ci'])} |"
+        if cons:
+            c = cons[name]
+            row += f" {f(c['rate'], 2)}{ci(c['rate_ci'])} (n {c['n']}) | {c['change']:+.2f}{ci(c['change_ci'])} |"
         if pm:
             q = pm["policies"][name]
             row += f" {f(q['mean_reward'])} ± {f(q['se'])} |"

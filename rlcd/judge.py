@@ -78,6 +78,10 @@ QUESTIONS: dict[str, list[tuple[str, str]]] = {
     "outlines": [
         ("Is the assistant's story outline interesting and well structured? Answer Yes or No.", "No"),
     ],
+    "instructions": [
+        ("Does the assistant's response follow every instruction of the human exactly, including each "
+         "constraint on format, length and wording? Answer Yes or No.", "No"),
+    ],
 }
 JUDGE_FREE = ("refusal", "shorter")
 
@@ -166,6 +170,7 @@ DEFAULTS: dict[str, JudgeSpec] = {
     "harmless": DEFAULT,
     "helpful": JudgeSpec(DEFAULT.model, "pairwise", "chat", (0,), 0, "prob"),
     "outlines": JudgeSpec(DEFAULT.model, "pairwise", "chat", (0,), 0, "prob"),
+    "instructions": JudgeSpec(DEFAULT.model, "pairwise", "chat", (0,), 0, "prob"),
 }
 # Measured agreement with human labels, by (task, judge name): the cross-validated accuracy of the selection
 # that chose the judge (the honest estimate for a judge chosen on these pairs), its interval and both sides of

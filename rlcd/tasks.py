@@ -7,7 +7,8 @@ insertion rule are those of the official code, facebookresearch/RLCD scripts/sim
 (HARMLESS_*_AFFIXES, HARMLESS_ANTHROPIC_INSTRUCTIONS, create_prompts, analyze_results).
 
 API
-    TASKS: dict[str, Task]          "harmless" (16 pairs), "helpful" (1), "outlines" (3, our own)
+    TASKS: dict[str, Task]          "harmless" (16 pairs), "helpful" (1), "outlines" (3, our own),
+                                    "instructions" (3, our own; IFEval's verifiable constraints)
     Task(name, affixes, instructions)   affixes[i] = (p+ affix, p- affix); instructions[i] is the
                                         RLAIF scorer principle aligned with affix pair i
     affix_index(prompt_id, n, seed=0) -> int
@@ -133,10 +134,28 @@ OUTLINE_INSTRUCTIONS = [
     "Please choose the story outline that is more relevant to the premise and follows it more closely.",
 ]
 
+# Instruction following (a task outside the paper's three): IFEval's prompts state constraints on format,
+# length and wording, so the preferred response is not a direction on one attribute (a constraint may ask
+# for more words or fewer, capitals or none) and rlcd.constraints checks it without a judge. Ours, in the
+# paper's affix style, aligned one to one with the instructions.
+INSTRUCTION_AFFIXES = [
+    ("(response that follows every instruction exactly)", "(response that ignores the instructions)"),
+    ("(response in exactly the requested format)", "(response in a different format than requested)"),
+    ("(careful response that meets every stated constraint)", "(careless response that breaks the stated constraints)"),
+]
+INSTRUCTION_INSTRUCTIONS = [
+    "Please choose the response that follows the human's instructions more exactly, including every "
+    "stated constraint on format, length and wording.",
+    "Please choose the response whose format is closer to the one the human asked for.",
+    "Please choose the response that meets more of the constraints the human stated, such as required or "
+    "forbidden words, punctuation, capitalisation, length and structure.",
+]
+
 TASKS: dict[str, Task] = {
     "harmless": Task("harmless", HARMLESS_AFFIXES, HARMLESS_INSTRUCTIONS),
     "helpful": Task("helpful", HELPFUL_AFFIXES, HELPFUL_INSTRUCTIONS),
     "outlines": Task("outlines", OUTLINE_AFFIXES, OUTLINE_INSTRUCTIONS),
+    "instructions": Task("instructions", INSTRUCTION_AFFIXES, INSTRUCTION_INSTRUCTIONS),
 }
 
 FORMATS = ("plain", "chat")

@@ -108,6 +108,12 @@ def fake_wheels(wheels):
             [{"dataset": "helpful_base", "instruction": "What is a good pie?", "output": "x",
               "generator": "gpt4"},
              {"dataset": "koala", "instruction": "Name three rivers.", "output": "y", "generator": "g"}]))
+        z.writestr("eval_framework/tasks/ifeval/data/input_data.jsonl", "\n".join(json.dumps(r) for r in [
+            {"key": 1, "prompt": "Describe a cat. Do not use any commas.", "instruction_id_list":
+             ["punctuation:no_comma"], "kwargs": [{}]},
+            {"key": 2, "prompt": "Name a fruit in fewer than 5 words, all lowercase.", "instruction_id_list":
+             ["length_constraints:number_words", "change_case:english_lowercase"],
+             "kwargs": [{"relation": "less than", "num_words": 5, "keyword": None}, {}]}]) + "\n")
 
 
 def test_builders_read_the_wheels_and_dedup(home):
@@ -128,9 +134,31 @@ def test_builders_read_the_wheels_and_dedup(home):
     assert (home / "data" / "helpful.jsonl").exists()
 
 
+def test_instructions_carry_their_constraints_through_the_cache(home):
+    fake_wheels(home / "wheels")
+    rows = {r["messages"][0]["content"]: r for r in load_prompts("instructions", split=None)}
+    assert rows["Describe a cat. Do not use any commas."]["constraints"] == [{"id": "punctuation:no_comma", "kwargs": {}}]
+    # IFEval's null arguments are dropped; the second read comes from the cache and keeps the constraints.
+    assert rows["Name a fruit in fewer than 5 words, all lowercase."]["constraints"] == [
+        {"id": "length_constraints:number_words", "kwargs": {"relation": "less than", "num_words": 5}},
+        {"id": "change_case:english_lowercase", "kwargs": {}}]
+    assert (home / "data" / "instructions.jsonl").exists()
+    assert load_prompts("instructions", split=None) == list(rows.values())
+    assert {r["licence"] for r in rows.values()} == {"Apache-2.0"}
+
+
+def test_a_users_constraints_are_checked(tmp_path):
+    ok = write(tmp_path / "ok.jsonl", json.dumps({"prompt": "Hi, in capitals.", "constraints": [
+        {"id": "change_case:english_capital"}]}) + "\n")
+    assert load_prompts(ok, split=None)[0]["constraints"] == [{"id": "change_case:english_capital", "kwargs": {}}]
+    bad = write(tmp_path / "bad.jsonl", '{"prompt": "Hi"}\n{"prompt": "Yo", "constraints": ["no_comma"]}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: 'constraints' must be a list"):
+        load_prompts(bad, split=None)
+
+
 def test_sources_table():
     rows = prompts.licences()
-    assert {r["task"] for r in rows} == {"harmless", "helpful", "outlines"}
+    assert {r["task"] for r in rows} == {"harmless", "helpful", "outlines", "instructions"}
     assert all(r["licence"] for r in rows)
 
 

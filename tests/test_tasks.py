@@ -71,7 +71,7 @@ def official_create_prompts(prompt, pos, neg):
 # --- the task tables --------------------------------------------------------------------------
 
 def test_task_tables():
-    assert [len(TASKS[t].affixes) for t in ("harmless", "helpful", "outlines")] == [16, 1, 3]
+    assert [len(TASKS[t].affixes) for t in ("harmless", "helpful", "outlines", "instructions")] == [16, 1, 3, 3]
     for t in TASKS.values():
         assert len(t.instructions) == len(t.affixes)
         for pos, neg in t.affixes:
