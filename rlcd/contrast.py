@@ -12,6 +12,9 @@ simulate --method rlcd --split dev; resumable, one file per cell under OUT/), th
                 (docs/SIMULATE.md, bench/refusal_pairs.py).
     refusals    the refusal-phrase rate of o+ and of o- (rlcd.judge.is_refusal): judge-free, and the
                 direction the harmless task wants is o+ above o-.
+    follows     for a task whose prompts carry verifiable constraints (instructions): the share of o+ and of o-
+                that meets every checkable constraint of its prompt (rlcd.constraints), judge-free; the
+                direction the task wants is o+ above o-.
     identical   the fraction of pairs whose o+ and o- are the same text.
     lengths     mean characters of o+ and o-; overlap: the mean word-set Jaccard of o+ and o-.
     surface     the token overlap of p+ and p- (the Jaccard of their token multisets under the simulator's
@@ -38,6 +41,7 @@ from pathlib import Path
 from models import CheckpointError
 from rlcd import judge as judges
 from rlcd.cli import parse_args
+from rlcd.constraints import constraints_of, followed
 from rlcd.designs import DesignError, load_design
 from rlcd.judge import is_refusal
 from rlcd.jsonl import write_json_atomic
@@ -74,15 +78,23 @@ def surface_overlap(tokenizer, a: str, b: str) -> float:
     return sum((ca & cb).values()) / union if union else 1.0
 
 
-def contrast_stats(records: list[dict], tokenizer, surface: bool = True) -> dict:
+def contrast_stats(records: list[dict], tokenizer, surface: bool = True,
+                   constraints: dict[str, list[dict]] | None = None) -> dict:
     """The judge-free measures of one pairs file (rlcd.simulate.pair_stats for identical pairs and word
-    overlap); surface=False (a cross-model row, p+ and p- in two templates) leaves the p+/p- overlap out."""
+    overlap); surface=False (a cross-model row, p+ and p- in two templates) leaves the p+/p- overlap out;
+    `constraints` (prompt id -> its constraints) adds the share of o+ and of o- that follow them."""
     n = len(records)
     if n == 0:
         return {"pairs": 0}
-    mean = lambda xs: sum(xs) / len(xs)                                    # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs) if xs else None                    # noqa: E731
     s = sim.pair_stats(records, tokenizer)
-    return {
+    follows = {}
+    if constraints:
+        checked = [r for r in records if followed(constraints.get(r["id"], []), r["chosen"]) is not None]
+        follows = {"follows_plus": mean([followed(constraints[r["id"]], r["chosen"]) for r in checked]),
+                   "follows_minus": mean([followed(constraints[r["id"]], r["rejected"]) for r in checked]),
+                   "follows_pairs": len(checked)}
+    return {**follows,
         "pairs": n,
         "refusal_plus": mean([is_refusal(r["chosen"]) for r in records]),
         "refusal_minus": mean([is_refusal(r["rejected"]) for r in records]),
@@ -171,12 +183,13 @@ def run(args: Args) -> dict:
             records[label, d.name] = cross_records(records[plus, d.name], records[minus, d.name])
             files[label, d.name] = out / f"{Path(plus).name}--{Path(minus).name}--{d.name}.cross"
     judged = {spec.name: judge_cells(spec, records, files, args, precision) for spec in specs}
+    cons = constraints_of(args.task) if args.prompts is None else None
     rows = []
     for (s, dname), recs in records.items():
         plus, minus = sides[s]
         tok = Tokenizer.from_dir(resolve(plus))                          # a cross row: its o+ simulator's
         rows.append({"simulator": s, "design": dname, "file": str(files[s, dname]), "cross": plus != minus,
-                     **contrast_stats(recs, tok, surface=plus == minus),
+                     **contrast_stats(recs, tok, surface=plus == minus, constraints=cons),
                      "judges": [judged_row(judged[spec.name][s, dname], spec.needs_model and spec.model in (plus, minus))
                                 for spec in specs if judged[spec.name].get((s, dname))]})
     return {"task": args.task, "split": "dev", "precision": precision.name,
@@ -188,16 +201,19 @@ def run(args: Args) -> dict:
 def format_table(result: dict) -> str:
     f = lambda v: "-" if v is None else f"{v:.2f}"                       # noqa: E731
     names = [j["judge"] for j in result["judges"]]
+    follows = any("follows_plus" in r for r in result["rows"])
     lines = ["| simulator | design | pairs | " + "".join(f"{n}: P(o+ better) [95% CI], prefers o+ | " for n in names)
+             + ("follows o+ / o- | " if follows else "")
              + "refusals o+ / o- | identical | chars o+ / o- | word overlap | p+/p- token overlap |",
-             "|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|"]
+             "|---|---|---|" + "---|" * len(names) + ("---|" if follows else "") + "---|---|---|---|---|"]
     for r in result["rows"]:
         by = {j["judge"]: j for j in r["judges"]}
         judged = "".join(f"{f(j['p_plus'])} [{f(j['ci'][0])}, {f(j['ci'][1])}], {f(j['prefers_plus'])}"
                          + (" (self-judged)" if j["self_judged"] else "") + " | " if (j := by.get(n)) else "- | "
                          for n in names)
         lines.append(f"| {r['simulator']} | {r['design']} | {r['pairs']} | {judged}"
-                     f"{f(r.get('refusal_plus'))} / {f(r.get('refusal_minus'))} | "
+                     + (f"{f(r.get('follows_plus'))} / {f(r.get('follows_minus'))} | " if follows else "")
+                     + f"{f(r.get('refusal_plus'))} / {f(r.get('refusal_minus'))} | "
                      f"{f(r.get('identical'))} | {r.get('chars_plus', 0):.0f} / {r.get('chars_minus', 0):.0f} | "
                      f"{f(r.get('word_overlap'))} | {f(r.get('surface_overlap'))} |")
     lines.append(f"task {result['task']}, dev prompts"

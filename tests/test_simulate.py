@@ -514,6 +514,14 @@ def test_contrast_command_on_a_tiny_model(ckpt, tmp_path, monkeypatch, capsys):
     tok = make_tiny_tokenizer()
     assert contrast.surface_overlap(tok, "abab", "abab") == 1.0
     assert contrast.surface_overlap(tok, "aab", "ab") == pytest.approx(2 / 3)
+    # with verifiable constraints, the share of o+ and o- that follow them (pairs with a checkable one only)
+    recs = [{"id": "a", "chosen": "no commas", "rejected": "a, b", "p_plus": "x", "p_minus": "y", "method": "rlcd", "format": "chat", "label": 1.0},
+            {"id": "b", "chosen": "c, d", "rejected": "c, d", "p_plus": "x", "p_minus": "y", "method": "rlcd", "format": "chat", "label": 1.0},
+            {"id": "c", "chosen": "e", "rejected": "f", "p_plus": "x", "p_minus": "y", "method": "rlcd", "format": "chat", "label": 1.0}]
+    no_comma = [{"id": "punctuation:no_comma", "kwargs": {}}]
+    st = contrast.contrast_stats(recs, tok, constraints={"a": no_comma, "b": no_comma})
+    assert (st["follows_plus"], st["follows_minus"], st["follows_pairs"]) == (0.5, 0.0, 2)
+    assert "follows_plus" not in contrast.contrast_stats(recs, tok)
     # a bad design is refused before anything is simulated
     d = cmd.index("--design")
     assert eval_cli.main([*cmd[:d + 1], "nope.json", *cmd[d + 3:]]) == 2
