@@ -1,6 +1,7 @@
 """Every training stage of RLCD, one sub-command each, and the whole pipeline.
 
     python train.py pipeline --task harmless --budget quick --out runs/pipeline-harmless
+    python train.py ablate --task harmless --budget cpu --out runs/ablate-harmless
     python train.py simulate --task harmless --method rlcd --n-prompts 256 --out runs/harmless/pairs-rlcd.jsonl
     python train.py stats --files runs/harmless/pairs-rlcd.jsonl
     python train.py pm  --pairs runs/harmless/pairs-rlcd.jsonl --out runs/harmless/pm-rlcd
@@ -21,6 +22,7 @@ from rlcd import distributed
 
 STAGES = {
     "pipeline": ("rlcd.pipeline", "every stage below plus evaluation and a report, resumable (the main job)"),
+    "ablate": ("rlcd.ablate", "the pipeline, then the RLCD policy remade once per variant (labels, designs), one report"),
     "simulate": ("rlcd.simulate", "simulate preference pairs (rlcd, rlaif, rlcd-rescore, rlcd-logprob)"),
     "stats": ("rlcd.simulate", "summarise a pairs file"),
     "pm": ("rlcd.pm", "train a Bradley-Terry preference model on pairs"),

@@ -16,7 +16,7 @@ API
                                                         one is not, None when none is checkable (IFEval's
                                                         prompt-level accuracy)
     constraints_of(task) -> dict[id, list] | None       the built-in task's constraints by prompt id (None:
-                                                        the task has none)
+                                                        a task not in VERIFIABLE_TASKS)
 """
 from __future__ import annotations
 
@@ -155,11 +155,13 @@ def followed(constraints: list[dict], response: str) -> float | None:
     return float(all(results)) if results else None
 
 
+# The built-in tasks whose prompts carry constraints (rlcd.prompts reads them from the data).
+VERIFIABLE_TASKS = ("instructions",)
+
+
 def constraints_of(task: str) -> dict[str, list[dict]] | None:
-    """{prompt id: its constraints} for a built-in task whose prompts carry them (all splits), else None."""
+    """{prompt id: its constraints} of a built-in task whose prompts carry them (all splits), else None."""
     from rlcd.prompts import load_prompts
-    from rlcd.tasks import TASKS
-    if task not in TASKS:
+    if task not in VERIFIABLE_TASKS:
         return None
-    found = {r["id"]: r["constraints"] for r in load_prompts(task, split=None) if r.get("constraints")}
-    return found or None
+    return {r["id"]: r["constraints"] for r in load_prompts(task, split=None) if r.get("constraints")}

@@ -283,6 +283,96 @@ def constraint_stats(by_policy: dict[str, dict[str, dict]], constraints: dict[st
                            for i, r in d.items()} for n, d in by_policy.items()}, baseline, n_boot, seed)
 
 
+def compare(paths: list[str], model, tok, baseline: str | None = None, spec: JudgeSpec | None = None,
+            tie: float = TIE_MARGIN, n_boot: int = N_BOOT, seed: int = 0, batch_size: int = 8,
+            focus: str | None = None, progress: bool = False, benign: list[str] | None = None) -> dict:
+    """Judge every pair of policies (files written by respond) on their common prompts; see the module
+    docstring. spec is the judge and model/tok its model (spec None: judge-free statistics only); `benign`
+    files (the same policies on benign prompts) add their refusal rates (result["benign"])."""
+    files = {str(p): read_responses(p) for p in paths}
+    ids = check_responses(files)
+    by_policy = {recs[0]["policy"]: {r["id"]: r for r in recs} for recs in files.values()}
+    names = list(by_policy)
+    if baseline is None:
+        baseline = "base" if "base" in names else names[0]
+    if baseline not in names:
+        raise ResponsesError(f"--baseline {baseline!r} is none of the policies ({', '.join(names)})")
+    settings = next(iter(files.values()))[0]["settings"]
+    task = settings.get("task", "harmless")
+    result = {"files": {recs[0]["policy"]: p for p, recs in files.items()}, "baseline": baseline,
+              "n_prompts": len(ids), "settings": settings, "tie_margin": tie, "n_boot": n_boot, "seed": seed,
+              "policies": {n: policy_stats(list(by_policy[n].values())) for n in names},
+              "refusals": refusal_stats(by_policy, baseline, n_boot, seed), "comparisons": []}
+    cons = constraints_of(task)
+    if cons and any(i in cons for i in ids):
+        result["constraints"] = constraint_stats(by_policy, cons, baseline, n_boot, seed)
+    if benign:
+        bfiles = {str(p): read_responses(p) for p in benign}
+        check_responses(bfiles)
+        on_benign = {recs[0]["policy"]: {r["id"]: r for r in recs} for recs in bfiles.values()}
+        if set(on_benign) != set(names):
+            raise ResponsesError(f"--benign: policies {', '.join(sorted(on_benign))}, but --responses has "
+                                 f"{', '.join(sorted(names))}")
+        result["benign"] = {"files": {recs[0]["policy"]: p for p, recs in bfiles.items()},
+                            "task": next(iter(bfiles.values()))[0]["settings"].get("task"),
+                            "refusals": refusal_stats(on_benign, baseline, n_boot, seed)}
+    if spec is None or len(names) < 2:
+        return result
+    if focus is not None:
+        # Only `focus` against every other policy (focus first): the paper's "RLCD vs each baseline", at
+        # a judge cost linear rather than quadratic in the number of policies.
+        if focus not in names:
+            raise ResponsesError(f"--focus {focus!r} is none of the policies ({', '.join(names)})")
+        order = [(focus, n) for n in names if n != focus]
+    else:
+        # Every policy against the baseline (baseline second), then every other two in the given order.
+        order = [(n, baseline) for n in names if n != baseline]
+        order += [(a, b) for a, b in combinations([n for n in names if n != baseline], 2)]
+    conv0 = [format_prompt(by_policy[baseline][i]["messages"], "plain") for i in ids]
+    conv, first, second = [], [], []
+    for a, b in order:
+        conv += conv0
+        first += [by_policy[a][i]["response"] for i in ids]
+        second += [by_policy[b][i]["response"] for i in ids]
+    t0 = time.perf_counter()
+    j = judge(spec, model, tok, conv, task, first, second, batch_size, progress)   # one call: (K * n,)
+    n = len(ids)
+    for k, (a, b) in enumerate(order):
+        sl = slice(k * n, (k + 1) * n)
+        p = j.p_first[sl].double().numpy()
+        lens = [[len(by_policy[x][i]["response"].strip()) for i in ids] for x in (a, b)]
+        result["comparisons"].append({
+            "a": a, "b": b, **outcome_stats(p, tie, n_boot, seed),
+            **length_controlled(win_scores(p, tie), *lens, n_boot, seed),
+            "position_agreement": None if j.agree is None else j.agree[sl].double().mean().item(),
+            "position_bias": None if j.p_a is None else j.p_a[sl].double().mean().item(),
+            "p": [round(float(x), 6) for x in p]})
+    result["judge"] = {"spec": spec.name, "model": spec.model, "task": task, "measured": measured_accuracy(spec, task),
+                       "position_agreement": None if j.agree is None else j.agree.double().mean().item(),
+                       "position_bias": j.position_bias,
+                       "seconds": round(time.perf_counter() - t0, 1)}
+    return result
+
+
+PM_NOTE = ("a preference model grading a policy trained against it is not an independent judge: "
+           "its reward is what that policy maximised")
+
+
+def pm_rewards(responses: dict[str, list[dict]], pm_run: str, device: str = "cpu", batch_size: int = 16) -> dict:
+    """Mean reward (normalised with the PM's base-policy statistics when it has them) per policy."""
+    pm, tok, _ = load_reward_model(pm_run, device=device)
+    normalize = pm.norm_mean is not None and pm.norm_std is not None
+    out = {"pm": str(pm_run), "normalized": normalize, "note": PM_NOTE, "policies": {}}
+    for name, recs in responses.items():
+        fmts = [r["format"] for r in recs]
+        # The prompt as the PM's own tokenizer renders it (the policy's template may differ).
+        prompts = [format_prompt(r["messages"], f, tok) for r, f in zip(recs, fmts)]
+        r = score_texts(pm, tok, prompts, [x["response"] for x in recs], fmts, batch_size, normalize=normalize)
+        out["policies"][name] = {"mean_reward": r.mean().item(),
+                                 "se": r.std().item() / len(r) ** 0.5 if len(r) > 1 else None}
+    return out
+
+
 def format_compare(result: dict) -> str:
     """The stdout table: judge-free statistics, then the win rates with intervals."""
     f = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"   # noqa: E731

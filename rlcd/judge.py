@@ -387,13 +387,17 @@ def length_sides(records: list[dict]) -> np.ndarray:
 
 def length_split(records: list[dict], correct: list[float]) -> dict:
     """Accuracy on the pairs whose chosen response is shorter / longer than the rejected one (characters of
-    the stripped texts; equal lengths in neither). A judge or PM that just prefers brevity (refusals are
+    the stripped texts; equal lengths in neither), each with a 95% interval resampling requests. A judge or PM that just prefers brevity (refusals are
     short) scores high on the first and low on the second."""
     out, sides = {}, length_sides(records).tolist()
+    groups = [request_key(r) for r in records]
     for name, side in (("chosen_shorter", 1), ("chosen_longer", -1)):
         idx = [i for i, s in enumerate(sides) if s == side]
         out[f"n_{name}"] = len(idx)
         out[f"accuracy_{name}"] = sum(correct[i] for i in idx) / len(idx) if idx else None
+        # 95% interval resampling whole requests (pairs of one request are not independent)
+        out[f"accuracy_{name}_ci"] = (cluster_ci([correct[i] for i in idx], [groups[i] for i in idx])
+                                      if idx else None)
     return out
 
 

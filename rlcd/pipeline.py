@@ -89,8 +89,10 @@ BUDGETS: dict[str, dict[str, dict]] = {
         # lr 1e-5 for the top 4 blocks: not tuned (the paper's 1e-6 is for a full fine-tune).
         "dpo": dict(train_layers=4, epochs=1, batch_size=8, micro_batch=8, lr=1e-5, beta=0.1, dev=4, eval_every=0,
                     save_every=0),
-        "ppo": dict(iterations=4, batch_size=8, micro_batch=8, max_new_tokens=48, lr=1e-5, kl_coef=0.02,
-                    train_layers=4, no_stop_score="none", save_every=2, sample_every=0),
+        # One optimiser step per iteration (1 epoch x 1 minibatch), the value network at the policy's rate.
+        "ppo": dict(iterations=4, batch_size=8, ppo_epochs=1, minibatches=1, micro_batch=8, value_lr="none",
+                    max_new_tokens=48, lr=1e-5, kl_coef=0.02, train_layers=4, no_stop_score="none", save_every=2,
+                    sample_every=0),
         "respond": dict(n_prompts=16, max_new_tokens=48, batch_size=16),
         "agreement": dict(batch_size=8),
         "compare": dict(batch_size=8),
@@ -107,13 +109,10 @@ BUDGETS: dict[str, dict[str, dict]] = {
         # A full fine-tune as the SFT baseline's, at the paper's full-fine-tune rate: not tuned here.
         "dpo": dict(train_layers=0, epochs=3, batch_size=32, micro_batch=8, lr=1e-6, beta=0.1, dev=64, eval_every=0,
                     save_every=20),
-        # 2 epochs x 2 minibatches (the paper's) and a value network at 10x the policy's rate: against the
-        # 135M-trunk RLCD PM its explained variance was 0.35 over the last quarter and the PM's normalised
-        # score rose from 0.14 (iterations 1-10) to 1.44 (31-40), 0.35-0.75 in the other runs so set; 1 x 1
-        # with the value network at the policy's rate left it at -0.20 and the score at 0.19
-        # (docs/RESULTS.md, "Does PPO move the policy?").
-        "ppo": dict(iterations=40, batch_size=16, ppo_epochs=2, minibatches=2, micro_batch=8, value_lr=1e-4,
-                    max_new_tokens=64, lr=1e-5, kl_coef=0.02, no_stop_score="none", save_every=5, sample_every=10),
+        # PPO's own defaults (2 epochs x 2 minibatches, the value network at 10x the policy's rate; rlcd/ppo.py
+        # PRESETS says what was measured) over 40 iterations of 16 rollouts.
+        "ppo": dict(iterations=40, batch_size=16, max_new_tokens=64, lr=1e-5, kl_coef=0.02, no_stop_score="none",
+                    save_every=5, sample_every=10),
         "respond": dict(n_prompts=None, max_new_tokens=64, batch_size=16),
         "agreement": dict(batch_size=16),
         "compare": dict(batch_size=8),
@@ -142,7 +141,7 @@ BUDGETS: dict[str, dict[str, dict]] = {
 class Args:
     """RLCD end to end for one task: pairs, preference models, SFT, DPO, PPO, evaluation, report (train.py pipeline)."""
     out: str                                  # run directory; rerun the same command to resume it
-    task: str = "harmless"                    # harmless, helpful or outlines (rlcd.tasks.TASKS)
+    task: str = "harmless"                    # harmless, helpful, outlines or instructions (rlcd.tasks.TASKS)
     budget: str = "quick"                     # quick (minutes on 2 CPU cores), cpu (hours), paper (GPU)
     policy: str = DEFAULT_POLICY              # the model aligned (and, by default, the trunk of the preference models)
     pm_model: str | None = None               # the preference models' trunk (default: the policy; --budget cpu: CPU_PAIRS's for the task); another family's PM scores PPO's rollouts from text
@@ -360,17 +359,30 @@ def run(args: Args) -> Path:
         lines += [f"# {stage}"] + [".venv/bin/python " + shlex.join(a) for a in argvs]
     (out / "commands.sh").write_text("\n".join(lines) + "\n")
 
+    def report() -> None:
+        from rlcd.report import write_report
+        write_report(out, args, list(STAGES), list(POLICIES), judges(args))
+
+    run_stages(out, STAGES, cmds, {"report": report})
+    _log(f"report: {out / 'report.md'}")
+    return out / "report.md"
+
+
+def run_stages(out: Path, stages, cmds: dict[str, list[list[str]]], calls: dict | None = None) -> None:
+    """Run `stages` in order, each either its command lines in `cmds` or a function in `calls`, skipping a
+    stage whose marker OUT/stages/<stage>.json says it finished and writing that marker (its time) when it
+    does: the resumable run loop of train.py pipeline and train.py ablate."""
+    (out / "stages").mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    for stage in STAGES:
+    for stage in stages:
         marker = out / "stages" / f"{stage}.json"
         if marker.is_file():
             _log(f"{stage}: done before ({json.loads(marker.read_text())['seconds']:.0f} s), skipped")
             continue
         _log(f"{stage}: start")
         t0 = time.perf_counter()
-        if stage == "report":
-            from rlcd.report import write_report
-            write_report(out, args, list(STAGES), list(POLICIES), judges(args))
+        if calls and stage in calls:
+            calls[stage]()
         else:
             for argv in cmds[stage]:
                 rc = _run_command(_resumable(argv))
@@ -379,8 +391,7 @@ def run(args: Args) -> Path:
         seconds = time.perf_counter() - t0
         write_json_atomic(marker, {"stage": stage, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
         _log(f"{stage}: done in {seconds:.0f} s")
-    _log(f"all stages done ({time.perf_counter() - t_all:.0f} s in this invocation); report: {out / 'report.md'}")
-    return out / "report.md"
+    _log(f"all stages done ({time.perf_counter() - t_all:.0f} s in this invocation)")
 
 
 def main(argv: list[str] | None = None) -> int:

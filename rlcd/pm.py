@@ -46,7 +46,7 @@ from models.checkpoint import resolve
 from rlcd import distributed, runs
 from rlcd.checkpoints import CKPT_DIRS, RUN_JSON, read_run_meta
 from rlcd.cli import parse_args
-from rlcd.judge import length_split
+from rlcd.judge import cluster_ci, length_split, request_key
 from rlcd.jsonl import write_json_atomic
 from rlcd.pairs import PairsError, in_own_template, read_pairs, resolve_pairs
 from rlcd.precision import resolve as resolve_precision
@@ -283,8 +283,10 @@ def pm_agreement_main(argv: list[str] | None = None) -> int:
     # Per-pair correctness split by whether the chosen response is the shorter or the longer one: a PM
     # that only prefers brevity (refusals are short) shows up there.
     m |= length_split(recs, right)
+    m["accuracy_ci"] = cluster_ci(right, [request_key(r) for r in recs])      # resampling whole requests
     f = lambda v: "-" if v is None else f"{v:.4f}"   # noqa: E731
-    print(f"{args.pm}: {m['n']} pairs  accuracy {m['accuracy']:.4f}  mean P(chosen) {m['p_chosen']:.4f}  "
+    print(f"{args.pm}: {m['n']} pairs  accuracy {m['accuracy']:.4f} [{m['accuracy_ci'][0]:.3f}, "
+          f"{m['accuracy_ci'][1]:.3f}]  mean P(chosen) {m['p_chosen']:.4f}  "
           f"mean margin {m['margin']:.4f}  loss {m['loss']:.4f}" + (f"  ({n_cut} cut to {max_length} tokens)"
                                                                      if n_cut else "")
           + f"\n  chosen shorter: {m['n_chosen_shorter']} pairs, accuracy {f(m['accuracy_chosen_shorter'])}; "

@@ -131,6 +131,9 @@ def _compare_section(out: Path) -> list[str]:
         lines += [f"Refusals on benign prompts: the same policies on the {res['benign']['task']} task's test "
                   "prompts, where each refusal is an over-refusal, a policy declining what it should answer, which "
                   "looks harmless without being aligned.", ""]
+    if "constraints" in res:
+        lines += ["Instructions followed: the share of test prompts whose every checkable constraint the response "
+                  "meets, checked by rule (rlcd/constraints.py, IFEval's instruction types), no judge.", ""]
     return lines + [format_compare(res), ""]
 
 
