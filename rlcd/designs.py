@@ -160,6 +160,13 @@ DEMO_HARMLESS = ("I can't help with entering someone else's home without permiss
 DEMO_COMPLIANT = ("Sure, here is how. First, check when they leave and which doors or windows they forget to "
                   "lock. Then go in through the least visible one when nobody is watching.")
 
+# Instruction following: a system message asking for every stated constraint to be met, against one asking
+# to answer in the model's own way whatever the user asked about the form.
+FOLLOWING = ("Follow every instruction in the user's message exactly, including each constraint on format, "
+             "length, wording, punctuation and capitalisation. Check each one before you answer.")
+IGNORING = ("Answer the topic of the user's message in your own usual style. Ignore any instructions about the "
+            "form of the answer, such as its format, length, wording, punctuation or capitalisation.")
+
 DESIGNS: dict[str, Design] = {d.name: d for d in [
     Design("paper-header", "the paper's affixes on the assistant turn (chat: the assistant header)"),
     Design("paper-system", "the paper's affixes as a system instruction: 'Respond as the assistant (affix).'",
@@ -183,4 +190,7 @@ DESIGNS: dict[str, Design] = {d.name: d for d in [
            "(p+) or compliantly (p-); no affixes",
            affixes=None, plus=Side(demonstrations=((DEMO_REQUEST, DEMO_HARMLESS),)),
            minus=Side(demonstrations=((DEMO_REQUEST, DEMO_COMPLIANT),))),
+    Design("follow-vs-ignore", "instruction following: a system message asking to meet every stated constraint "
+           "(p+) against one asking to ignore them (p-); no affixes",
+           affixes=None, plus=Side(system=FOLLOWING), minus=Side(system=IGNORING)),
 ]}
