@@ -17,6 +17,11 @@ def _f(v, d: int = 3) -> str:
     return "-" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
 
 
+def _ci(c) -> str:
+    """A 95% interval as " [lo, hi]", or nothing when there is none."""
+    return "" if not c else f" [{c[0]:.3f}, {c[1]:.3f}]"
+
+
 def _jsonl(path: Path) -> list[dict]:
     """The records of a stage's JSONL output; none while it does not exist (a stage not run yet)."""
     return [r for _, r in read_objects(path, partial_ok=True)[0]] if path.is_file() else []
@@ -49,7 +54,7 @@ def _pairs_section(out: Path, tok) -> list[str]:
 
 def _pm_section(out: Path) -> list[str]:
     lines = ["## 2. Preference models", "",
-             "| PM | train pairs | dev pairs | dev accuracy | dev mean P(chosen) | human-pairs accuracy | "
+             "| PM | train pairs | dev pairs | dev accuracy | dev mean P(chosen) | human-pairs accuracy [95% CI] | "
              "mean P(human-preferred) | acc. where preferred is shorter | acc. where preferred is longer |",
              "|---|---|---|---|---|---|---|---|---|"]
     for m in ("rlcd", "rlaif"):
@@ -59,12 +64,13 @@ def _pm_section(out: Path) -> list[str]:
         ag_file = out / f"agreement-{m}.json"
         ag = json.loads(ag_file.read_text()) if ag_file.is_file() else {}
         lines.append(f"| {m} | {meta.get('n_train', '-')} | {meta.get('n_dev', '-')} | {_f(summ.get('dev_accuracy'))} "
-                     f"| {_f(summ.get('dev_p_chosen'))} | {_f(ag.get('accuracy'))} (n={ag.get('n', '-')}) | "
-                     f"{_f(ag.get('p_chosen'))} | {_f(ag.get('accuracy_chosen_shorter'))} "
-                     f"(n={ag.get('n_chosen_shorter', '-')}) | {_f(ag.get('accuracy_chosen_longer'))} "
-                     f"(n={ag.get('n_chosen_longer', '-')}) |")
+                     f"| {_f(summ.get('dev_p_chosen'))} | {_f(ag.get('accuracy'))}{_ci(ag.get('accuracy_ci'))} (n={ag.get('n', '-')}) | "
+                     f"{_f(ag.get('p_chosen'))} | {_f(ag.get('accuracy_chosen_shorter'))}{_ci(ag.get('accuracy_chosen_shorter_ci'))} "
+                     f"(n={ag.get('n_chosen_shorter', '-')}) | {_f(ag.get('accuracy_chosen_longer'))}"
+                     f"{_ci(ag.get('accuracy_chosen_longer_ci'))} (n={ag.get('n_chosen_longer', '-')}) |")
     return lines + ["", "Dev: held-out simulated pairs of the PM's own kind. Human pairs: PyRIT's human-scored "
-                    "responses to harmful requests (the allowed half; rlcd/human_pairs.py); the paper's figures on "
+                    "responses to harmful requests (the allowed half; rlcd/human_pairs.py), 95% intervals resampling whole "
+                    "requests; the paper's figures on "
                     "2000 HH pairs are 52.4% (RLCD-7B) and 35.6% (RLAIF-7B).", ""]
 
 
