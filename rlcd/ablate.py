@@ -263,7 +263,8 @@ def format_report(result: dict) -> str:
             f"{f(pm['accuracy'], 3)}{ci(pm.get('accuracy_ci'))} (n {pm['n']}); {f(pm['accuracy_chosen_shorter'])}"
             f"{ci(pm.get('accuracy_chosen_shorter_ci'))} / {f(pm['accuracy_chosen_longer'])}"
             f"{ci(pm.get('accuracy_chosen_longer_ci'))}")
-        lines.append(f"| {r['policy']}{' (' + r['variant'] + ')' if r.get('variant') else ''} | {pairs} | {pmt} | "
+        shown = r.get("variant") if r.get("variant") not in (None, r["policy"]) else None
+        lines.append(f"| {r['policy']}{' (' + shown + ')' if shown else ''} | {pairs} | {pmt} | "
                      f"{win(r['vs_base'])} | {win(r['vs_rlcd'])} | {rate(r['refusals'])} | {rate(r['benign'])} | "
                      + (f"{rate(r['constraints'])} | " if follows else "") + f"{f(r['mean_tokens'], 1)} |")
     lines += ["", "Pairs: judge-free (rlcd.contrast); for cd and dpo the RLCD pairs they were trained on; the mean "
