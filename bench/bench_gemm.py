@@ -1,6 +1,7 @@
 """The decode step's matrix products on CPU: plain F.linear against MKL-packed weights (models/packed.py).
 
     python bench/bench_gemm.py                    # rows 1 2 4 8 16 32 64, the default model's shapes, fp32
+    python bench/bench_gemm.py --bf16 --rows 1 16 32   # bf16 weights: F.linear vs the transposed layout, beside fp32
 
 For each row count (the batch of a decoding step) it times one step's worth of products with the default
 model's shapes: 30 layers x (wqkv 960x576, wo 576x576, w13 3072x576, w2 576x1536) plus the 49152x576
@@ -35,6 +36,32 @@ class Args:
     layers: int = 30                       # layers of distinct weights
     repeats: int = 5                       # timed steps per row count and side (best reported)
     threads: int = 2                       # torch threads (0 = leave as is)
+    bf16: bool = False                     # bf16 weights instead: F.linear and x @ W^T (W^T stored contiguous), beside fp32 F.linear
+
+
+def sides_bf16(weights: list[torch.Tensor], rows: int) -> dict:
+    """One step's products three ways: fp32 F.linear, bf16 F.linear, bf16 against W^T stored (K, N)."""
+    w16 = [w.to(torch.bfloat16) for w in weights]
+    t16 = [w.t().contiguous() for w in w16]
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    x16 = {k: v.to(torch.bfloat16) for k, v in xs.items()}
+    return {"fp32 F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
+            "bf16 F.linear": lambda: [F.linear(x16[w.shape[1]], w) for w in w16],
+            "bf16 x @ W^T": lambda: [x16[t.shape[0]] @ t for t in t16]}
+
+
+def timed(sides: dict, repeats: int) -> dict:
+    """The best of `repeats` interleaved runs of each side, after one warm-up each."""
+    best = {}
+    with torch.no_grad():
+        for fn in sides.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in sides.items():
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+    return best
 
 
 def main() -> None:
@@ -46,6 +73,16 @@ def main() -> None:
     torch.manual_seed(0)
     weights = [torch.randn(n, k) for _ in range(a.layers) for n, k in LAYER_SHAPES] + [torch.randn(*HEAD_SHAPE)]
     flop = 2 * sum(w.numel() for w in weights)                       # per row
+    if a.bf16:
+        params = sum(w.numel() for w in weights)
+        print(f"# {datetime.date.today()}  {cpu_name()}  threads={torch.get_num_threads()}  torch {torch.__version__}  "
+              f"{a.layers} layers + head: ms per step (GFLOP/s, GB/s of weights read)")
+        for rows in a.rows:
+            best = timed(sides_bf16(weights, rows), a.repeats)
+            print(f"rows {rows:>3}: " + "  ".join(
+                f"{k} {v * 1e3:.1f} ms ({flop * rows / v / 1e9:.0f}, {params * (4 if k.startswith('fp32') else 2) / v / 1e9:.1f})"
+                for k, v in best.items()), flush=True)
+        return
     print(f"# {datetime.date.today()}  {cpu_name()}  packing pays here: {pk.PAYS}  "
           f"threads={torch.get_num_threads()}  torch {torch.__version__}  fp32, {a.layers} layers + head")
     print(f"{'rows':>4} {'plain ms':>9} {'packed ms':>10} {'speed-up':>8} {'plain GF/s':>10} {'packed GF/s':>11}")

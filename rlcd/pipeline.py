@@ -75,7 +75,11 @@ BENIGN = {"harmless": "helpful"}
 # DEFAULT_DESIGN, and is the trunk. On the same 512 harmless pairs a PM on the policy's 135M trunk agrees
 # with 0.731 of the human pairs and one on Qwen2.5-Coder-0.5B with 0.744 (docs/RESULTS.md): no reason yet
 # to pay for the larger trunk.
-CPU_PAIRS = {"harmless": dict(simulator="qwen2.5-coder-1.5b-instruct", design="explain-vs-prefill")}
+# Instructions: on 50 dev prompts, o+ of Qwen2.5-Coder-1.5B under the paper-style header affixes meets every
+# checkable constraint in 0.33 of pairs and o- in 0.18 (paired difference 0.14 [0.02, 0.27]); the system
+# carrier, the follow-vs-ignore design and the 135M model give no difference (docs/SIMULATE.md).
+CPU_PAIRS = {"harmless": dict(simulator="qwen2.5-coder-1.5b-instruct", design="explain-vs-prefill"),
+             "instructions": dict(simulator="qwen2.5-coder-1.5b-instruct", design="paper-header")}
 
 # Settings per budget. Each stage's flags; anything not listed is that command's default.
 BUDGETS: dict[str, dict[str, dict]] = {
