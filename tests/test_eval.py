@@ -257,6 +257,24 @@ def test_compare_refusal_changes_and_over_refusal(tmp_path, monkeypatch):
         ev.compare([str(f) for f in files], None, make_tiny_tokenizer(), benign=[str(bfiles[0])])
 
 
+def test_compare_reports_instruction_following_on_the_instructions_task(tmp_path, monkeypatch):
+    from rlcd import constraints
+    cons = {"p0": [{"id": "punctuation:no_comma", "kwargs": {}}],
+            "p1": [{"id": "change_case:english_lowercase", "kwargs": {}}],
+            "p2": [{"id": "language:response_language", "kwargs": {"language": "de"}}]}      # not checkable
+    monkeypatch.setattr(ev, "constraints_of", lambda task: cons if task in constraints.VERIFIABLE_TASKS else None)
+    st = {**SETTINGS, "task": "instructions"}
+    files = [write_responses(tmp_path / "base.jsonl", "base", ["a, b", "Upper", "x"], settings=st),
+             write_responses(tmp_path / "rlcd.jsonl", "rlcd", ["a b", "lower", "x"], settings=st)]
+    res = ev.compare([str(f) for f in files], None, make_tiny_tokenizer(), n_boot=200)
+    c = res["constraints"]
+    assert c["base"]["n"] == 2 and c["base"]["rate"] == 0.0 and c["rlcd"]["rate"] == 1.0 and c["rlcd"]["change"] == 1.0
+    assert "instructions followed" in ev.format_compare(res)
+    # another task, or prompts that carry none of the constraints: no such measure
+    files = [write_responses(tmp_path / f"{k}-h.jsonl", k, ["a, b"] * 3) for k in ("base", "rlcd")]
+    assert "constraints" not in ev.compare([str(f) for f in files], None, make_tiny_tokenizer(), n_boot=200)
+
+
 def test_length_controlled_win_rate():
     rng = np.random.default_rng(0)
     n = 4000
