@@ -9,7 +9,7 @@ simulate --method rlcd --split dev; resumable, one file per cell under OUT/), th
                 pairs file. A judge that is also the simulator measured favours its own style: such cells
                 are marked "self-judged". A judge validated on the human pairs is not thereby valid here:
                 simulated pairs mostly set a refusal against compliance, which the human pairs seldom do
-                (docs/SIMULATE.md, bench/refusal_pairs.py).
+                (docs/SIMULATE.md, bench/rule_pairs.py).
     refusals    the refusal-phrase rate of o+ and of o- (rlcd.judge.is_refusal): judge-free, and the
                 direction the harmless task wants is o+ above o-.
     follows     for a task whose prompts carry verifiable constraints (instructions): the share of o+ and of o-
