@@ -30,7 +30,7 @@ restored bit for bit), the evaluation stages recompute. So the same command afte
 finishes the job with nothing repeated that was complete and nothing lost.
 
 Budgets (--budget): `quick` is what `make run` runs, a smoke run of every stage (minutes on 2 cores once the
-models are converted: README.md has the measured figure); `cpu` is a run of hours on such a machine,
+models are converted: README.md has the measured figure); `cpu` is a run of about two hours on such a machine,
 harmlessness pairs from Qwen2.5-Coder-1.5B (CPU_PAIRS); `paper` is the paper's settings
 (arXiv 2307.12950, Appendix) for a GPU.
 
@@ -101,7 +101,8 @@ BUDGETS: dict[str, dict[str, dict]] = {
         "agreement": dict(batch_size=8),
         "compare": dict(batch_size=8),
     },
-    # Hours on the same machine: close to the measured runs (docs/RESULTS.md, docs/PM.md, docs/PPO.md).
+    # About two hours on the same machine (126 min, Intel Xeon with AMX, bf16: pairs 33, PMs 10, SFT and DPO
+    # 25, PPO 45, evaluation 14; docs/RESULTS.md), close to the measured runs (docs/PM.md, docs/PPO.md).
     "cpu": {
         # 384 prompts: Qwen2.5-Coder-1.5B simulates about 27 pairs a minute on 2 cores in bf16 (Intel Xeon
         # with AMX), so the RLCD and RLAIF pairs take about half an hour between them.
