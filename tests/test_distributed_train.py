@@ -196,12 +196,14 @@ def ppo_argv(setup, out, *extra):
     # between 1 and 2 ranks under SSE4.2 kernels, and AdamW's first step moves it by lr times that sign
     # (see WEIGHT_ATOL). --whiten-rewards keeps the regime it was written for: without it every return is
     # exactly -1, the advantages are the value head's tiny spread whitened to unit variance, and the policy
-    # loss (zero but for rounding) differs between 1 and 2 ranks by more than its tolerance.
+    # loss (zero but for rounding) differs between 1 and 2 ranks by more than its tolerance. One epoch of one
+    # minibatch with one learning rate: with several minibatches each world size shuffles its own rollouts
+    # into them, so the runs are equal in distribution only.
     policy, pm, prompts = setup
     return ["--policy", str(policy), "--pm", str(pm), "--prompts", str(prompts), "--out", str(out),
             "--batch-size", "8", "--max-new-tokens", "6", "--iterations", "2", "--lr", str(LR), "--warmup", "0",
             "--kl-target", "1.0", "--sample-every", "0", "--no-stop-score", "-1", "--whiten-rewards",
-            *map(str, extra)]
+            "--ppo-epochs", "1", "--minibatches", "1", "--value-lr", "none", *map(str, extra)]
 
 
 # (value network, micro-batch, sharding): the default path (old log-probs and values from the update's
