@@ -50,8 +50,11 @@ def tiny_prompts(tok, n, seed=0):
 
 def tiny_run(value_model, **overrides):
     tok = make_tiny_tokenizer()
+    # One epoch of one minibatch, one learning rate: the regime these tests were written for (a test that
+    # wants several epochs or minibatches says so).
     settings = dict(batch_size=16, micro_batch=8, max_new_tokens=12, lr=1e-4, iterations=30, warmup=0,
-                    normalize_reward=False, no_stop_score=None, kl_coef=0.01, value_model=value_model)
+                    normalize_reward=False, no_stop_score=None, kl_coef=0.01, value_model=value_model,
+                    ppo_epochs=1, minibatches=1, value_lr=None)
     args = ppo_mod.Args(out="unused", pm="unused", **(settings | overrides))
     policy = make_tiny_model(0)
     value_net = RewardModel(make_tiny_model(1)) if value_model == "separate" else None
@@ -195,7 +198,8 @@ def test_presets_put_their_flags_first():
     assert (paper.batch_size, paper.ppo_epochs, paper.minibatches, paper.max_new_tokens, paper.lr) == (512, 2, 2, 300, 1e-5)
     assert paper.kl_clamp and paper.whiten_rewards and paper.value_model == "separate"
     default = ppo_mod.parse_args(ppo_mod.Args, ["--out", "o", "--pm", "p"])
-    assert (default.batch_size, default.max_new_tokens, default.ppo_epochs, default.minibatches) == (16, 64, 1, 1)
+    assert (default.batch_size, default.max_new_tokens, default.ppo_epochs, default.minibatches) == (16, 64, 2, 2)
+    assert default.value_lr == 1e-4 and paper.value_lr is None                # paper: one rate for both
 
 
 # --- the command line ------------------------------------------------------------------------------------------
