@@ -39,13 +39,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rlcd import pipeline
-from rlcd.cli import argv_of, parse_args
+from rlcd.cli import argv_of
 from rlcd.jsonl import read_objects, write_atomic, write_json_atomic
 
 # The variants run when --variants is not given. Harmless: both soft labels and, beside the cpu budget's
@@ -147,11 +146,7 @@ def run(args: Args) -> Path:
     cmds = plan(dataclasses.replace(args, variants=specs), pipeline.plan(pargs))
     pipeline.check_plan(cmds)                           # every stage's flags, before any work
     pipeline.run(pargs)
-    lines = ["#!/usr/bin/env bash", "# The commands train.py ablate runs after the pipeline's (pipeline/commands.sh), "
-             "in order (each resumes when rerun).", "set -euo pipefail"]
-    for stage, argvs in cmds.items():
-        lines += [f"# {stage}"] + [".venv/bin/python " + shlex.join(map(str, a)) for a in argvs]
-    (out / "commands.sh").write_text("\n".join(lines) + "\n")
+    pipeline.write_commands(out / "commands.sh", cmds, "train.py ablate after the pipeline's (pipeline/commands.sh)")
     pipeline.run_stages(out, list(cmds), cmds)
     report = write_report(out, pargs, specs)
     print(f"[ablate] report: {report}", file=sys.stderr)
@@ -189,7 +184,8 @@ def pair_contrast(path: Path, simulator: str, task: str) -> dict | None:
     recs = [r for _, r in read_objects(path)[0]]
     if not recs:
         return None
-    stats = contrast_stats(recs, Tokenizer.from_dir(resolve(simulator)), surface=all(isinstance(r.get("p_plus"), str) for r in recs),
+    surface = all(isinstance(r.get("p_plus"), str) for r in recs)          # RLAIF pairs have no p+ / p-
+    stats = contrast_stats(recs, Tokenizer.from_dir(resolve(simulator)), surface=surface,
                            constraints=constraints_of(task))
     return stats | {"mean_label": sum(float(r["label"]) for r in recs) / len(recs)}
 
@@ -275,11 +271,4 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(Args, argv, prog="train.py ablate", description=Args.__doc__)
-    try:
-        report = run(args)
-    except (ValueError, RuntimeError) as e:
-        print(f"train.py ablate: {e}", file=sys.stderr)
-        return 2
-    print(report)
-    return 0
+    return pipeline.entry(argv, Args, run, "train.py ablate")

@@ -90,10 +90,11 @@ def contrast_stats(records: list[dict], tokenizer, surface: bool = True,
     s = sim.pair_stats(records, tokenizer)
     follows = {}
     if constraints:
-        checked = [r for r in records if followed(constraints.get(r["id"], []), r["chosen"]) is not None]
-        follows = {"follows_plus": mean([followed(constraints[r["id"]], r["chosen"]) for r in checked]),
-                   "follows_minus": mean([followed(constraints[r["id"]], r["rejected"]) for r in checked]),
-                   "follows_pairs": len(checked)}
+        both = [(followed(c, r["chosen"]), followed(c, r["rejected"]))
+                for r in records if (c := constraints.get(r["id"]))]
+        both = [b for b in both if b[0] is not None]          # None: no checkable constraint (both sides alike)
+        follows = {"follows_plus": mean([p for p, _ in both]), "follows_minus": mean([m for _, m in both]),
+                   "follows_pairs": len(both)}
     return {**follows,
         "pairs": n,
         "refusal_plus": mean([is_refusal(r["chosen"]) for r in records]),

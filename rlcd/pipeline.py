@@ -358,11 +358,7 @@ def run(args: Args) -> Path:
     (out / "stages").mkdir(exist_ok=True)
     if not config.is_file():
         write_json_atomic(config, {k: v for k, v in asdict(args).items() if k != "progress"})
-    lines = ["#!/usr/bin/env bash", "# The commands train.py pipeline runs, in order (each resumes when rerun).",
-             "set -euo pipefail"]
-    for stage, argvs in cmds.items():
-        lines += [f"# {stage}"] + [".venv/bin/python " + shlex.join(a) for a in argvs]
-    (out / "commands.sh").write_text("\n".join(lines) + "\n")
+    write_commands(out / "commands.sh", cmds, "train.py pipeline")
 
     def report() -> None:
         from rlcd.report import write_report
@@ -371,6 +367,15 @@ def run(args: Args) -> Path:
     run_stages(out, STAGES, cmds, {"report": report})
     _log(f"report: {out / 'report.md'}")
     return out / "report.md"
+
+
+def write_commands(path: Path, cmds: dict[str, list[list[str]]], who: str) -> None:
+    """The stages' command lines as a bash script, in order, one comment line per stage."""
+    lines = ["#!/usr/bin/env bash", f"# The commands {who} runs, in order (each resumes when rerun).",
+             "set -euo pipefail"]
+    for stage, argvs in cmds.items():
+        lines += [f"# {stage}"] + [".venv/bin/python " + shlex.join(map(str, a)) for a in argvs]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def run_stages(out: Path, stages, cmds: dict[str, list[list[str]]], calls: dict | None = None) -> None:
@@ -399,18 +404,24 @@ def run_stages(out: Path, stages, cmds: dict[str, list[list[str]]], calls: dict 
     _log(f"all stages done ({time.perf_counter() - t_all:.0f} s in this invocation)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(Args, argv, prog="train.py pipeline", description=Args.__doc__)
+def entry(argv: list[str] | None, cls, run_fn, prog: str) -> int:
+    """The command line of a job that runs stages in this process (train.py pipeline, train.py ablate): parse,
+    refuse torchrun, run, print the report's path; a bad setting or a failed stage is one line and exit 2."""
+    args = parse_args(cls, argv, prog=prog, description=cls.__doc__)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Every rank would run every stage, the judge and the report on its own: refuse instead.
-        print("train.py pipeline: not under torchrun (it runs the stages and the evaluation in one process); "
+        print(f"{prog}: not under torchrun (it runs the stages and the evaluation in one process); "
               "run its stages one by one under torchrun (train.py simulate, pm, sft, ppo; eval.py respond), "
               "see docs/SCALING.md", file=sys.stderr)
         return 2
     try:
-        report = run(args)
+        report = run_fn(args)
     except (ValueError, RuntimeError) as e:
-        print(f"train.py pipeline: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     print(report)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return entry(argv, Args, run, "train.py pipeline")

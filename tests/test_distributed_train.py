@@ -225,9 +225,10 @@ def test_ppo_at_world_two_equals_world_one(ppo_setup, tmp_path, monkeypatch, val
     assert meta[1]["value"] == pytest.approx(meta[0]["value"], rel=1e-6)
 
 
-def test_pipeline_refuses_to_run_under_torchrun(monkeypatch, capsys):
+def test_pipeline_and_ablate_refuse_to_run_under_torchrun(monkeypatch, capsys):
     import train
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert train.main(["pipeline", "--task", "harmless", "--out", "unused"]) == 2
-    assert "not under torchrun" in capsys.readouterr().err
+    for job in ("pipeline", "ablate"):
+        assert train.main([job, "--task", "harmless", "--out", "unused"]) == 2
+        assert f"train.py {job}: not under torchrun" in capsys.readouterr().err
