@@ -399,8 +399,8 @@ def length_sides(records: list[dict]) -> np.ndarray:
 
 def length_split(records: list[dict], correct: list[float]) -> dict:
     """Accuracy on the pairs whose chosen response is shorter / longer than the rejected one (characters of
-    the stripped texts; equal lengths in neither), each with a 95% interval resampling requests. A judge or PM that just prefers brevity (refusals are
-    short) scores high on the first and low on the second."""
+    the stripped texts; equal lengths in neither), each with a 95% interval resampling requests. A judge or PM
+    that just prefers brevity (refusals are short) scores high on the first and low on the second."""
     out, sides = {}, length_sides(records).tolist()
     groups = [request_key(r) for r in records]
     for name, side in (("chosen_shorter", 1), ("chosen_longer", -1)):
