@@ -101,8 +101,9 @@ BUDGETS: dict[str, dict[str, dict]] = {
         "agreement": dict(batch_size=8),
         "compare": dict(batch_size=8),
     },
-    # About an hour and a half on 2 cores (Intel Xeon with AMX, bf16; docs/RESULTS.md has the measured run),
-    # close to the measured stage-by-stage runs (docs/PM.md, docs/PPO.md).
+    # About an hour and a half on 2 cores (Intel Xeon with AMX, bf16: 85 min with PPO on the top 8 blocks;
+    # ~89 composed from stage times with the full PPO below; docs/RESULTS.md), close to the measured
+    # stage-by-stage runs (docs/PM.md, docs/PPO.md).
     "cpu": {
         # 384 prompts: Qwen2.5-Coder-1.5B simulates about 27 pairs a minute on 2 cores in bf16 (Intel Xeon
         # with AMX), so the RLCD and RLAIF pairs take about half an hour between them.
