@@ -155,6 +155,21 @@ def followed(constraints: list[dict], response: str) -> float | None:
     return float(all(results)) if results else None
 
 
+def pair_rule_stats(records: list[dict], constraints: dict[str, list[dict]]) -> dict:
+    """How a pairs file's labels stand against the rule, over the pairs whose prompt has a checkable
+    constraint: the share of chosen and of rejected responses that follow; of the pairs the rule separates
+    (exactly one side follows) and the label orders (not 0.5), how many, and the share where the label
+    prefers the side that follows."""
+    both = [(followed(c, r["chosen"]), followed(c, r["rejected"]), float(r["label"]))
+            for r in records if (c := constraints.get(r["id"]))]
+    both = [b for b in both if b[0] is not None]
+    split = [(a > b) == (y > 0.5) for a, b, y in both if a != b and y != 0.5]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None                    # noqa: E731
+    return {"checked": len(both), "follows_chosen": mean([a for a, _, _ in both]),
+            "follows_rejected": mean([b for _, b, _ in both]), "separated": len(split),
+            "label_agrees": mean([float(x) for x in split])}
+
+
 # The built-in tasks whose prompts carry constraints (rlcd.prompts reads them from the data).
 VERIFIABLE_TASKS = ("instructions",)
 

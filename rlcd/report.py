@@ -41,6 +41,7 @@ def _pairs_section(out: Path, tok) -> list[str]:
         lines.append(f"| {m} | {s['pairs']} | {_f(s['mean_tokens_chosen'], 1)} | {_f(s['mean_tokens_rejected'], 1)} "
                      f"| {_f(s['frac_identical'], 2)} | {_f(s['mean_word_overlap'], 2)} | {_f(s['frac_ended'], 2)} "
                      f"| {_f(s['mean_label'])} |")
+    lines += _pairs_rule_lines(out)
     rlaif = _jsonl(out / "pairs-rlaif.jsonl")[:1]
     judge = rlaif[0]["settings"].get("judge") if rlaif else None
     if judge in (None, "self"):
@@ -50,6 +51,28 @@ def _pairs_section(out: Path, tok) -> list[str]:
         task = rlaif[0].get("task", "harmless")
         how = f"P(better) by the judge `{judge}`; {describe_accuracy(measured_accuracy(JudgeSpec.parse(judge), task))}"
     return lines + ["", f"RLCD labels are 1 by construction (o+ preferred); RLAIF labels are {how}.", ""]
+
+
+def _pairs_rule_lines(out: Path) -> list[str]:
+    """For a task whose prompts carry checkable constraints: each pairs file's labels against the rule."""
+    from rlcd.constraints import constraints_of, pair_rule_stats
+
+    files = {m: _jsonl(out / f"pairs-{m}.jsonl") for m in ("rlcd", "rlaif")}
+    task = next((recs[0].get("task") for recs in files.values() if recs), None)
+    cons = constraints_of(task) if task else None
+    if not cons:
+        return []
+    lines = ["", "Checked by rule (rlcd/constraints.py): the share of chosen / rejected responses that meet every "
+             "checkable constraint of their prompt, and, over the pairs where exactly one side does, how often the "
+             "label prefers it.", "",
+             "| method | pairs checked | follows, chosen / rejected | pairs the rule separates | label agrees with the rule |",
+             "|---|---|---|---|---|"]
+    for m, recs in files.items():
+        if recs:
+            s = pair_rule_stats(recs, cons)
+            lines.append(f"| {m} | {s['checked']} | {_f(s['follows_chosen'], 3)} / {_f(s['follows_rejected'], 3)} "
+                         f"| {s['separated']} | {_f(s['label_agrees'], 3)} |")
+    return lines
 
 
 def _pm_section(out: Path) -> list[str]:

@@ -73,3 +73,16 @@ def test_compare_reports_instruction_following_against_the_baseline(monkeypatch)
     assert s["base"]["n"] == 2 and s["base"]["rate"] == 0.5 and s["rlcd"]["rate"] == 1.0
     assert s["rlcd"]["change"] == 0.5 and s["base"]["change"] == 0.0
     assert constraints.constraints_of("no-such-task") is None
+
+
+def test_pair_rule_stats_orders_each_label_against_the_rule():
+    from rlcd.constraints import pair_rule_stats
+    no_comma = [c("punctuation:no_comma")]
+    cons = {"a": no_comma, "b": no_comma, "c": no_comma, "d": [c("language:response_language")]}
+    recs = [{"id": "a", "chosen": "x y", "rejected": "x, y", "label": 1.0},     # separated, label agrees
+            {"id": "b", "chosen": "x y", "rejected": "x, y", "label": 0.2},     # separated, label disagrees
+            {"id": "c", "chosen": "x y", "rejected": "x y", "label": 1.0},      # both follow: not separated
+            {"id": "d", "chosen": "x, y", "rejected": "x y", "label": 1.0},     # nothing checkable
+            {"id": "e", "chosen": "x, y", "rejected": "x y", "label": 1.0}]     # no constraints
+    s = pair_rule_stats(recs, cons)
+    assert s == {"checked": 3, "follows_chosen": 1.0, "follows_rejected": 1 / 3, "separated": 2, "label_agrees": 0.5}
