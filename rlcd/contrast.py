@@ -41,7 +41,7 @@ from pathlib import Path
 from models import CheckpointError
 from rlcd import judge as judges
 from rlcd.cli import parse_args
-from rlcd.constraints import constraints_of, followed
+from rlcd.constraints import constraints_of, pair_rule_stats
 from rlcd.designs import DesignError, load_design
 from rlcd.judge import is_refusal
 from rlcd.jsonl import write_json_atomic
@@ -90,11 +90,9 @@ def contrast_stats(records: list[dict], tokenizer, surface: bool = True,
     s = sim.pair_stats(records, tokenizer)
     follows = {}
     if constraints:
-        both = [(followed(c, r["chosen"]), followed(c, r["rejected"]))
-                for r in records if (c := constraints.get(r["id"]))]
-        both = [b for b in both if b[0] is not None]          # None: no checkable constraint (both sides alike)
-        follows = {"follows_plus": mean([p for p, _ in both]), "follows_minus": mean([m for _, m in both]),
-                   "follows_pairs": len(both)}
+        rule = pair_rule_stats(records, constraints)
+        follows = {"follows_plus": rule["follows_chosen"], "follows_minus": rule["follows_rejected"],
+                   "follows_pairs": rule["checked"]}
     return {**follows,
         "pairs": n,
         "refusal_plus": mean([is_refusal(r["chosen"]) for r in records]),

@@ -30,8 +30,8 @@ restored bit for bit), the evaluation stages recompute. So the same command afte
 finishes the job with nothing repeated that was complete and nothing lost.
 
 Budgets (--budget): `quick` is what `make run` runs, a smoke run of every stage (minutes on 2 cores once the
-models are converted: README.md has the measured figure); `cpu` is a run of about two hours on such a machine,
-harmlessness pairs from Qwen2.5-Coder-1.5B (CPU_PAIRS); `paper` is the paper's settings
+models are converted: README.md has the measured figure); `cpu` is a run of about an hour and a half on such
+a machine, harmlessness pairs from Qwen2.5-Coder-1.5B (CPU_PAIRS); `paper` is the paper's settings
 (arXiv 2307.12950, Appendix) for a GPU.
 
 Roles. The policy is aligned and, unless --pm-model names another model, is the preference models' trunk

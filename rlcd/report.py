@@ -33,16 +33,16 @@ def _pairs_section(out: Path, tok) -> list[str]:
     lines = ["## 1. Simulated pairs", "",
              "| method | pairs | mean tokens chosen | mean tokens rejected | identical | word overlap | "
              "ended | mean label |", "|---|---|---|---|---|---|---|---|"]
-    for m in ("rlcd", "rlaif"):
-        recs = _jsonl(out / f"pairs-{m}.jsonl")
+    files = {m: _jsonl(out / f"pairs-{m}.jsonl") for m in ("rlcd", "rlaif")}
+    for m, recs in files.items():
         if not recs:
             continue
         s = pair_stats(recs, tok)
         lines.append(f"| {m} | {s['pairs']} | {_f(s['mean_tokens_chosen'], 1)} | {_f(s['mean_tokens_rejected'], 1)} "
                      f"| {_f(s['frac_identical'], 2)} | {_f(s['mean_word_overlap'], 2)} | {_f(s['frac_ended'], 2)} "
                      f"| {_f(s['mean_label'])} |")
-    lines += _pairs_rule_lines(out)
-    rlaif = _jsonl(out / "pairs-rlaif.jsonl")[:1]
+    lines += _pairs_rule_lines(files)
+    rlaif = files["rlaif"][:1]
     judge = rlaif[0]["settings"].get("judge") if rlaif else None
     if judge in (None, "self"):
         how = "the simulator's own P(better) as a scorer (the paper's RLAIF)"
@@ -53,11 +53,11 @@ def _pairs_section(out: Path, tok) -> list[str]:
     return lines + ["", f"RLCD labels are 1 by construction (o+ preferred); RLAIF labels are {how}.", ""]
 
 
-def _pairs_rule_lines(out: Path) -> list[str]:
-    """For a task whose prompts carry checkable constraints: each pairs file's labels against the rule."""
+def _pairs_rule_lines(files: dict[str, list[dict]]) -> list[str]:
+    """For a task whose prompts carry checkable constraints: each pairs file's labels (method -> records)
+    against the rule."""
     from rlcd.constraints import constraints_of, pair_rule_stats
 
-    files = {m: _jsonl(out / f"pairs-{m}.jsonl") for m in ("rlcd", "rlaif")}
     task = next((recs[0].get("task") for recs in files.values() if recs), None)
     cons = constraints_of(task) if task else None
     if not cons:
