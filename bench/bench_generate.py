@@ -5,8 +5,9 @@
     python bench/bench_generate.py --hf                  # also time transformers' generate (scratch env)
 
 Each row generates exactly --new-tokens tokens (stop tokens disabled) after a ~40-token chat prompt,
-greedy, and reports decode tokens/s = batch * new tokens / wall time of the whole generate call
-(prefill included, as a user sees it). One warm-up call per batch size and contender is excluded;
+greedy unless --temperature says otherwise (the pipeline samples at 0.7 with --top-p 0.9), and reports
+decode tokens/s = batch * new tokens / wall time of the whole generate call (prefill included, as a
+user sees it). One warm-up call per batch size and contender is excluded;
 the timed calls alternate between contenders and the best of --repeats is reported. --random uses
 random weights of the default model's shape (for a GPU machine, where the real weights cannot travel).
 --hf runs Hugging Face transformers' `generate` on the same checkpoint directory with the same
@@ -43,6 +44,8 @@ class Args:
     precision: str = "auto"                # auto, fp32 or bf16 (rlcd.precision): the weights' dtype, transformers' too
     batches: list[int] = field(default_factory=lambda: [1, 8, 32])  # batch sizes to time
     new_tokens: int = 64                   # tokens generated per row
+    temperature: float = 0.0               # 0: greedy; else sampled (the pipeline samples at 0.7, top-p 0.9)
+    top_p: float = 1.0                     # nucleus of the sampled rows (1.0 disables)
     repeats: int = 3                       # timed calls per batch size and contender (best reported)
     random: bool = False                   # random weights of the default model's shape
     hf: bool = False                       # also time transformers' generate
@@ -91,10 +94,11 @@ def main() -> None:
     else:
         model, tok = load_model(args.model, device=args.device, dtype=dtype, attn_impl=args.attn_impl)
         prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p)
     name = describe(args.device)
     print(f"# {datetime.date.today()}  device={name}  threads={torch.get_num_threads()}  precision={prec.describe()}"
-          f"  prompt={len(prompt_ids)} tokens  new={args.new_tokens}  attn={args.attn_impl}"
+          f"  prompt={len(prompt_ids)} tokens  new={args.new_tokens}  temperature={args.temperature}  top_p={args.top_p}"
+          f"  attn={args.attn_impl}"
           f"  weights={'random' if args.random else args.model}")
     hf = None
     if args.hf:
@@ -116,7 +120,9 @@ def main() -> None:
             fns["compiled"] = lambda: generate(model, prompts, params, stop_ids=[], pad_id=0, compile=True)
         if hf is not None:
             ids = torch.tensor(prompts, device=args.device)
-            kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+            sampled = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 \
+                else dict(do_sample=False)
+            kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **sampled,
                       attention_mask=torch.ones_like(ids), pad_token_id=0)
             fns["hf"] = torch.no_grad()(lambda: hf.generate(ids, **kw))
         t = timed(fns, args.device, args.repeats)

@@ -59,6 +59,10 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Ten
     return ids.to(device), start.to(device)
 
 
+# Candidates tried before a full sort of the vocabulary in the nucleus (top-p) filter.
+NUCLEUS_CANDIDATES = 256
+
+
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Set to -inf every logit outside the top-k and outside the smallest set whose probability
     reaches top_p (the nucleus). logits: (B, V) fp32, already divided by the temperature."""
@@ -66,14 +70,27 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]             # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)   # (B, V)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked before it already reach top_p; the first always stays.
-        before = probs.cumsum(dim=-1) - probs
-        drop_sorted = before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = nucleus(logits, top_p)
     return logits
+
+
+def nucleus(logits: Tensor, top_p: float) -> Tensor:
+    """The top-p filter: a token is dropped when the tokens ranked before it already reach top_p (the
+    first always stays). Ranking the whole vocabulary is a sort of (B, V), 200 ms a step at (32, 151936)
+    on 2 CPU cores; the nucleus almost always lies within the top NUCLEUS_CANDIDATES tokens, so those
+    are ranked first (topk, ~8 ms) and the full sort runs only when some row's candidates fall short of
+    top_p. Both give the same nucleus (up to rounding of the probabilities at its edge)."""
+    V = logits.shape[-1]
+    lse = logits.logsumexp(dim=-1, keepdim=True)                            # (B, 1)
+    for k in dict.fromkeys((min(NUCLEUS_CANDIDATES, V), V)):
+        vals, idx = (torch.topk(logits, k, dim=-1) if k < V
+                     else torch.sort(logits, dim=-1, descending=True))      # (B, k), descending
+        probs = (vals - lse).exp()
+        before = probs.cumsum(dim=-1) - probs
+        if k == V or bool((before[:, -1] + probs[:, -1] >= top_p).all()):
+            kept = vals.masked_fill(before >= top_p, float("-inf"))
+            return torch.full_like(logits, float("-inf")).scatter(-1, idx, kept)
+    raise AssertionError("unreachable: the last pass ranks the whole vocabulary")
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,

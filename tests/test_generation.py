@@ -25,6 +25,30 @@ def test_top_p_keeps_smallest_nucleus():
     assert torch.isfinite(filter_logits(logits, top_p=0.01)).tolist() == [[True, False, False, False]]
 
 
+def full_sort_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The nucleus by definition: rank the whole vocabulary, keep a token while the tokens before it
+    hold less than top_p. Returns the kept mask."""
+    sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    keep_sorted = probs.cumsum(dim=-1) - probs < top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.5])   # peaked rows (nucleus within the candidates), flat rows (full sort)
+def test_top_p_over_candidates_matches_the_full_sort(scale, monkeypatch):
+    import models.generation as generation
+    monkeypatch.setattr(generation, "NUCLEUS_CANDIDATES", 16)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 500, generator=g, dtype=torch.float64) * scale
+    for top_p in (0.5, 0.9, 0.99):
+        kept = torch.isfinite(filter_logits(logits, top_p=top_p))
+        assert torch.equal(kept, full_sort_nucleus(logits, top_p))
+        out = filter_logits(logits, top_p=top_p)
+        assert torch.equal(out[kept], logits[kept])   # kept logits pass through unchanged
+    # Which path ran: the peaked rows' nucleus fits in 16 candidates, the flat rows' does not.
+    assert (full_sort_nucleus(logits, 0.9).sum(-1) <= 16).all() == (scale > 1)
+
+
 def test_sampling_follows_the_distribution():
     from models.generation import sample
     probs = torch.tensor([0.6, 0.3, 0.1])
