@@ -79,7 +79,8 @@ def nucleus(logits: Tensor, top_p: float) -> Tensor:
     first always stays). Ranking the whole vocabulary is a sort of (B, V), 200 ms a step at (32, 151936)
     on 2 CPU cores; the nucleus almost always lies within the top NUCLEUS_CANDIDATES tokens, so those
     are ranked first (topk, ~8 ms) and the full sort runs only when some row's candidates fall short of
-    top_p. Both give the same nucleus (up to rounding of the probabilities at its edge)."""
+    top_p. Both give the nucleus; they may differ at its edge, where tied logits (common when the logits
+    come from bf16) are ordered differently by topk and sort, and in the rounding of the probabilities."""
     V = logits.shape[-1]
     lse = logits.logsumexp(dim=-1, keepdim=True)                            # (B, 1)
     for k in dict.fromkeys((min(NUCLEUS_CANDIDATES, V), V)):
