@@ -101,8 +101,8 @@ BUDGETS: dict[str, dict[str, dict]] = {
         "agreement": dict(batch_size=8),
         "compare": dict(batch_size=8),
     },
-    # About an hour and a half on 2 cores (Intel Xeon with AMX, bf16: 85 min with PPO on the top 8 blocks;
-    # ~89 composed from stage times with the full PPO below; docs/RESULTS.md), close to the measured
+    # About an hour and a half on 2 cores (Intel Xeon with AMX, bf16: 100 min as set here, on a slow spell
+    # of the machine; 85 with PPO on the top 8 blocks; docs/RESULTS.md), close to the measured
     # stage-by-stage runs (docs/PM.md, docs/PPO.md).
     "cpu": {
         # 384 prompts: Qwen2.5-Coder-1.5B simulates about 27 pairs a minute on 2 cores in bf16 (Intel Xeon
