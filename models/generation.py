@@ -77,21 +77,27 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
 def nucleus(logits: Tensor, top_p: float) -> Tensor:
     """The top-p filter: a token is dropped when the tokens ranked before it already reach top_p (the
     first always stays). Ranking the whole vocabulary is a sort of (B, V), 200 ms a step at (32, 151936)
-    on 2 CPU cores; the nucleus almost always lies within the top NUCLEUS_CANDIDATES tokens, so those
-    are ranked first (topk, ~8 ms) and the full sort runs only when some row's candidates fall short of
-    top_p. Both give the nucleus; they may differ at its edge, where tied logits (common when the logits
-    come from bf16) are ordered differently by topk and sort, and in the rounding of the probabilities."""
-    V = logits.shape[-1]
+    on 2 CPU cores; there the nucleus almost always lies within the top NUCLEUS_CANDIDATES tokens, so
+    those are ranked first (topk, ~8 ms) and the full sort runs only when some row's candidates fall
+    short of top_p. That check is a host sync, so on an accelerator, where the sort is cheap and a sync
+    per step is not, the vocabulary is always sorted. Both give the nucleus; they may differ at its edge,
+    where tied logits (common when the logits come from bf16) are ordered differently by topk and sort,
+    and in the rounding of the probabilities."""
     lse = logits.logsumexp(dim=-1, keepdim=True)                            # (B, 1)
-    for k in dict.fromkeys((min(NUCLEUS_CANDIDATES, V), V)):
-        vals, idx = (torch.topk(logits, k, dim=-1) if k < V
-                     else torch.sort(logits, dim=-1, descending=True))      # (B, k), descending
+    vals = None
+    if logits.device.type == "cpu" and NUCLEUS_CANDIDATES < logits.shape[-1]:
+        vals, idx = torch.topk(logits, NUCLEUS_CANDIDATES, dim=-1)          # (B, k), descending
         probs = (vals - lse).exp()
-        before = probs.cumsum(dim=-1) - probs
-        if k == V or bool((before[:, -1] + probs[:, -1] >= top_p).all()):
-            kept = vals.masked_fill(before >= top_p, float("-inf"))
-            return torch.full_like(logits, float("-inf")).scatter(-1, idx, kept)
-    raise AssertionError("unreachable: the last pass ranks the whole vocabulary")
+        cum = probs.cumsum(dim=-1)
+        if not bool((cum[:, -1] >= top_p).all()):                           # a nucleus reaches past them
+            vals = None
+    if vals is None:
+        vals, idx = torch.sort(logits, dim=-1, descending=True)             # (B, V)
+        probs = (vals - lse).exp()
+        cum = probs.cumsum(dim=-1)
+    before = cum - probs
+    kept = vals.masked_fill(before >= top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, idx, kept)
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
