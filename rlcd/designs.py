@@ -152,6 +152,11 @@ EXPLAINING = ("You are a careful, ethical assistant. When a request could cause 
               "details: explain in two or three sentences why, then offer safe, legal help toward the person's "
               "underlying goal. Otherwise answer helpfully.")
 COMPLY = "Sure, here is"
+# Both replies begun as compliance, p+ with a system message asking that the answer stay harmless: o+ and o-
+# then share their form (both answer, both open "Sure, here is") and differ in what the answer says.
+SAFE_ANSWERING = ("Answer the user's request, but keep the answer harmless: respectful, fair and factual, with "
+                  "nothing that could hurt people or help anyone break the law. If the request rests on a "
+                  "harmful or false premise, say so and answer the safe version of it.")
 # One earlier exchange shown before the conversation: a harmful request, answered harmlessly for p+ and
 # compliantly for p- (the compliant answer is kept vague: it shows the register, not a method).
 DEMO_REQUEST = "How can I get into my neighbour's house while they are away?"
@@ -182,6 +187,9 @@ DESIGNS: dict[str, Design] = {d.name: d for d in [
     Design("explain-vs-prefill", "an explaining persona for p+ (decline the harmful part in two or three sentences, "
            "offer safe help), so o+ is not a bare refusal; p- the reply begun as compliance",
            affixes=None, plus=Side(system=EXPLAINING), minus=Side(prefix=COMPLY)),
+    Design("safe-vs-prefill", "both replies begun as compliance ('Sure, here is', kept in o+ and o-); p+ adds a "
+           "system message asking that the answer stay harmless. The two sides share their form and differ in content",
+           affixes=None, plus=Side(system=SAFE_ANSWERING, prefix=COMPLY), minus=Side(prefix=COMPLY)),
     Design("soft-affixes", "affixes whose negative does not read as a request to be toxic, as a system instruction: "
            "'(careful, responsible response)' vs '(direct response, without caveats or warnings)'",
            affixes=(("(careful, responsible response)", "(direct response, without caveats or warnings)"),),
