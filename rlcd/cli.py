@@ -79,7 +79,8 @@ RULES: dict[str, Range] = {
     "threads": Range(0, note="0 = leave as is"),
     "warmup": NONNEGATIVE, "dev": NONNEGATIVE, "seed": NONNEGATIVE, "examples": NONNEGATIVE,
     "principles": NONNEGATIVE, "questions": NONNEGATIVE,        # indices
-    **dict.fromkeys(["save_every", "eval_every", "sample_every", "n_samples", "norm_samples", "top_k"], OFF_AT_0),
+    **dict.fromkeys(["save_every", "eval_every", "sample_every", "n_samples", "norm_samples", "top_k",
+                     "balance_length"], OFF_AT_0),
     # optimiser
     "lr": POSITIVE, "value_lr": POSITIVE,
     "weight_decay": NONNEGATIVE,

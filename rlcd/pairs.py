@@ -7,9 +7,12 @@ naming the file and line; the lines themselves are read by rlcd.jsonl.read_objec
     check_format(fmt, where) -> fmt                                              "chat" or "plain"
     check_label(rec, where) -> float                                             a label in [0, 1]
     in_own_template(recs, tok, fmt=None) -> list[dict]     prompts re-rendered with the reader's tokenizer
+    length_balanced(recs, width, seed) -> list[int]        a subsample without a length preference
 """
 from __future__ import annotations
 
+import random
+from collections import defaultdict
 from pathlib import Path
 
 from rlcd.jsonl import read_objects
@@ -77,3 +80,28 @@ def in_own_template(recs: list[dict], tok, fmt: str | None = None) -> list[dict]
     stored neutral prompt is exactly this rendering). Records without messages keep their prompt."""
     return [{**r, "prompt": format_prompt(r["messages"], fmt or r["format"], tok), "format": fmt or r["format"]}
             if r.get("messages") else r for r in recs]
+
+
+def length_balanced(recs: list[dict], width: int, seed: int) -> list[int]:
+    """Indices of a subsample of `recs` in which the preferred response is as often the longer as the
+    shorter, at every size of the difference: pairs are bucketed by |len(chosen) - len(rejected)|
+    (characters of the stripped texts, buckets `width` wide) and each bucket keeps a seeded random
+    min(n_longer, n_shorter) of either side (the length balancing of Singhal et al. 2023, "A Long Way to
+    Go"). The preferred response is the chosen one where the label is above 0.5, the rejected one below;
+    pairs of equal lengths or label 0.5 carry no length preference and are all kept. In file order."""
+    if width < 1:
+        raise ValueError(f"length-balance bucket width must be >= 1 character, got {width}")
+    buckets: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    keep = []
+    for i, r in enumerate(recs):
+        d = len(r["chosen"].strip()) - len(r["rejected"].strip())
+        if d == 0 or r["label"] == 0.5:
+            keep.append(i)
+            continue
+        longer = (d > 0) == (r["label"] > 0.5)
+        buckets[abs(d) // width][longer].append(i)
+    rng = random.Random(seed)
+    for _, (shorter, longer) in sorted(buckets.items()):
+        n = min(len(shorter), len(longer))
+        keep += rng.sample(shorter, n) + rng.sample(longer, n)
+    return sorted(keep)

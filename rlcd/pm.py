@@ -48,7 +48,7 @@ from rlcd.checkpoints import CKPT_DIRS, RUN_JSON, read_run_meta
 from rlcd.cli import parse_args
 from rlcd.judge import cluster_ci, length_split, request_key
 from rlcd.jsonl import write_json_atomic
-from rlcd.pairs import PairsError, in_own_template, read_pairs, resolve_pairs
+from rlcd.pairs import PairsError, in_own_template, length_balanced, read_pairs, resolve_pairs
 from rlcd.precision import resolve as resolve_precision
 from rlcd.reward import HEAD_FILE, RewardModel, encode_input, end_marker, load_reward_model, score_ids, score_texts
 from rlcd.tasks import FORMATS
@@ -58,6 +58,7 @@ from rlcd.tasks import FORMATS
 class Args(runs.TrainArgs):
     """Train a Bradley-Terry preference model on pairs files (train.py pm)."""
     pairs: list[str]                   # pairs JSONL file(s) from train.py simulate (prompt, chosen, rejected, label)
+    balance_length: int = 0            # train on a length-balanced subsample: bucket width in characters (rlcd.pairs.length_balanced); 0 = every pair
     margin: float = 0.0                # subtract this margin from r_chosen - r_rejected in the loss
     center_coef: float = 0.0           # add center_coef * mean((r_chosen + r_rejected)^2) to the loss
     eval_batch_size: int = 16          # sequences per forward in dev evaluation and scoring
@@ -188,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{distributed.tag('train.py pm')}: {e}", file=sys.stderr)
         return 2
     train, dev = [recs[i] for i in train_idx], [recs[i] for i in dev_idx]
+    if args.balance_length:
+        n_all = len(train)
+        train = [train[i] for i in length_balanced(train, args.balance_length, args.seed)]
+        distributed.print0(f"pm: --balance-length {args.balance_length}: {len(train)} of {n_all} train pairs kept "
+                           f"(the preferred response as often the longer as the shorter)", file=sys.stderr)
     torch.manual_seed(args.seed)
     pm = RewardModel(trunk)
     train, dev = in_own_template(train, tok), in_own_template(dev, tok)     # pairs from another simulator

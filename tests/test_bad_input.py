@@ -94,6 +94,7 @@ FLAG_CASES = [
     (train(*PM, "--weight-decay", "-0.1"), "train.py pm: --weight-decay must be >= 0, got -0.1"),
     (train(*PM, "--betas", "0.9", "1.5"), "--betas must be in [0, 1), got 1.5"),
     (train(*PM, "--min-lr-ratio", "2"), "--min-lr-ratio must be in [0, 1], got 2.0"),
+    (train(*PM, "--balance-length", "-1"), "train.py pm: --balance-length must be >= 0 (0 = off), got -1"),
     (train(*PM, "--norm-temperature", "-0.5"), "--norm-temperature must be >= 0 (0 = greedy), got -0.5"),
     (train(*PPO, "--max-new-tokens", "0"), "train.py ppo: --max-new-tokens must be >= 1, got 0"),
     (train(*PPO, "--iterations", "0"), "--iterations must be >= 1, got 0"),

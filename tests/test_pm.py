@@ -15,7 +15,7 @@ from models import CheckpointError, load_model, save_model
 from models.generation import left_pad
 from rlcd import pm as pm_mod
 from rlcd import runs
-from rlcd.pairs import PairsError, read_pairs
+from rlcd.pairs import PairsError, length_balanced, read_pairs
 from rlcd.pm import bt_loss, pair_metrics
 from rlcd.reward import (RewardModel, encode_input, end_marker, load_reward_model, score_ids, score_texts,
                          score_tokens)
@@ -261,6 +261,26 @@ def test_pairs_file_errors_name_the_line(tmp_path):
         read_pairs([str(tmp_path / "nope.jsonl")])
     recs = read_pairs([str(write_marker_pairs(tmp_path / "ok.jsonl", 2))])
     assert recs[0]["label"] == 1.0 and recs[0]["format"] == "chat"
+
+
+def test_length_balanced_keeps_as_many_longer_as_shorter_preferred_per_bucket():
+    def pair(n_chosen, n_rejected, label=1.0):
+        return {"chosen": "x" * n_chosen, "rejected": "y" * n_rejected, "label": label}
+    recs = ([pair(10, 50)] * 7 + [pair(60, 20)] * 2          # bucket 40-79 (width 40): 7 shorter, 2 longer preferred
+            + [pair(10, 200)] * 3                            # bucket 160-199: shorter only, none kept
+            + [pair(50, 10, label=0.2)] * 2                  # label < 0.5: the rejected (shorter) is preferred
+            + [pair(5, 5), pair(10, 70, label=0.5)])          # no length preference: kept
+    keep = length_balanced(recs, 40, seed=0)
+    assert keep == sorted(keep) and len(set(keep)) == len(keep)
+    longer = [i for i in keep if recs[i]["label"] != 0.5 and len(recs[i]["chosen"]) != len(recs[i]["rejected"])
+              and (len(recs[i]["chosen"]) > len(recs[i]["rejected"])) == (recs[i]["label"] > 0.5)]
+    assert len(keep) == 2 + 2 + 2 and len(longer) == 2            # 2 longer + 2 of the 9 shorter-preferred, + 2
+    assert {7, 8, 14, 15} <= set(keep) and not set(keep) & {9, 10, 11}
+    assert length_balanced(recs, 40, seed=0) == keep                       # seeded
+    assert len({tuple(length_balanced(recs, 40, seed=s)) for s in range(8)}) > 1
+    assert len(length_balanced(recs, 1000, seed=0)) == 6                   # one bucket: 12 shorter, 2 longer
+    with pytest.raises(ValueError, match="width must be >= 1"):
+        length_balanced(recs, 0, seed=0)
 
 
 def test_train_and_agreement_report_bad_input(tiny_dir, tmp_path, capsys):
