@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rlcd.pairs import length_difference
 from rlcd.scorer import JUDGE_FORMATS, Judgement, choice_logits, judge_pairs
 from rlcd.tasks import TASKS
 
@@ -394,7 +395,7 @@ SELECT = ("balanced", "accuracy")
 def length_sides(records: list[dict]) -> np.ndarray:
     """(N,) +1 where the chosen response is shorter than the rejected one (characters, stripped), -1 where
     it is longer, 0 where they are as long."""
-    return np.array([np.sign(len(r["rejected"].strip()) - len(r["chosen"].strip())) for r in records])
+    return np.array([-np.sign(length_difference(r)) for r in records])
 
 
 def length_split(records: list[dict], correct: list[float]) -> dict:

@@ -7,6 +7,7 @@ naming the file and line; the lines themselves are read by rlcd.jsonl.read_objec
     check_format(fmt, where) -> fmt                                              "chat" or "plain"
     check_label(rec, where) -> float                                             a label in [0, 1]
     in_own_template(recs, tok, fmt=None) -> list[dict]     prompts re-rendered with the reader's tokenizer
+    length_difference(rec) -> int                          len(chosen) - len(rejected), stripped characters
     length_balanced(recs, width, seed) -> list[int]        a subsample without a length preference
 """
 from __future__ import annotations
@@ -82,6 +83,13 @@ def in_own_template(recs: list[dict], tok, fmt: str | None = None) -> list[dict]
             if r.get("messages") else r for r in recs]
 
 
+def length_difference(rec: dict) -> int:
+    """Characters of the stripped chosen response minus those of the rejected one: the one measure of
+    length that the length split of every agreement figure (rlcd.judge.length_sides) and the PM's length
+    balancing share."""
+    return len(rec["chosen"].strip()) - len(rec["rejected"].strip())
+
+
 def length_balanced(recs: list[dict], width: int, seed: int) -> list[int]:
     """Indices of a subsample of `recs` in which the preferred response is as often the longer as the
     shorter, at every size of the difference: pairs are bucketed by |len(chosen) - len(rejected)|
@@ -94,7 +102,7 @@ def length_balanced(recs: list[dict], width: int, seed: int) -> list[int]:
     buckets: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
     keep = []
     for i, r in enumerate(recs):
-        d = len(r["chosen"].strip()) - len(r["rejected"].strip())
+        d = length_difference(r)
         if d == 0 or r["label"] == 0.5:
             keep.append(i)
             continue
