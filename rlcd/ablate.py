@@ -125,7 +125,7 @@ def plan(args: Args, main: dict[str, list[list[str]]]) -> dict[str, list[list[st
 
 def variants_of(args: Args) -> list[str]:
     """The variants to run, checked (a design by loading it) before any work."""
-    from rlcd.designs import load_design
+    from rlcd.designs import load_designs
 
     specs = args.variants if args.variants is not None else list(DEFAULT_VARIANTS.get(args.task, ("logprob", "rescore")))
     names = [variant_name(s) for s in specs]
@@ -133,7 +133,7 @@ def variants_of(args: Args) -> list[str]:
         raise ValueError(f"--variants: a variant given twice ({', '.join(specs)})")
     for s in specs:
         if s.startswith("design="):
-            load_design(s.partition("=")[2])
+            load_designs(s.partition("=")[2])
     return specs
 
 

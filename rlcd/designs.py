@@ -21,12 +21,18 @@ assistant turns get the opposite affix, the paper's rule), and `prefix` begins t
 prompt, and the response stored (o+ or o-) is prefix + what the model wrote. The neutral prompt p (RLAIF,
 evaluation, PPO) never depends on the design.
 
+A mixture ("safe-vs-prefill+explain-vs-prefill", `load_designs`) gives the run's prompts its designs in turn:
+as many pairs as one design makes, each recording the design it was made under. It shows a preference model
+more than one kind of pair (a decline against compliance, and two answers that differ in content) without
+simulating each prompt twice.
+
 A design that changes more than the principle between p+ and p- (a persona, a prefilled "Sure") makes
 o+ and o- differ in style as well, and a preference model trained on them may learn the style: the paper
 keeps p+ and p- close for that reason (docs/SIMULATE.md).
 
 API
     DESIGNS {name: Design}; load_design(name_or_path) -> Design; Design.to_dict(); Design.from_dict(d, where)
+    load_designs(spec) -> [Design]   one design or a mixture "a+b"; mixture_design(designs, i) -> Design
     DesignError (a ValueError naming the file and field)
 """
 from __future__ import annotations
@@ -128,6 +134,33 @@ class Design:
             sides.append(Side(text(f"'{key}.system'", s.get("system")), tuple((u, a) for u, a in demos),
                               text(f"'{key}.prefix'", s.get("prefix"))))
         return cls(name, about, affixes, carrier, *sides)
+
+
+MIXTURE_SEP = "+"
+
+
+def load_designs(spec: str) -> list[Design]:
+    """The designs of --design: one design, or a mixture of several joined by '+' ("safe-vs-prefill+
+    explain-vs-prefill"), each a built-in name or a JSON file; DesignError naming the part at fault. In a
+    mixture the run's prompts take the designs in turn (`mixture_design`), so it simulates as many pairs as
+    one design, split between them."""
+    parts = spec.split(MIXTURE_SEP) if MIXTURE_SEP in spec and spec not in DESIGNS and not Path(spec).is_file() \
+        else [spec]
+    if any(not p for p in parts):
+        raise DesignError(f"--design {spec!r}: an empty design in the mixture (names joined by '{MIXTURE_SEP}')")
+    designs = [load_design(p) for p in parts]
+    names = [d.name for d in designs]
+    if len(set(names)) != len(names):
+        raise DesignError(f"--design {spec!r}: design {next(n for n in names if names.count(n) > 1)!r} twice "
+                          f"in the mixture")
+    return designs
+
+
+def mixture_design(designs: list[Design], i: int) -> Design:
+    """The design of the run's i-th kept prompt (0-based, in the prompt file's order): the mixture's designs
+    in turn, so each takes an equal share of the prompts, whatever their order, and a longer run (more
+    --n-prompts) keeps the first prompts' designs."""
+    return designs[i % len(designs)]
 
 
 def load_design(name_or_path: str) -> Design:

@@ -18,6 +18,8 @@ Methods (the official code: facebookresearch/RLCD scripts/simulate_preference_da
                   delta = (log p(o+|p+) - log p(o+|p-)) - (log p(o-|p+) - log p(o-|p-)). A design's
                   reply prefix belongs to the response here: each o is scored in full after p+ or p- with
                   the prefix cut off (rlcd.tasks.ContrastivePair.contexts). No judge.
+`--design` is one prompt design (rlcd.designs) or a mixture of several joined by '+': the prompts then take
+the designs in turn, and each pair records its own design (settings.design).
 `--from-pairs FILE` takes o+ and o- from an rlcd pairs file of the same model, design, task and seed
 instead of sampling them: relabelling the same pairs with rlcd-rescore or rlcd-logprob, for a comparison
 of labels on identical pairs.
@@ -67,7 +69,7 @@ from models.generation import SamplingParams, generate_texts
 from models.tokenizer import Tokenizer
 from rlcd import distributed
 from rlcd.cli import parse_args, save_config
-from rlcd.designs import Design, load_design
+from rlcd.designs import Design, load_designs, mixture_design
 from rlcd.jsonl import Lines, append_chunks, done_ids, fixed_chunks, read_objects, seed_of
 from rlcd.pairs import PairsError
 from rlcd.precision import resolve as resolve_precision
@@ -95,7 +97,7 @@ class Args:
     n_prompts: int | None = None          # use the first N prompts that fit max_prompt_tokens (None: all)
     model: str = "smollm2-135m-instruct"  # model name, checkpoint directory or run directory
     format: str = "chat"                  # chat (the checkpoint's template) or plain (Human:/Assistant:)
-    design: str = "paper-header"          # how p+ and p- are made: a built-in design (rlcd.designs.DESIGNS) or a JSON file
+    design: str = "paper-header"          # how p+ and p- are made: a built-in design (rlcd.designs.DESIGNS) or a JSON file; a+b: a mixture, the prompts taking the designs in turn
     temperature: float = 0.7              # sampling temperature (the paper: 1; see docs/SIMULATE.md)
     top_p: float = 0.9                    # nucleus threshold (1 disables; the paper: 1)
     top_k: int = 0                        # keep the k most likely tokens (0 disables)
@@ -226,11 +228,12 @@ def with_prefix(prefix: str, text: str) -> str:
 
 
 def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastivePair]], args: Args,
-               design: Design, judge: tuple | None = None, given: dict[str, dict] | None = None,
+               design_of: dict[str, Design], judge: tuple | None = None, given: dict[str, dict] | None = None,
                ) -> tuple[list[dict], int]:
-    """Records for a chunk of (prompt record, contrastive prompts); prompts whose sampling failed are
-    left out. `given` (--from-pairs: id -> rlcd record) supplies o+ and o- instead of sampling; a prompt
-    missing there is left out. Returns (records, tokens generated)."""
+    """Records for a chunk of (prompt record, contrastive prompts), each prompt's made under its design
+    (`design_of`: id -> Design); prompts whose sampling failed are left out. `given` (--from-pairs: id ->
+    rlcd record) supplies o+ and o- instead of sampling; a prompt missing there is left out. Returns
+    (records, tokens generated)."""
     ids = [rec["id"] for rec, _ in items]
     salt = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
     n = len(items)
@@ -293,7 +296,7 @@ def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastiveP
     # 3. records
     settings = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                 "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": args.max_prompt_tokens,
-                "max_tries": args.max_tries, "require_end": args.require_end, "design": design.to_dict(),
+                "max_tries": args.max_tries, "require_end": args.require_end,
                 "both_orders": args.both_orders or args.judge_format == "chat",
                 "precision": resolve_precision(args.precision, args.device).name,
                 "judge": judge[0].name if judge else None if args.method not in JUDGED else "self",
@@ -308,7 +311,7 @@ def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastiveP
             "chosen": first[k], "rejected": second[k], "label": labels[k],
             "affix_index": cp.index,
             "p_plus": cp.plus if contrastive else None, "p_minus": cp.minus if contrastive else None,
-            "settings": settings, "model": args.model, "seed": args.seed,
+            "settings": {**settings, "design": design_of[rec["id"]].to_dict()}, "model": args.model, "seed": args.seed,
             "tries": {"chosen": tries[j], "rejected": tries[n + j]},
             "ended": {"chosen": ended[j], "rejected": ended[n + j]},
             "scorer": scorer[k],
@@ -335,10 +338,10 @@ def _check(args: Args) -> None:
     if args.from_pairs is not None and args.method == "rlaif":
         raise ValueError("--from-pairs takes o+ and o- of an rlcd file: it relabels with rlcd-rescore or rlcd-logprob, "
                          "not rlaif (two samples of p)")
-    design = load_design(args.design)                      # a DesignError names the file and field
-    if args.format == "plain" and design.carrier == "system":
-        raise ValueError(f"--design {design.name}: carrier 'system' needs --format chat (plain prompts carry "
-                         f"an affix on the 'Assistant:' marker only)")
+    for design in load_designs(args.design):               # a DesignError names the file and field
+        if args.format == "plain" and design.carrier == "system":
+            raise ValueError(f"--design {design.name}: carrier 'system' needs --format chat (plain prompts carry "
+                             f"an affix on the 'Assistant:' marker only)")
 
 
 def _judge_spec(args: Args) -> judges.JudgeSpec:
@@ -354,12 +357,13 @@ def _judge_spec(args: Args) -> judges.JudgeSpec:
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "max_prompt_tokens", "max_tries", "require_end")
 
 
-def read_given(args: Args, design: Design) -> dict[str, dict]:
+def read_given(args: Args, design_of: dict[str, Design]) -> dict[str, dict]:
     """The --from-pairs records by id, each checked to come from this run's model, task, format, seed,
-    design and sampling settings (PairsError naming the file, line and setting otherwise)."""
+    sampling settings and the design this run gives its prompt (PairsError naming the file, line and
+    setting otherwise)."""
     lines, _ = read_records(args.from_pairs)
     want = {"task": args.task, "format": args.format, "model": args.model, "seed": args.seed}
-    want_settings = {k: getattr(args, k) for k in SAMPLING_KEYS} | {"design": design.to_dict()}
+    sampling = {k: getattr(args, k) for k in SAMPLING_KEYS}
     out = {}
     for n, rec in lines:
         where = f"--from-pairs {args.from_pairs}:{n}"
@@ -368,6 +372,8 @@ def read_given(args: Args, design: Design) -> dict[str, dict]:
         for k, v in want.items():
             if rec[k] != v:
                 raise PairsError(f"{where}: {k} {rec[k]!r}, but this run has --{k.replace('_', '-')} {v!r}")
+        design = design_of.get(rec["id"])
+        want_settings = sampling | ({"design": design.to_dict()} if design is not None else {})
         for k, v in want_settings.items():
             if rec["settings"].get(k) != v:
                 got = rec["settings"].get(k)
@@ -382,7 +388,7 @@ def simulate(args: Args) -> dict:
     """Run the simulation described by `args`, appending to args.out; returns a summary (the same on
     every rank under torchrun)."""
     _check(args)
-    design = load_design(args.design)
+    designs = load_designs(args.design)
     distributed.init(args.device)
     device = distributed.device_for_rank(args.device)
     out = Path(args.out)
@@ -400,26 +406,29 @@ def simulate(args: Args) -> dict:
         else:
             judge = (spec, *load_model(spec.model, device=device, dtype=dtype))
 
-    # p+, p-, p for every prompt; drop the too long ones, then take the first n_prompts.
-    items, n_long = [], 0
+    # p+, p-, p for every prompt under its design (a mixture's in turn); drop the too long ones, then take the
+    # first n_prompts.
+    items, design_of, n_long = [], {}, 0
     for rec in records:
+        design = mixture_design(designs, len(items))
         cp = contrastive_pair(rec, args.task, args.format, tok, seed=args.seed, design=design)
         length = max(len(tok.encode(t)) for t in (cp.plus, cp.minus, cp.neutral))
         if length > args.max_prompt_tokens:
             n_long += 1
             continue
         items.append((rec, cp))
+        design_of[rec["id"]] = design
         if args.n_prompts is not None and len(items) == args.n_prompts:
             break
     # Chunks of similar lengths (less padding in their generation batches), fixed by the prompts alone and
     # each sampled from a seed of its ids (rlcd.jsonl): a resumed run writes what an uninterrupted one would.
-    given = read_given(args, design) if args.from_pairs is not None else None
+    given = read_given(args, design_of) if args.from_pairs is not None else None
     chunks = fixed_chunks(items, args.batch_size, key=lambda it: (len(tok.encode(it[1].plus)), it[0]["id"]))
     n_todo = sum(rec["id"] not in done for rec, _ in items)
     if distributed.is_main():
         save_config(args, out.with_name(out.name + ".config.json"))
     written, n_tokens, seconds = append_chunks(
-        out, chunks, lambda it: it[0]["id"], done, lambda chunk: make_pairs(model, tok, chunk, args, design, judge, given),
+        out, chunks, lambda it: it[0]["id"], done, lambda chunk: make_pairs(model, tok, chunk, args, design_of, judge, given),
         PairsError, f"simulate {args.method}", "pair", args.progress)
     return {"out": str(out), "method": args.method, "format": args.format, "prompts": len(items),
             "already_done": len(items) - n_todo, "dropped_too_long": n_long,

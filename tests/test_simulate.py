@@ -120,6 +120,29 @@ def test_a_design_prefix_is_kept_in_the_response_and_the_design_recorded(ckpt, t
     assert not (tmp_path / "x.jsonl").exists()
 
 
+def test_a_mixture_of_designs_gives_the_prompts_the_designs_in_turn(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sim, "generate_texts", FakeGenerate(outputs=lambda call, p, text: " how: " + text))
+    out = tmp_path / "pairs.jsonl"
+    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl"), out, "--design", "paper-header+refuse-vs-prefill")) == 0
+    recs = sorted(read(out), key=lambda r: QUESTIONS.index(r["messages"][-1]["content"]))
+    assert len(recs) >= 8
+    # the kept prompts, in the prompt file's order, alternate between the two designs: as many pairs as one
+    # design would make, half under each
+    names = [r["settings"]["design"]["name"] for r in recs]
+    assert names == [("paper-header", "refuse-vs-prefill")[i % 2] for i in range(len(recs))]
+    for r, name in zip(recs, names):
+        # each pair was made under the design it records
+        assert r["rejected"].startswith("Sure, here is how: ") == (name == "refuse-vs-prefill")
+        assert any(neg in r["p_minus"] for _, neg in HARMLESS_AFFIXES) == (name == "paper-header")
+    # a bad part of a mixture, or a design twice, is refused before any work, naming the flag and the part
+    for bad, msg in (("paper-header+nope", "'nope' is neither a built-in design"),
+                     ("paper-header+", "an empty design in the mixture"),
+                     ("paper-header+paper-header", "design 'paper-header' twice")):
+        assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl"), tmp_path / "x.jsonl", "--design", bad)) == 2
+        assert "--design" in (err := capsys.readouterr().err) and msg in err, err
+        assert not (tmp_path / "x.jsonl").exists()
+
+
 def test_rlaif_label_is_p_of_a_from_the_scorer(ckpt, tmp_path, monkeypatch):
     seen = {}
 
