@@ -15,7 +15,9 @@
              inference only (simulate, respond, compare, judge-agreement, pm-agreement, generate): every
                weight in bf16, half the bytes a decode step reads.
     auto   bf16 on CUDA and on a CPU with native bf16 arithmetic (AMX `amx_bf16` or `avx512_bf16`, read
-           from /proc/cpuinfo), fp32 elsewhere, where bf16 would be emulated and slower.
+           from /proc/cpuinfo), fp32 elsewhere, where bf16 would be emulated and slower (an AMD EPYC with
+           AVX2 only: bf16 `F.linear` at 17-20 GFLOP/s against 129-154 in fp32, docs/PERFORMANCE.md).
+           bf16 asked by name on such a CPU runs, and its record says it is emulated.
 
 Each run records what `auto` resolved to and why (`Precision.describe()`). The environment variable
 RLCD_CPU_BF16=0 declares the CPU to have no native bf16 (as MKL_ENABLE_INSTRUCTIONS declares lower
@@ -64,7 +66,7 @@ def native_bf16_cpu() -> str | None:
 class Precision:
     name: str                 # fp32 or bf16
     setting: str              # what was asked: auto, fp32 or bf16
-    reason: str               # why auto resolved as it did (empty when asked by name)
+    reason: str               # why auto resolved as it did; for bf16 asked by name, that a CPU emulates it
 
     @property
     def bf16(self) -> bool:
@@ -81,7 +83,7 @@ class Precision:
         return torch.autocast(dev, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def describe(self) -> str:
-        return self.name + (f" ({self.setting}: {self.reason})" if self.setting == "auto" else "")
+        return self.name + (f" ({self.setting}: {self.reason})" if self.reason else "")
 
     def record(self) -> dict:
         return {"precision": self.name, "precision_setting": self.setting, "precision_reason": self.reason}
@@ -91,6 +93,8 @@ def resolve(setting: str, device: torch.device | str = "cpu") -> Precision:
     """`setting` (auto, fp32, bf16) on `device`; ValueError naming the flag for anything else."""
     if setting not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {setting!r}")
+    if setting == "bf16" and torch.device(device).type == "cpu" and not native_bf16_cpu():
+        return Precision("bf16", setting, "emulated: no native bf16 on this CPU, slower than fp32")
     if setting != "auto":
         return Precision(setting, setting, "")
     if torch.device(device).type == "cuda":

@@ -201,11 +201,15 @@ def test_precision_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(monkeypatch
     assert runs.precision_of(auto, cuda).bf16 and not runs.precision_of(fp32, cuda).bf16
     # the suite declares no native bf16 (RLCD_CPU_BF16=0, conftest): auto is the fp32 reference
     assert not runs.precision_of(auto, cpu).bf16 and "RLCD_CPU_BF16=0" in runs.precision_of(auto, cpu).reason
+    # bf16 asked by name runs as asked; on a CPU without native bf16 its record says it is emulated
+    assert runs.precision_of(bf16, cpu).describe() == "bf16 (bf16: emulated: no native bf16 on this CPU, slower than fp32)"
+    assert runs.precision_of(bf16, cuda).describe() == "bf16" and runs.precision_of(fp32, cpu).describe() == "fp32"
     monkeypatch.setenv("RLCD_CPU_BF16", "1")
     precision.cpu_flags.cache_clear()                                # read once per process: read the fake
     monkeypatch.setattr("builtins.open", _fake_cpuinfo("fpu sse avx512f avx512_bf16 amx_tile"))
     got = runs.precision_of(auto, cpu)
     assert got.bf16 and got.describe() == "bf16 (auto: the CPU has avx512_bf16)"
+    assert runs.precision_of(bf16, cpu).describe() == "bf16"                    # native: nothing to say
     precision.cpu_flags.cache_clear()
     monkeypatch.setattr("builtins.open", _fake_cpuinfo("fpu sse avx2 avx512f"))
     assert not runs.precision_of(auto, cpu).bf16 and precision.native_bf16_cpu() is None
