@@ -60,6 +60,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -486,6 +487,9 @@ def pair_stats(records: list[dict], tokenizer: Tokenizer) -> dict:
         "pairs": n,
         "method": ",".join(sorted({r["method"] for r in records})),
         "format": ",".join(sorted({r["format"] for r in records})),
+        # the prompt designs and their pairs (a mixture's: several)
+        "designs": ",".join(f"{d}:{k}" for d, k in sorted(Counter(
+            ((r.get("settings") or {}).get("design") or {}).get("name", "?") for r in records).items())),
         "mean_tokens_chosen": sum(lc) / n,
         "mean_tokens_rejected": sum(lr) / n,
         "frac_identical": sum(r["chosen"].strip() == r["rejected"].strip() for r in records) / n,

@@ -422,8 +422,10 @@ def test_bad_method_is_one_line(ckpt, tmp_path, capsys):
 
 def test_pair_stats_counts(tok):
     base = {"method": "rlcd", "format": "chat", "label": 1.0}
-    recs = [dict(base, chosen="a b c", rejected="a b c", ended={"chosen": True, "rejected": False}),
-            dict(base, chosen="x y", rejected="z", ended={"chosen": True, "rejected": True}),
+    recs = [dict(base, chosen="a b c", rejected="a b c", ended={"chosen": True, "rejected": False},
+                 settings={"design": {"name": "safe-vs-prefill"}}),
+            dict(base, chosen="x y", rejected="z", ended={"chosen": True, "rejected": True},
+                 settings={"design": {"name": "explain-vs-prefill"}}),
             dict(base, chosen="p", rejected="", label=0.5, ended={"chosen": False, "rejected": False},
                  scorer={"p_b": 0.5})]
     s = sim.pair_stats(recs, tok)
@@ -433,6 +435,7 @@ def test_pair_stats_counts(tok):
     assert s["mean_word_overlap"] == pytest.approx((1 + 0 + 0) / 3)
     assert s["mean_label"] == pytest.approx(2.5 / 3) and s["mean_label_margin"] == pytest.approx(2 / 3)
     assert s["mean_stored_p_b"] == pytest.approx(0.5)                     # only the scored record
+    assert s["designs"] == "?:1,explain-vs-prefill:1,safe-vs-prefill:1"   # a mixture's designs; ? for none recorded
 
 
 def test_score_stats_orient_on_chosen(monkeypatch):
