@@ -57,6 +57,7 @@ from models import CheckpointError
 from rlcd import dpo, evaluate, pm, ppo, respond, sft, simulate
 from rlcd.checkpoints import CKPT_DIRS, RUN_JSON
 from rlcd.cli import ArgsError, argv_of, parse_args, read_args
+from rlcd.designs import load_designs
 from rlcd.jsonl import write_json_atomic
 from rlcd.tasks import TASKS
 
@@ -223,6 +224,7 @@ def plan(args: Args) -> dict[str, list[list[str]]]:
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
     args = resolve_roles(args)
+    load_designs(args.design)                    # a bad design (or part of a mixture) before any stage runs
     rlaif_judge, judge = judges(args)
     b, out = budget_settings(args.budget, args.set), Path(args.out)
     common = dict(seed=args.seed, progress=args.progress)

@@ -211,6 +211,11 @@ def test_cpu_budget_resolves_the_simulator_and_design_chosen_per_task():
     assert _flag(rlcd, "--model") == _flag(rlaif, "--model") == [table["simulator"]]
     assert _flag(rlcd, "--design") == [table["design"]] and _flag(rlaif, "--judge") == [table["simulator"]]
     assert _flag(compare, "--judge") == ["default"]
+    # a mixture of designs goes to the simulation as given; a bad part of one stops the plan, naming the flag
+    mix = pipeline.plan(pipeline.Args(out="o", budget="cpu", design="safe-vs-prefill+explain-vs-prefill"))
+    assert _flag(mix["pairs-rlcd"][0], "--design") == ["safe-vs-prefill+explain-vs-prefill"]
+    with pytest.raises(ValueError, match="--design: 'nope' is neither a built-in design"):
+        pipeline.plan(pipeline.Args(out="o", budget="cpu", design="safe-vs-prefill+nope"))
 
     # pipeline.json holds the resolved roles: the same run resumes when they are given as flags, and a
     # flag that resolves otherwise is another run
