@@ -65,8 +65,8 @@ from rlcd.reward import load_reward_model, score_texts
 from rlcd.respond import ResponsesError, check_responses, read_responses
 from rlcd.precision import resolve as resolve_precision
 from rlcd.judge import (COMBINE, DEFAULT, JUDGE_FREE, METHODS, SELECT, JudgeSpec, describe_accuracy, expand,
-                        format_table, is_refusal, judge, length_split, measure, measured_accuracy, pair_correct,
-                        request_key, resolve_judge, selection_table)
+                        form_split, format_table, is_refusal, judge, length_split, measure, measured_accuracy,
+                        pair_correct, request_key, resolve_judge, selection_table)
 from rlcd.scorer import JUDGE_FORMATS
 from rlcd.constraints import constraints_of, followed
 from rlcd.tasks import TASKS, format_prompt
@@ -104,7 +104,7 @@ def judge_agreement(model, tok, records: list[dict], task: str = "harmless", spe
             "p_chosen": p.mean().item(),
             "position_agreement": None if j.agree is None else j.agree.double().mean().item(),
             "position_bias": j.position_bias,
-            **length_split(records, correct)}
+            **length_split(records, correct), **form_split(records, correct)}
 
 
 @dataclass

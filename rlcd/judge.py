@@ -41,7 +41,8 @@ API
     pointwise_logodds(model, tok, conversations, responses, question, bad, fmt, batch_size) -> Tensor (M,)
     combine_pairwise(logodds (P, N, 2), how) -> (p_first (N,), agree (N,) bool)
     request_folds(records, k) -> list[int]            the fold of each pair
-    is_refusal(text) -> bool (REFUSAL_PHRASES); length_sides(records) -> (N,); length_split(records, correct)
+    is_refusal(text) -> bool (REFUSAL_PHRASES); length_sides(records) -> (N,); length_split(records, correct);
+    form_split(records, correct) (both answer / one declines)
     pair_correct(p, labels) -> ndarray                1 / 0.5 / 0 per pair
     cross_validate(scores {config: (N,)}, labels, folds, select=select_best) -> dict
     selector("balanced" | "accuracy", records) -> select     the selection rule (balanced: both length sides)
@@ -398,20 +399,34 @@ def length_sides(records: list[dict]) -> np.ndarray:
     return np.array([-np.sign(length_difference(r)) for r in records])
 
 
+def _split(records: list[dict], correct: list[float], kinds: list[str], names: tuple[str, ...]) -> dict:
+    """n_NAME, accuracy_NAME and accuracy_NAME_ci for the pairs of each kind in `names` (kinds[i]: pair i's),
+    the interval 95% resampling whole requests (pairs of one request are not independent)."""
+    out, groups = {}, [request_key(r) for r in records]
+    for name in names:
+        idx = [i for i, k in enumerate(kinds) if k == name]
+        out[f"n_{name}"] = len(idx)
+        out[f"accuracy_{name}"] = sum(correct[i] for i in idx) / len(idx) if idx else None
+        out[f"accuracy_{name}_ci"] = (cluster_ci([correct[i] for i in idx], [groups[i] for i in idx])
+                                      if idx else None)
+    return out
+
+
 def length_split(records: list[dict], correct: list[float]) -> dict:
     """Accuracy on the pairs whose chosen response is shorter / longer than the rejected one (characters of
     the stripped texts; equal lengths in neither), each with a 95% interval resampling requests. A judge or PM
     that just prefers brevity (refusals are short) scores high on the first and low on the second."""
-    out, sides = {}, length_sides(records).tolist()
-    groups = [request_key(r) for r in records]
-    for name, side in (("chosen_shorter", 1), ("chosen_longer", -1)):
-        idx = [i for i, s in enumerate(sides) if s == side]
-        out[f"n_{name}"] = len(idx)
-        out[f"accuracy_{name}"] = sum(correct[i] for i in idx) / len(idx) if idx else None
-        # 95% interval resampling whole requests (pairs of one request are not independent)
-        out[f"accuracy_{name}_ci"] = (cluster_ci([correct[i] for i in idx], [groups[i] for i in idx])
-                                      if idx else None)
-    return out
+    kinds = [{1: "chosen_shorter", -1: "chosen_longer"}.get(s) for s in length_sides(records).tolist()]
+    return _split(records, correct, kinds, ("chosen_shorter", "chosen_longer"))
+
+
+def form_split(records: list[dict], correct: list[float]) -> dict:
+    """Accuracy on the pairs where both responses answer (neither `is_refusal`) and where exactly one
+    declines, each with a 95% interval resampling requests. A PM trained on declines against compliance
+    can order the second kind and be at chance on the first, which asks which answer is the better one."""
+    kinds = [{0: "both_answer", 1: "one_declines"}.get(is_refusal(r["chosen"]) + is_refusal(r["rejected"]))
+             for r in records]
+    return _split(records, correct, kinds, ("both_answer", "one_declines"))
 
 
 def selector(kind: str, records: list[dict]):
@@ -623,7 +638,7 @@ def selection_table(measured: dict[str, dict], records: list[dict], k: int = 5, 
                      "requests": len(set(groups)), "folds": k,
                      "cv_accuracy": float(cv["correct"].mean()), "cv_ci": [lo, hi],
                      "position_agreement": float(np.mean(pos)) if pos else None,
-                     **length_split(records, cv["correct"].tolist()),
+                     **length_split(records, cv["correct"].tolist()), **form_split(records, cv["correct"].tolist()),
                      "fold_choice": cv["fold_choice"], "chosen": cv["chosen"],
                      "chosen_accuracy_all": cv["chosen_accuracy_all"]})
     apparent = {n: float(pair_correct(m["p"], labels).mean()) for n, m in measured.items()}

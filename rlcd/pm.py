@@ -15,8 +15,9 @@ run.json for PPO's normalised reward.
 
 pm-agreement. A trained preference model on labelled pairs, each prompt re-rendered in the PM's own
 template: the metrics of its dev evaluation (evaluate_pairs: BT loss, accuracy, mean P(chosen), mean
-margin) and the accuracy split by whether the chosen response is the shorter or the longer one
-(rlcd.judge.length_split, as eval.py judge-agreement reports it for a judge).
+margin), the accuracy split by whether the chosen response is the shorter or the longer one
+(rlcd.judge.length_split, as eval.py judge-agreement reports it for a judge) and by whether both responses
+answer or one declines (rlcd.judge.form_split).
 
 API
     bt_loss(r_chosen, r_rejected, label, margin=0.0, center_coef=0.0) -> scalar loss
@@ -46,7 +47,7 @@ from models.checkpoint import resolve
 from rlcd import distributed, runs
 from rlcd.checkpoints import CKPT_DIRS, RUN_JSON, read_run_meta
 from rlcd.cli import parse_args
-from rlcd.judge import cluster_ci, length_split, request_key
+from rlcd.judge import cluster_ci, form_split, length_split, request_key
 from rlcd.jsonl import write_json_atomic
 from rlcd.pairs import PairsError, in_own_template, length_balanced, read_pairs, resolve_pairs
 from rlcd.precision import resolve as resolve_precision
@@ -288,7 +289,7 @@ def pm_agreement_main(argv: list[str] | None = None) -> int:
     m, right = evaluate_pairs(pm, chosen, rejected, labels, tok.pad_id, args.batch_size)
     # Per-pair correctness split by whether the chosen response is the shorter or the longer one: a PM
     # that only prefers brevity (refusals are short) shows up there.
-    m |= length_split(recs, right)
+    m |= length_split(recs, right) | form_split(recs, right)
     m["accuracy_ci"] = cluster_ci(right, [request_key(r) for r in recs])      # resampling whole requests
     f = lambda v: "-" if v is None else f"{v:.4f}"   # noqa: E731
     print(f"{args.pm}: {m['n']} pairs  accuracy {m['accuracy']:.4f} [{m['accuracy_ci'][0]:.3f}, "
@@ -296,7 +297,9 @@ def pm_agreement_main(argv: list[str] | None = None) -> int:
           f"mean margin {m['margin']:.4f}  loss {m['loss']:.4f}" + (f"  ({n_cut} cut to {max_length} tokens)"
                                                                      if n_cut else "")
           + f"\n  chosen shorter: {m['n_chosen_shorter']} pairs, accuracy {f(m['accuracy_chosen_shorter'])}; "
-          f"chosen longer: {m['n_chosen_longer']} pairs, accuracy {f(m['accuracy_chosen_longer'])}")
+          f"chosen longer: {m['n_chosen_longer']} pairs, accuracy {f(m['accuracy_chosen_longer'])}"
+          f"\n  both answer: {m['n_both_answer']} pairs, accuracy {f(m['accuracy_both_answer'])}; "
+          f"one declines: {m['n_one_declines']} pairs, accuracy {f(m['accuracy_one_declines'])}")
     if args.out:
         write_json_atomic(args.out, {**m, "pm": args.pm, "pairs": paths, "step": meta.get("step"),
                                      "format": args.format})

@@ -414,14 +414,15 @@ def test_compare_with_a_preference_model(ckpt, tmp_path, capsys):
     assert "not an independent judge" in capsys.readouterr().out
 
 
-def test_pm_agreement_length_split(ckpt, tmp_path, capsys):
-    """The split's bookkeeping: pairs where the chosen response is shorter / longer (equal lengths in
-    neither), each with the accuracy of the per-pair rewards computed here with the scoring API."""
+def test_pm_agreement_length_and_form_split(ckpt, tmp_path, capsys):
+    """The splits' bookkeeping: pairs where the chosen response is shorter / longer (equal lengths in
+    neither), and where both answer / one declines, each with the accuracy of the per-pair rewards computed
+    here with the scoring API."""
     from rlcd.reward import score_texts
 
     pm, tok = write_tiny_pm(ckpt, tmp_path / "pm")
     rows = [("short", "a much longer rejected one"), ("a much longer chosen one", "short"), ("xy", "zw"),
-            ("tiny", "a longer one here")]
+            ("I can't help with that.", "a much longer rejected answer than that")]
     f = tmp_path / "pairs.jsonl"
     prompt = tok.apply_chat_template([{"role": "user", "content": "hello"}])
     f.write_text("".join(json.dumps({"prompt": prompt, "chosen": c, "rejected": r, "format": "chat"}) + "\n"
@@ -436,4 +437,9 @@ def test_pm_agreement_length_split(ckpt, tmp_path, capsys):
     assert (m["n_chosen_shorter"], m["n_chosen_longer"]) == (2, 1)
     assert m["accuracy_chosen_shorter"] == pytest.approx((right[0] + right[3]) / 2)
     assert m["accuracy_chosen_longer"] == pytest.approx(right[1])
-    assert "chosen shorter: 2 pairs" in capsys.readouterr().out
+    # and by form: both answer (0-2), one declines (3: "I can't" is a refusal phrase)
+    assert (m["n_both_answer"], m["n_one_declines"]) == (3, 1)
+    assert m["accuracy_both_answer"] == pytest.approx(sum(right[:3]) / 3)
+    assert m["accuracy_one_declines"] == pytest.approx(right[3])
+    printed = capsys.readouterr().out
+    assert "chosen shorter: 2 pairs" in printed and "one declines: 1 pairs" in printed
