@@ -144,8 +144,7 @@ def load_designs(spec: str) -> list[Design]:
     explain-vs-prefill"), each a built-in name or a JSON file; DesignError naming the part at fault. In a
     mixture the run's prompts take the designs in turn (`mixture_design`), so it simulates as many pairs as
     one design, split between them."""
-    parts = spec.split(MIXTURE_SEP) if MIXTURE_SEP in spec and spec not in DESIGNS and not Path(spec).is_file() \
-        else [spec]
+    parts = [spec] if spec in DESIGNS or Path(spec).is_file() else spec.split(MIXTURE_SEP)
     if any(not p for p in parts):
         raise DesignError(f"--design {spec!r}: an empty design in the mixture (names joined by '{MIXTURE_SEP}')")
     designs = [load_design(p) for p in parts]

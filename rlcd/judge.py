@@ -633,12 +633,13 @@ def selection_table(measured: dict[str, dict], records: list[dict], k: int = 5, 
         cv = cross_validate({n: measured[n]["p"] for n in names}, labels, folds, rule)
         agree = [measured[cv["per_pair"][i]]["agree"] for i in range(len(records))]
         pos = ([float(a[i]) for i, a in enumerate(agree) if a is not None])
+        correct = cv["correct"].tolist()
         lo, hi = cluster_ci(cv["correct"], groups, n_boot, seed)
         rows.append({"family": fam, "configurations": len(names), "n": len(records),
                      "requests": len(set(groups)), "folds": k,
                      "cv_accuracy": float(cv["correct"].mean()), "cv_ci": [lo, hi],
                      "position_agreement": float(np.mean(pos)) if pos else None,
-                     **length_split(records, cv["correct"].tolist()), **form_split(records, cv["correct"].tolist()),
+                     **length_split(records, correct), **form_split(records, correct),
                      "fold_choice": cv["fold_choice"], "chosen": cv["chosen"],
                      "chosen_accuracy_all": cv["chosen_accuracy_all"]})
     apparent = {n: float(pair_correct(m["p"], labels).mean()) for n, m in measured.items()}

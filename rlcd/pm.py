@@ -287,8 +287,8 @@ def pm_agreement_main(argv: list[str] | None = None) -> int:
     chosen, rejected, n_cut = encode_pairs(recs, tok, max_length)
     labels = torch.tensor([r["label"] for r in recs])
     m, right = evaluate_pairs(pm, chosen, rejected, labels, tok.pad_id, args.batch_size)
-    # Per-pair correctness split by whether the chosen response is the shorter or the longer one: a PM
-    # that only prefers brevity (refusals are short) shows up there.
+    # Per-pair correctness split by whether the chosen response is the shorter or the longer one (a PM that
+    # only prefers brevity, refusals being short, shows up there) and by whether one response declines.
     m |= length_split(recs, right) | form_split(recs, right)
     m["accuracy_ci"] = cluster_ci(right, [request_key(r) for r in recs])      # resampling whole requests
     f = lambda v: "-" if v is None else f"{v:.4f}"   # noqa: E731
