@@ -10,6 +10,10 @@ column, so all rows decode in lock-step. A token's RoPE position is its column m
 padded keys are masked out of attention. Padding on the right (after a response ended) needs nothing:
 causal attention never looks forward, and losses mask those positions.
 
+Attention (`attend`): `naive` (fp32 reference), `sdpa` (torch's, the default) or `triton` (kernels/attention.py,
+prefill and training); a bf16 decoding step on a CPU takes `attend_one_query`, several times faster there than
+torch's CPU SDPA in bf16.
+
 Parameter names are this file's own (`tok_embeddings`, `layers.0.attention.wq`, ...); the one place
 that maps them to Hugging Face's names is `models/checkpoint.py`.
 """
