@@ -3,7 +3,7 @@
     python bench/bench_attention.py                  # batch 32, the default model's heads, 64/120/256 keys
 
 For one query row per sequence (a decode step), times `F.scaled_dot_product_attention` on bf16 q, k, v (the
-padding mask and grouped-query heads as in a real step) against `models.llama.attend_one_query` on the same
+padding mask and grouped-query heads as in a real step) against `models.llama.attend_fp32` on the same
 tensors, and prints ms per call (best of --repeats) and each one's largest difference from a float64 SDPA.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import cpu_name  # noqa: E402
-from models.llama import attend_one_query  # noqa: E402
+from models.llama import attend_fp32  # noqa: E402
 from rlcd.cli import parse_args  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def main() -> None:
         mask[::2, :, :, :L // 8] = False                                   # left padding on half the rows
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
         sides = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
-                 "grouped fp32": lambda: attend_one_query(q, k, v, mask)}
+                 "grouped fp32": lambda: attend_fp32(q, k, v, mask)}
         cells = [f"{name} {best_ms(fn, args.repeats):.3f} ms ({(fn().double() - ref).abs().max().item():.1e})"
                  for name, fn in sides.items()]
         print(f"keys {L:4d}: " + "  ".join(cells))

@@ -11,8 +11,8 @@ padded keys are masked out of attention. Padding on the right (after a response 
 causal attention never looks forward, and losses mask those positions.
 
 Attention (`attend`): `naive` (fp32 reference), `sdpa` (torch's, the default) or `triton` (kernels/attention.py,
-prefill and training); a bf16 decoding step on a CPU takes `attend_one_query`, several times faster there than
-torch's CPU SDPA in bf16.
+prefill and training); a bf16 decoding step on a CPU takes the fp32 reference (`attend_fp32`), several times
+faster there than torch's CPU SDPA in bf16.
 
 Parameter names are this file's own (`tok_embeddings`, `layers.0.attention.wq`, ...); the one place
 that maps them to Hugging Face's names is `models/checkpoint.py`.
@@ -230,15 +230,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: "AttnContext") -> Tensor:
             k, v = k.to(q.dtype), v.to(q.dtype)
         return attention(q, k, v, ctx.start)
     if ctx.impl == "naive":
-        k = k.repeat_interleave(H // H_kv, dim=1)                # (B, H, L, hd)
-        v = v.repeat_interleave(H // H_kv, dim=1)
-        att = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(hd)   # (B, H, T, L)
         mask = ctx.mask if ctx.mask is not None else torch.ones(
-            T, T, dtype=torch.bool, device=q.device).tril()
-        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        y = (att @ v.float()).to(q.dtype)                       # (B, H, T, hd)
+            1, 1, T, T, dtype=torch.bool, device=q.device).tril()
+        y = attend_fp32(q, k, v, mask)
     elif T == 1 and q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        y = attend_one_query(q, k, v, ctx.mask)
+        # A decoding step in bf16 on a CPU: torch's CPU SDPA is several times slower than the fp32 products
+        # here for one query row (docs/PERFORMANCE.md, bench/bench_attention.py).
+        y = attend_fp32(q, k, v, ctx.mask)
     elif ctx.mask is None:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != H_kv)
     else:
@@ -248,22 +246,20 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: "AttnContext") -> Tensor:
     return y
 
 
-def attend_one_query(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """One decoding step's attention on a CPU in bf16: q (B, H, 1, hd) over k, v (B, H_kv, L, hd), in fp32.
-
-    torch's CPU SDPA (its flash kernel) takes 1.5 ms per call for one bf16 query row at batch 32, 9 heads, 120
-    keys, against 0.26 ms for this on an AMD EPYC with avx512_bf16 (bench/bench_attention.py), and so took half
-    of a bf16 decode step. The H / H_kv query heads that share a key head are one (G, hd) matrix, so grouped-
-    query attention needs no repeated keys; the cache is read once in bf16 and the products, the softmax and
-    the weighted sum run in fp32 (as accurate as SDPA's bf16 kernel or more), returned in bf16."""
-    B, H, _, hd = q.shape
+def attend_fp32(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention computed in fp32 whatever the inputs' dtype, returned in q's: q (B, H, T, hd) over k, v
+    (B, H_kv, L, hd), mask (B or 1, 1, T, L) bool or None. The `naive` reference, and a bf16 decoding step on a
+    CPU. The G = H / H_kv query heads that share a key head are one (G * T, hd) matrix against it, so grouped-
+    query attention never repeats keys, and a bf16 cache is read once."""
+    B, H, T, hd = q.shape
     H_kv, L = k.shape[1], k.shape[2]
-    qg = q.reshape(B, H_kv, H // H_kv, hd).float()                           # (B, H_kv, G, hd)
-    att = (qg @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(hd))       # (B, H_kv, G, L)
-    if mask is not None:                                                     # (B or 1, 1, 1, L) bool
-        att = att.masked_fill(~mask.reshape(mask.shape[0], 1, 1, L), float("-inf"))
-    y = att.softmax(dim=-1) @ v.float()                                      # (B, H_kv, G, hd)
-    return y.to(q.dtype).reshape(B, H, 1, hd)
+    G = H // H_kv
+    qg = q.float().reshape(B, H_kv, G * T, hd)                               # rows (g, t) of each key head
+    att = (qg @ k.float().transpose(-2, -1)) / math.sqrt(hd)                 # (B, H_kv, G * T, L)
+    if mask is not None:
+        att = att.view(B, H_kv, G, T, L).masked_fill(~mask.unsqueeze(1), float("-inf")).view(B, H_kv, G * T, L)
+    y = att.softmax(dim=-1) @ v.float()                                      # (B, H_kv, G * T, hd)
+    return y.to(q.dtype).reshape(B, H, T, hd)
 
 
 @dataclass

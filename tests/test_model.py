@@ -85,10 +85,10 @@ def test_low_precision_forward_close_to_fp32(dtype):
 
 @pytest.mark.parametrize("H, H_kv", [(6, 2), (4, 4), (4, 1)], ids=["gqa", "mha", "mqa"])
 def test_one_query_bf16_attention_within_bf16_rounding_of_float64(H, H_kv):
-    # The CPU bf16 decode step's attention (models.llama.attend_one_query) computes in fp32 from bf16 inputs
+    # The CPU bf16 decode step's attention (models.llama.attend_fp32) computes in fp32 from bf16 inputs
     # and rounds its output to bf16 once: against float64 SDPA on the same inputs it may differ by half a
     # bf16 unit of the output (2^-9 relative) plus fp32 rounding, so 2^-8 of the largest output bounds it.
-    from models.llama import attend_one_query
+    from models.llama import attend_fp32
     torch.manual_seed(0)
     B, hd, L = 3, 16, 11
     q = torch.randn(B, H, 1, hd).bfloat16()
@@ -98,18 +98,18 @@ def test_one_query_bf16_attention_within_bf16_rounding_of_float64(H, H_kv):
     for m in (mask, None):
         ref = torch.nn.functional.scaled_dot_product_attention(
             q.double(), k.double(), v.double(), attn_mask=m, enable_gqa=H != H_kv)
-        got = attend_one_query(q, k, v, m)
+        got = attend_fp32(q, k, v, m)
         assert got.dtype == torch.bfloat16 and got.shape == (B, H, 1, hd)
         assert (got.double() - ref).abs().max() <= 2 ** -8 * ref.abs().max()
 
 
 def test_bf16_decode_step_takes_the_one_query_path(monkeypatch):
-    # A bf16 model's one-token decoding step on a CPU goes through attend_one_query (torch's CPU SDPA is
+    # A bf16 model's one-token decoding step on a CPU goes through attend_fp32 (torch's CPU SDPA is
     # several times slower there), and the tokens it gives match a full forward's within bf16 rounding.
     import models.llama as llama
     calls = []
-    real = llama.attend_one_query
-    monkeypatch.setattr(llama, "attend_one_query", lambda *a: calls.append(1) or real(*a))
+    real = llama.attend_fp32
+    monkeypatch.setattr(llama, "attend_fp32", lambda *a: calls.append(1) or real(*a))
     model = make_tiny_model(dtype=torch.bfloat16)
     tokens, start = torch.randint(3, 320, (2, 9)), torch.tensor([0, 3])
     with torch.no_grad():
