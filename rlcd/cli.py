@@ -94,7 +94,7 @@ RULES: dict[str, Range] = {
     # losses and PPO
     "clip": POSITIVE, "value_clip": POSITIVE,
     "kl_coef": NONNEGATIVE, "kl_target": POSITIVE, "vf_coef": NONNEGATIVE, "ent_coef": NONNEGATIVE,
-    "center_coef": NONNEGATIVE, "gamma": UNIT, "lam": UNIT,
+    "center_coef": NONNEGATIVE, "length_head": Range(0, note="0 = off"), "gamma": UNIT, "lam": UNIT,
     "beta": POSITIVE, "label_smoothing": Range(0, 0.5, hi_open=True, note="0 = off"),     # DPO
     "margin": ANY, "no_stop_score": ANY,
     # evaluation

@@ -9,6 +9,13 @@ official RLCD code runs): with d = r_chosen - r_rejected and label y = P(chosen 
     L = -[y log sigma(d - m) + (1 - y) log sigma(-(d - m))] + c * mean((r_chosen + r_rejected)^2)
 y = 1 for RLCD pairs (preferred by construction), the scorer's soft probability for RLAIF pairs; the
 margin m (Llama 2's margin loss) and the centering coefficient c (keeps rewards near 0) are off by default.
+With --length-head w (ODIN, Chen et al. 2024, arXiv 2402.07319), a second head r_L beside the reward head
+r_Q: the loss above is taken on r_Q + r_L, plus w * (|corr(r_Q, n)| - corr(r_L, n) + |cos(W_Q, W_L)|) over
+the micro-batch's sequences, so the length cue goes to r_L and the reward is r_Q alone (what every scorer
+and PPO read; the length head is saved only for resuming). n is each response's token count, negated where
+the training pairs prefer the shorter response more often than the longer: ODIN's data rewarded length,
+and on pairs that reward brevity a length head made to rise with length would work against the labels
+and leave the reward head to carry the cue.
 Each pair is encoded as rlcd.reward.encode_input (prompt + response + end marker), the reward read at
 the last token. After the schedule, the reward's mean and std on base-policy samples are stored in
 run.json for PPO's normalised reward.
@@ -21,6 +28,7 @@ answer or one declines (rlcd.judge.form_split).
 
 API
     bt_loss(r_chosen, r_rejected, label, margin=0.0, center_coef=0.0) -> scalar loss
+    disentangle_loss(r, r_len, n_tokens, w, w_len) -> scalar     ODIN's terms (--length-head)
     pair_correct(d, label) -> (B,); pair_metrics(r_chosen, r_rejected, label) -> {"accuracy", "p_chosen", "margin"}
     encode_pairs(recs, tok, max_length) -> (chosen ids, rejected ids, number cut)
     evaluate_pairs(pm, chosen, rejected, labels, pad_id, batch_size) -> (metrics, per-pair correctness)
@@ -51,7 +59,7 @@ from rlcd.judge import cluster_ci, form_split, length_split, request_key
 from rlcd.jsonl import write_json_atomic
 from rlcd.pairs import PairsError, in_own_template, length_balanced, read_pairs, resolve_pairs
 from rlcd.precision import resolve as resolve_precision
-from rlcd.reward import HEAD_FILE, RewardModel, encode_input, end_marker, load_reward_model, score_ids, score_texts
+from rlcd.reward import HEAD_FILE, LENGTH_HEAD_FILE, RewardModel, encode_input, end_marker, load_reward_model, score_ids, score_texts
 from rlcd.tasks import FORMATS
 
 
@@ -62,6 +70,7 @@ class Args(runs.TrainArgs):
     balance_length: int = 0            # train on a length-balanced subsample: bucket width in characters (rlcd.pairs.length_balanced); 0 = every pair
     margin: float = 0.0                # subtract this margin from r_chosen - r_rejected in the loss
     center_coef: float = 0.0           # add center_coef * mean((r_chosen + r_rejected)^2) to the loss
+    length_head: float = 0.0           # ODIN: a second head takes the length cue, the reward's kept uncorrelated with length, at this weight (disentangle_loss; 0 = off)
     eval_batch_size: int = 16          # sequences per forward in dev evaluation and scoring
     norm_samples: int = 64             # base-policy responses for the reward mean/std stored for PPO (0 = skip)
     norm_policy: str | None = None     # policy sampled for the statistics (default: --model)
@@ -85,6 +94,23 @@ def bt_loss(r_chosen: Tensor, r_rejected: Tensor, label: Tensor | float, margin:
     if center_coef:
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
     return loss
+
+
+def _corr(x: Tensor, y: Tensor) -> Tensor:
+    """Pearson correlation of two (N,) tensors; 0 where either is constant."""
+    xc, yc = x - x.mean(), y - y.mean()
+    return (xc * yc).sum() / (xc.norm() * yc.norm()).clamp_min(1e-8)
+
+
+def disentangle_loss(r: Tensor, r_len: Tensor, n_tokens: Tensor, w: Tensor, w_len: Tensor) -> Tensor:
+    """ODIN's disentangling terms (Chen et al. 2024) over N sequences: |corr(r, n)| - corr(r_len, n) +
+    |cos(w, w_len)|, with r (N,) the reward head's outputs, r_len (N,) the length head's, n_tokens (N,) the
+    responses' lengths in the direction the labels favour (token counts, negated where shorter wins) and w,
+    w_len the two heads' weights (1, D): the reward is pushed off length, the length head onto it, and the
+    two heads apart. Bounded in [-1, 2]."""
+    n = n_tokens.to(r.dtype)
+    cos = F.cosine_similarity(w.flatten(), w_len.flatten(), dim=0)
+    return _corr(r, n).abs() - _corr(r_len, n) + cos.abs()
 
 
 def pair_correct(d: Tensor, label: Tensor) -> Tensor:
@@ -196,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.print0(f"pm: --balance-length {args.balance_length}: {len(train)} of {n_all} train pairs kept "
                            f"(the preferred response as often the longer as the shorter)", file=sys.stderr)
     torch.manual_seed(args.seed)
-    pm = RewardModel(trunk)
+    pm = RewardModel(trunk, length_head=bool(args.length_head))
     train, dev = in_own_template(train, tok), in_own_template(dev, tok)     # pairs from another simulator
 
     max_length = min(args.max_length, trunk.args.max_seq_len)
@@ -205,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     tr_y = torch.tensor([r["label"] for r in train], device=device)        # (n_train,)
     dv_y = torch.tensor([r["label"] for r in dev])
     lengths = [max(len(c), len(r)) for c, r in zip(tr_c, tr_r)]
+    if args.length_head:                    # each side's response tokens, the length the second head takes,
+        n_resp = torch.tensor([[len(tok.encode(r[k], add_bos=False)) for k in ("chosen", "rejected")] for r in train],
+                              device=device, dtype=torch.float32)              # (n_train, 2)
+        d = (n_resp[:, 0] - n_resp[:, 1]) * (tr_y - 0.5)                       # > 0: the preferred side is longer
+        n_resp = n_resp if (d > 0).sum() >= (d < 0).sum() else -n_resp         # signed the way the labels lean
+        distributed.print0(f"pm: --length-head {args.length_head}: the preferred response is the longer in "
+                           f"{int((d > 0).sum())} of {len(train)} train pairs, the shorter in {int((d < 0).sum())}",
+                           file=sys.stderr)
     total = runs.schedule_length(args, len(train))
     distributed.print0(f"pm: {len(train)} train / {len(dev)} dev pairs from {len(args.pairs)} file(s); {cut + cut_dev} "
           f"pairs over {max_length} tokens were cut at the start; mean length "
@@ -213,11 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     def loss_fn(micro: list[int], batch: list[int]):
         b = len(micro)
         tokens, lens = runs.right_pad([tr_c[i] for i in micro] + [tr_r[i] for i in micro], tok.pad_id, device)
-        r = pm(tokens, lens - 1)                                             # (2b,): chosen rows, then rejected
-        r_c, r_r, y = r[:b], r[b:], tr_y[micro]
-        loss = bt_loss(r_c, r_r, y, args.margin, args.center_coef)
+        y = tr_y[micro]
+        if args.length_head:
+            r_q, r_l = pm(tokens, lens - 1, both=True)                        # (2b,) each
+            r = r_q + r_l
+            n = torch.cat([n_resp[micro, 0], n_resp[micro, 1]])               # (2b,)
+            odin = disentangle_loss(r_q, r_l, n, pm.head.weight, pm.length_head.weight)
+            extra = {"length_corr": _corr(r_q.detach(), n), "length_head_corr": _corr(r_l.detach(), n)}
+        else:
+            r, odin, extra = pm(tokens, lens - 1), 0.0, {}                    # (2b,): chosen rows, then rejected
+        r_c, r_r = r[:b], r[b:]
+        loss = bt_loss(r_c, r_r, y, args.margin, args.center_coef) + args.length_head * odin
         w = b / len(batch)                                                   # this micro-batch's share
-        metrics = {k: v * w for k, v in pair_metrics(r_c.detach(), r_r.detach(), y).items()}
+        metrics = {k: v * w for k, v in (pair_metrics(r_c.detach(), r_r.detach(), y) | extra).items()}
         return loss * w, metrics, int(lens.sum())
 
     def evaluate() -> dict[str, float]:
@@ -228,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = runs.train(args, "pm", pm, trunk, tok, resume_from, [r["id"] for r in train], lengths, total,
-                             loss_fn, evaluate, {HEAD_FILE: pm.head}, n_train=len(train), n_dev=len(dev),
+                             loss_fn, evaluate, {HEAD_FILE: pm.head} | ({LENGTH_HEAD_FILE: pm.length_head}
+                                                 if args.length_head else {}), n_train=len(train), n_dev=len(dev),
                              pairs=args.pairs, end_markers={f: end_marker(tok, f) for f in FORMATS},
                              formats=sorted({r["format"] for r in recs}))
     except CheckpointError as e:                    # the checkpoint resumed from (read before any step)

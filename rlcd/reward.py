@@ -10,7 +10,8 @@ for chat prompts: exactly the stop token the policy emits, so PPO's token-level 
 prompt + response + stop token sees the same input as training did.
 
 API
-    RewardModel(trunk)                       .forward(tokens, last, start=None) -> (N,) rewards
+    RewardModel(trunk, length_head=False)    .forward(tokens, last, start=None, both=False) -> (N,) rewards
+                                             (both: and the length head's outputs, train.py pm --length-head)
                                              .values(tokens, start=None) -> (N, T), for PPO's value net
     fp32_head(h, head) -> (...)              a scalar head in fp32 under autocast (also PPO's value head)
     end_marker(tok, fmt), encode_parts(tok, prompt, response, fmt) -> (ids, prompt length)
@@ -41,6 +42,7 @@ from rlcd import checkpoints, runs
 
 PLAIN_END = "\n\nHuman:"      # the paper's end marker: the start of the next human turn
 HEAD_FILE = "head"            # head.safetensors in the checkpoint: {"weight": (1, D), "bias": (1,)}
+LENGTH_HEAD_FILE = "length_head"    # train.py pm --length-head: the second head, kept for resuming; no scorer reads it
 
 
 # --- the model -------------------------------------------------------------------------------------------
@@ -53,27 +55,38 @@ def fp32_head(h: Tensor, head: nn.Linear) -> Tensor:
 
 
 class RewardModel(nn.Module):
-    """A Transformer trunk and a scalar linear head on its final (normed) hidden states."""
+    """A Transformer trunk and a scalar linear head on its final (normed) hidden states. With
+    `length_head`, a second such head that training (train.py pm --length-head, ODIN) makes carry the
+    response's length; the reward is `head` alone everywhere else."""
 
-    def __init__(self, trunk: Transformer):
+    def __init__(self, trunk: Transformer, length_head: bool = False):
         super().__init__()
         self.trunk = trunk
         D = trunk.args.dim
-        self.head = nn.Linear(D, 1, device=trunk.device, dtype=torch.float32)
-        # N(0, 1/sqrt(D + 1)) weights and a zero bias, as lm-human-preferences (Ziegler et al. 2019)
-        # initialises its reward head, so initial rewards have O(1) spread and no offset.
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(D + 1))
-        nn.init.zeros_(self.head.bias)
+        self.head = self._new_head(D, trunk.device)
+        self.length_head = self._new_head(D, trunk.device) if length_head else None
         # Reward mean / std on base-policy samples (set from run.json by load_reward_model; PPO divides by it).
         self.norm_mean: float | None = None
         self.norm_std: float | None = None
 
-    def forward(self, tokens: Tensor, last: Tensor, start: Tensor | None = None) -> Tensor:
+    @staticmethod
+    def _new_head(D: int, device) -> nn.Linear:
+        # N(0, 1/sqrt(D + 1)) weights and a zero bias, as lm-human-preferences (Ziegler et al. 2019)
+        # initialises its reward head, so initial rewards have O(1) spread and no offset.
+        head = nn.Linear(D, 1, device=device, dtype=torch.float32)
+        nn.init.normal_(head.weight, std=1 / math.sqrt(D + 1))
+        nn.init.zeros_(head.bias)
+        return head
+
+    def forward(self, tokens: Tensor, last: Tensor, start: Tensor | None = None,
+                both: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """tokens (N, T), last (N,) column of each row's last real token, start (N,) first real column
-        for left padding (None for right padding). Returns rewards (N,) in fp32."""
+        for left padding (None for right padding). Returns rewards (N,) in fp32; with `both`, the
+        rewards and the length head's outputs (N,)."""
         h = self.trunk(tokens, start=start, return_hidden=True)                 # (N, T, D)
         h_last = h[torch.arange(h.shape[0], device=h.device), last]            # (N, D)
-        return fp32_head(h_last, self.head)                                            # (N,)
+        r = fp32_head(h_last, self.head)                                               # (N,)
+        return (r, fp32_head(h_last, self.length_head)) if both else r
 
     def values(self, tokens: Tensor, start: Tensor | None = None) -> Tensor:
         """The head at every position: (N, T) fp32. PPO's value network (initialised from the preference

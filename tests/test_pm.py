@@ -16,7 +16,7 @@ from models.generation import left_pad
 from rlcd import pm as pm_mod
 from rlcd import runs
 from rlcd.pairs import PairsError, length_balanced, read_pairs
-from rlcd.pm import bt_loss, pair_metrics
+from rlcd.pm import bt_loss, disentangle_loss, pair_metrics
 from rlcd.reward import (RewardModel, encode_input, end_marker, load_reward_model, score_ids, score_texts,
                          score_tokens)
 
@@ -47,6 +47,23 @@ def test_bt_loss_margin_and_centering_by_hand():
     assert bt_loss(f64(1.0), f64(0.5), 1.0, center_coef=0.1).item() == pytest.approx(0.6990769841801067, abs=1e-12)
     # both off by default: the centering term would change this value
     assert bt_loss(f64(3.0), f64(1.0), 1.0).item() == pytest.approx(math.log1p(math.exp(-2)), abs=1e-12)
+
+
+def test_disentangle_loss_by_hand_and_its_gradient():
+    n = f64(1.0, 2.0, 3.0)
+    # reward falling with length (|corr| 1), length head rising with it (corr 1), orthogonal heads: 1 - 1 + 0
+    assert disentangle_loss(f64(3.0, 2.0, 1.0), f64(1.0, 2.0, 3.0), n, f64(1.0, 0.0), f64(0.0, 1.0)).item() == \
+        pytest.approx(0.0, abs=1e-12)
+    # a constant reward has no correlation (0, not NaN); r_len (3, 1, 2) against n: corr -1/2; cos 1/sqrt(2)
+    v = disentangle_loss(f64(1.0, 1.0, 1.0), f64(3.0, 1.0, 2.0), n, f64(1.0, 1.0), f64(1.0, 0.0)).item()
+    assert v == pytest.approx(0.5 + 1 / math.sqrt(2), abs=1e-12)
+    # the gradient, against central differences in float64
+    g = torch.Generator().manual_seed(0)
+    r, r_len = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    w, w_len = torch.randn(1, 4, generator=g, dtype=torch.float64), torch.randn(1, 4, generator=g, dtype=torch.float64)
+    n6 = torch.tensor([3, 9, 4, 12, 7, 5])
+    assert torch.autograd.gradcheck(lambda *x: disentangle_loss(x[0], x[1], n6, x[2], x[3]),
+                                    tuple(t.requires_grad_() for t in (r, r_len, w, w_len)))
 
 
 def test_pair_metrics_soft_labels_and_ties():
@@ -222,6 +239,49 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_dir, marker_pairs, tmp_
     assert any(not torch.equal(a[k], load_file(str(tiny_dir / "model.safetensors"))[k]) for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def write_length_pairs(path, n, seed=0):
+    """Pairs whose only cue is length: the chosen response is 1-2 random words, the rejected one 5-7."""
+    tok, rng = make_tiny_tokenizer(), random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            rec = {"id": f"p{i}", "prompt": tok.apply_chat_template([{"role": "user", "content": _word(rng)}]),
+                   "chosen": " ".join(_word(rng) for _ in range(rng.randint(1, 2))),
+                   "rejected": " ".join(_word(rng) for _ in range(rng.randint(5, 7))), "label": 1.0, "format": "chat"}
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def test_length_head_takes_the_length_cue_and_resumes(tiny_dir, tmp_path):
+    pairs = write_length_pairs(tmp_path / "pairs.jsonl", 256)
+    common = ["--lr", "3e-3", "--max-steps", "30", "--batch-size", "16", "--micro-batch", "16", "--warmup", "3",
+              "--dev", "64"]
+    def dev_accuracy(run):
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+                if json.loads(x).get("summary")][-1]["dev_accuracy"]
+    assert pm_mod.main(pm_argv(pairs, tmp_path / "plain", tiny_dir, *common)) == 0
+    assert pm_mod.main(pm_argv(pairs, tmp_path / "odin", tiny_dir, *common, "--length-head", "1")) == 0
+    # Dev accuracy is the reward head's alone: the plain PM learns length; with the second head taking it, the
+    # reward head is kept off it and the pairs have nothing else to learn.
+    assert dev_accuracy(tmp_path / "plain") > 0.9
+    assert dev_accuracy(tmp_path / "odin") < 0.75
+    steps = [json.loads(x) for x in (tmp_path / "odin" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in steps if "loss" in x and "eval" not in x and not x.get("summary")]
+    assert steps[-1]["accuracy"] > 0.9                              # the two heads together do order the pairs
+    # correlations with length in the direction the labels favour (here: shorter), over the last 5 steps
+    assert min(x["length_head_corr"] for x in steps[-5:]) > 0.8
+    assert sum(abs(x["length_corr"]) for x in steps[-5:]) / 5 < 0.3
+    ckpt = tmp_path / "odin" / "reward"
+    assert set(load_file(str(ckpt / "length_head.safetensors"))) == {"weight", "bias"}
+    pm, _, _ = load_reward_model(tmp_path / "odin")
+    assert pm.length_head is None                                   # a scorer reads the reward head alone
+    # resume: the second head and its optimiser state come back
+    assert pm_mod.main(pm_argv(pairs, tmp_path / "b", tiny_dir, *common, "--length-head", "1", "--stop-after", "13")) == 0
+    assert pm_mod.main(pm_argv(pairs, tmp_path / "b", tiny_dir, *common, "--length-head", "1", "--resume")) == 0
+    for f in ("model.safetensors", "head.safetensors", "length_head.safetensors"):
+        a, b = load_file(str(ckpt / f)), load_file(str(tmp_path / "b" / "reward" / f))
+        assert all(torch.equal(a[k], b[k]) for k in a), f
 
 
 # --- pm-agreement ----------------------------------------------------------------------------------------
