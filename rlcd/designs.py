@@ -18,7 +18,8 @@ more, for each polarity:
 Per side, every field optional: `system` is a system message (appended to one the conversation already
 has), `demonstrations` are earlier exchanges put before the conversation (with header affixes, earlier
 assistant turns get the opposite affix, the paper's rule), and `prefix` begins the reply: it ends the
-prompt, and the response stored (o+ or o-) is prefix + what the model wrote. The neutral prompt p (RLAIF,
+prompt, and the response stored (o+ or o-) is prefix + what the model wrote, the prefix's tokens counted
+against --max-new-tokens (so a prefilled side is no longer than the other). The neutral prompt p (RLAIF,
 evaluation, PPO) never depends on the design.
 
 A mixture ("safe-vs-prefill+explain-vs-prefill", `load_designs`) gives the run's prompts its designs in turn:

@@ -102,7 +102,7 @@ class Args:
     temperature: float = 0.7              # sampling temperature (the paper: 1; see docs/SIMULATE.md)
     top_p: float = 0.9                    # nucleus threshold (1 disables; the paper: 1)
     top_k: int = 0                        # keep the k most likely tokens (0 disables)
-    max_new_tokens: int = 128             # tokens per response (the paper: 300)
+    max_new_tokens: int = 128             # tokens per response, a design's reply prefix included (the paper: 300)
     max_prompt_tokens: int = 192          # drop prompts whose p, p+ or p- is longer (as the paper's PPO)
     max_tries: int = 5                    # samples per response before the prompt is dropped
     require_end: bool = False             # re-sample responses cut off at max_new_tokens
@@ -152,9 +152,20 @@ def _resume(path: Path, args: Args) -> set[str]:
 # ---------------------------------------------------------------------------------------------
 # sampling
 
+def within_budget(result: dict, budget: int, tokenizer: Tokenizer) -> dict:
+    """A generate_texts result as if sampled with max_new_tokens=budget: its first `budget` tokens, ended
+    only if its stop token fit too (the engine counts the stop token against the cap). Sampling is causal,
+    so these are the tokens a run with that cap draws."""
+    ids = result["token_ids"]
+    if len(ids) + int(result["finished"]) <= budget:
+        return result
+    return {"text": tokenizer.decode(ids[:budget]), "token_ids": ids[:budget], "finished": False}
+
+
 def sample_responses(model, tokenizer: Tokenizer, prompts: list[str], args: Args, salt: str,
-                     ) -> tuple[list[str | None], list[int], list[bool], int]:
-    """One cleaned response per prompt text, re-sampling failures up to args.max_tries samples.
+                     budgets: list[int] | None = None) -> tuple[list[str | None], list[int], list[bool], int]:
+    """One cleaned response per prompt text, re-sampling failures up to args.max_tries samples. `budgets`:
+    each prompt's own cap on new tokens, at most args.max_new_tokens (default: that for every prompt).
 
     Returns (texts, with None where every try failed), tries, ended, tokens generated. Each try is one
     generate_texts call over the prompts still failing, seeded from (seed, salt, try).
@@ -176,6 +187,8 @@ def sample_responses(model, tokenizer: Tokenizer, prompts: list[str], args: Args
         for i, r in zip(todo, results):
             tries[i] += 1
             n_tokens += len(r["token_ids"]) + int(r["finished"])
+            if budgets is not None and budgets[i] < args.max_new_tokens:
+                r = within_budget(r, budgets[i], tokenizer)
             texts[i], ended[i] = clean(r, args.format, tokenizer, args.require_end)
             if texts[i] is None:
                 failed.append(i)
@@ -250,7 +263,14 @@ def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastiveP
             prompts = [cp.neutral for _, cp in items] * 2
         else:
             prompts = [cp.plus for _, cp in items] + [cp.minus for _, cp in items]
-        texts, tries, ended, n_tokens = sample_responses(model, tokenizer, prompts, args, salt)
+        # A reply prefix is part of the response (kept in o+ or o-), so it counts against the cap: both
+        # sides of a pair are at most max_new_tokens long, and o- prefilled is not longer than o+ by its
+        # prefix wherever both run to the cap.
+        prefixes = [""] * (2 * n) if args.method == "rlaif" else \
+            [cp.plus_prefix for _, cp in items] + [cp.minus_prefix for _, cp in items]
+        budgets = [args.max_new_tokens - len(tokenizer.encode(x, add_bos=False)) if x else args.max_new_tokens
+                   for x in prefixes]
+        texts, tries, ended, n_tokens = sample_responses(model, tokenizer, prompts, args, salt, budgets)
     keep = [j for j in range(n) if texts[j] is not None and texts[n + j] is not None]
     if args.method != "rlaif" and given is None:   # a design's reply prefixes are part of o+ and o-
         texts = [None if t is None else with_prefix(items[j % n][1].minus_prefix if j >= n else
@@ -397,6 +417,12 @@ def simulate(args: Args) -> dict:
     records = load_prompts(args.prompts or args.task, split=args.split)
     dtype = resolve_precision(args.precision, device).inference_dtype
     model, tok = load_model(args.model, device=device, dtype=dtype)
+    if args.method != "rlaif" and args.from_pairs is None:    # a reply prefix counts against --max-new-tokens
+        for d in designs:
+            for side, x in (("plus", d.plus.prefix), ("minus", d.minus.prefix)):
+                if x and len(tok.encode(x, add_bos=False)) >= args.max_new_tokens:
+                    raise ValueError(f"--max-new-tokens {args.max_new_tokens}: design {d.name}'s {side} reply prefix "
+                                     f"{x!r} takes {len(tok.encode(x, add_bos=False))} of them, leaving none to sample")
     judge = None               # (spec, model, tokenizer) of a judge spec; None: no judge, or --judge self
     if args.method in JUDGED and args.judge != "self":
         spec = _judge_spec(args)

@@ -108,13 +108,26 @@ def test_rlcd_chosen_from_p_plus_label_one(ckpt, tok, tmp_path, monkeypatch):
 def test_a_design_prefix_is_kept_in_the_response_and_the_design_recorded(ckpt, tok, tmp_path, monkeypatch):
     monkeypatch.setattr(sim, "generate_texts", FakeGenerate(outputs=lambda call, p, text: " how: " + text))
     out = tmp_path / "pairs.jsonl"
-    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl"), out, "--design", "refuse-vs-prefill")) == 0
+    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl"), out, "--design", "refuse-vs-prefill",
+                         "--max-new-tokens", "40")) == 0
     recs = read(out)
     assert len(recs) >= 4                      # the rest are over --max-prompt-tokens with the persona
     for r in recs:
-        assert r["rejected"].startswith("Sure, here is how: ") and not r["chosen"].startswith("Sure")
+        assert r["rejected"].startswith("Sure, here is how: NEUTRAL answer") and not r["chosen"].startswith("Sure")
         assert r["p_minus"].endswith("<|im_start|>assistant\nSure, here is") and "careful" in r["p_plus"]
         assert r["settings"]["design"]["name"] == "refuse-vs-prefill"
+        assert r["ended"] == {"chosen": True, "rejected": True}
+    # The prefix counts against --max-new-tokens: 24 byte tokens leave 24 - 13 for what follows "Sure, here is",
+    # so o- is cut there (and did not end); o+, unprefixed, has all 24.
+    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl"), tmp_path / "cut.jsonl", "--design",
+                         "refuse-vs-prefill", "--max-new-tokens", "24")) == 0
+    for r in read(tmp_path / "cut.jsonl"):
+        assert r["rejected"] == "Sure, here is how: NEUTR" and r["chosen"].startswith("how: NEUTRAL answer")
+        assert r["ended"] == {"chosen": True, "rejected": False}
+    # a cap the prefix alone fills is refused before any work, naming the flag
+    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl"), tmp_path / "none.jsonl", "--design",
+                         "refuse-vs-prefill", "--max-new-tokens", "13")) == 2
+    assert not (tmp_path / "none.jsonl").exists()
     # a design that cannot be used is refused before any work, naming the flag
     assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl"), tmp_path / "x.jsonl", "--design", "nope")) == 2
     assert not (tmp_path / "x.jsonl").exists()
@@ -123,7 +136,8 @@ def test_a_design_prefix_is_kept_in_the_response_and_the_design_recorded(ckpt, t
 def test_a_mixture_of_designs_gives_the_prompts_the_designs_in_turn(ckpt, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sim, "generate_texts", FakeGenerate(outputs=lambda call, p, text: " how: " + text))
     out = tmp_path / "pairs.jsonl"
-    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl"), out, "--design", "paper-header+refuse-vs-prefill")) == 0
+    assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl"), out, "--design", "paper-header+refuse-vs-prefill",
+                         "--max-new-tokens", "40")) == 0
     recs = sorted(read(out), key=lambda r: QUESTIONS.index(r["messages"][-1]["content"]))
     assert len(recs) >= 8
     # the kept prompts, in the prompt file's order, alternate between the two designs: as many pairs as one
@@ -210,7 +224,7 @@ def test_logprob_label_is_the_contrast_of_the_simulators_own_logprobs(ckpt, tok,
     monkeypatch.setattr(sim, "generate_texts", FakeGenerate(outputs=lambda call, p, text: " how: " + text))
     out = tmp_path / "pairs.jsonl"
     assert sim.main(argv(ckpt, write_prompts(tmp_path / "p.jsonl", QUESTIONS[:6]), out, "--method", "rlcd-logprob",
-                         "--design", design)) == 0
+                         "--design", design, "--max-new-tokens", "40")) == 0
     recs = read(out)
     assert len(recs) >= 3
     model = load_model(ckpt)[0]
@@ -503,7 +517,7 @@ def test_contrast_command_on_a_tiny_model(ckpt, tmp_path, monkeypatch, capsys):
     out, js = tmp_path / "contrast", tmp_path / "contrast.json"
     other = save_model(make_tiny_model(max_seq_len=1024), make_tiny_tokenizer(), tmp_path / "other")
     cmd = ["contrast", "--simulator", str(ckpt), str(other), "--design", "paper-header", "refuse-vs-prefill",
-           "--prompts", str(prompts), "--n-prompts", "6", "--max-new-tokens", "6", "--batch-size", "4",
+           "--prompts", str(prompts), "--n-prompts", "6", "--max-new-tokens", "40", "--batch-size", "4",
            "--judge", "refusal", "shorter", "--cross", f"{ckpt},{other}", "--no-progress", "--out", str(out),
            "--out-json", str(js)]
     assert eval_cli.main(cmd) == 0
