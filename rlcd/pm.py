@@ -11,7 +11,7 @@ y = 1 for RLCD pairs (preferred by construction), the scorer's soft probability 
 margin m (Llama 2's margin loss) and the centering coefficient c (keeps rewards near 0) are off by default.
 With --length-head w (ODIN, Chen et al. 2024, arXiv 2402.07319), a second head r_L beside the reward head
 r_Q: the loss above is taken on r_Q + r_L, plus w * (|corr(r_Q, n)| - corr(r_L, n) + |cos(W_Q, W_L)|) over
-the micro-batch's sequences, so the length cue goes to r_L and the reward is r_Q alone (what every scorer
+the micro-batch's sequences (so it depends on --micro-batch, 4 pairs at least), so the length cue goes to r_L and the reward is r_Q alone (what every scorer
 and PPO read; the length head is saved only for resuming). n is each response's token count, negated where
 the training pairs prefer the shorter response more often than the longer: ODIN's data rewarded length,
 and on pairs that reward brevity a length head made to rise with length would work against the labels
@@ -40,6 +40,7 @@ Shapes: B pairs, N sequences (2B in training: the chosen rows, then the rejected
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -70,7 +71,7 @@ class Args(runs.TrainArgs):
     balance_length: int = 0            # train on a length-balanced subsample: bucket width in characters (rlcd.pairs.length_balanced); 0 = every pair
     margin: float = 0.0                # subtract this margin from r_chosen - r_rejected in the loss
     center_coef: float = 0.0           # add center_coef * mean((r_chosen + r_rejected)^2) to the loss
-    length_head: float = 0.0           # ODIN: a second head takes the length cue, the reward's kept uncorrelated with length, at this weight (disentangle_loss; 0 = off)
+    length_head: float = 0.0           # ODIN: a second head takes the length cue, the reward's kept uncorrelated with length over each micro-batch, at this weight (disentangle_loss; 0 = off)
     eval_batch_size: int = 16          # sequences per forward in dev evaluation and scoring
     norm_samples: int = 64             # base-policy responses for the reward mean/std stored for PPO (0 = skip)
     norm_policy: str | None = None     # policy sampled for the statistics (default: --model)
@@ -205,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs.check_world(args)
         resume_from = runs.prepare_run(args, "pm", NORM_SETTINGS)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.length_head and min(args.micro_batch, args.batch_size // world) < 4:
+            raise ValueError(f"--length-head: its correlations are taken over each micro-batch's pairs, "
+                             f"{min(args.micro_batch, args.batch_size // world)} here; --micro-batch (per rank) 4 or more")
         recs = read_pairs(args.pairs)
         # Data: a dev split by prompt id, the same for RLCD and RLAIF files over the same prompts.
         train_idx, dev_idx = runs.split_dev([r["id"] for r in recs], args.dev, args.seed)

@@ -139,7 +139,11 @@ def prepare_run(args: RunArgs, stage: str, may_change: frozenset[str] = frozense
     saved, now = meta["config"], json.loads(json.dumps(dataclasses.asdict(args), default=str))
     free = RESUMABLE_CHANGES | may_change | {"out"}         # the directory is the run, under any name
     saved_rel, now_rel = _beside_run(saved), _beside_run(now)
-    changed = sorted(k for k in set(saved) | set(now) if k not in free and saved_rel.get(k) != now_rel.get(k))
+    # A setting the checkpoint does not record (added to the stage since) changes nothing at its default.
+    default = {f.name: json.loads(json.dumps(f.default, default=str)) for f in dataclasses.fields(args)
+               if f.default is not dataclasses.MISSING}
+    changed = sorted(k for k in set(saved) | set(now) if k not in free and saved_rel.get(k) != now_rel.get(k)
+                     and not (k not in saved and k in default and now.get(k) == default[k]))
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise CheckpointError(f"{out}: --resume with different settings ({diffs}); they would change the result")

@@ -268,10 +268,11 @@ def test_length_head_takes_the_length_cue_and_resumes(tiny_dir, tmp_path):
     assert dev_accuracy(tmp_path / "odin") < 0.75
     steps = [json.loads(x) for x in (tmp_path / "odin" / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in steps if "loss" in x and "eval" not in x and not x.get("summary")]
-    assert steps[-1]["accuracy"] > 0.9                              # the two heads together do order the pairs
+    last = steps[-5:]
+    assert sum(x["accuracy"] for x in last) / 5 > 0.85             # the two heads together do order the pairs
     # correlations with length in the direction the labels favour (here: shorter), over the last 5 steps
-    assert min(x["length_head_corr"] for x in steps[-5:]) > 0.8
-    assert sum(abs(x["length_corr"]) for x in steps[-5:]) / 5 < 0.3
+    assert sum(x["length_head_corr"] for x in last) / 5 > 0.8
+    assert sum(abs(x["length_corr"]) for x in last) / 5 < 0.3
     ckpt = tmp_path / "odin" / "reward"
     assert set(load_file(str(ckpt / "length_head.safetensors"))) == {"weight", "bias"}
     pm, _, _ = load_reward_model(tmp_path / "odin")
@@ -282,6 +283,9 @@ def test_length_head_takes_the_length_cue_and_resumes(tiny_dir, tmp_path):
     for f in ("model.safetensors", "head.safetensors", "length_head.safetensors"):
         a, b = load_file(str(ckpt / f)), load_file(str(tmp_path / "b" / "reward" / f))
         assert all(torch.equal(a[k], b[k]) for k in a), f
+    # correlations over micro-batches of fewer than 4 pairs are refused before any work, naming the flag
+    assert pm_mod.main(pm_argv(pairs, tmp_path / "c", tiny_dir, "--micro-batch", "2", "--length-head", "1")) == 2
+    assert not (tmp_path / "c" / "reward").exists()
 
 
 # --- pm-agreement ----------------------------------------------------------------------------------------
@@ -382,6 +386,14 @@ def test_resume_refuses_changed_settings_and_overwrites(tiny_dir, marker_pairs, 
     assert "lr: 1e-05 -> 1.0" in capsys.readouterr().err
     assert pm_mod.main(pm_argv(marker_pairs, tmp_path / "fresh", tiny_dir, *args, "--resume")) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    # a setting the checkpoint does not record (one added to the stage since) resumes at its default only
+    run = out / "reward" / "run.json"
+    meta = json.loads(run.read_text())
+    del meta["config"]["length_head"]
+    run.write_text(json.dumps(meta))
+    assert pm_mod.main(pm_argv(marker_pairs, out, tiny_dir, *args, "--length-head", "1", "--resume")) == 2
+    assert "length_head: None -> 1.0" in capsys.readouterr().err
+    assert pm_mod.main(pm_argv(marker_pairs, out, tiny_dir, *args, "--resume")) == 0
 
 
 def test_pairs_from_another_simulator_are_read_in_the_trunks_own_template():

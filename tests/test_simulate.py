@@ -133,6 +133,17 @@ def test_a_design_prefix_is_kept_in_the_response_and_the_design_recorded(ckpt, t
     assert not (tmp_path / "x.jsonl").exists()
 
 
+def test_within_budget_is_the_engines_cap():
+    # the engine counts the stop token against max_new_tokens: 5 tokens and a stop used 6
+    tok = make_tiny_tokenizer()
+    done = {"text": "abcde", "token_ids": tok.encode("abcde", add_bos=False), "finished": True}
+    assert sim.within_budget(done, 6, tok) is done
+    assert sim.within_budget(done, 5, tok) == {"text": "abcde", "token_ids": done["token_ids"], "finished": False}
+    assert sim.within_budget(done, 3, tok) == {"text": "abc", "token_ids": done["token_ids"][:3], "finished": False}
+    cut = {**done, "finished": False}
+    assert sim.within_budget(cut, 5, tok) is cut
+
+
 def test_a_mixture_of_designs_gives_the_prompts_the_designs_in_turn(ckpt, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sim, "generate_texts", FakeGenerate(outputs=lambda call, p, text: " how: " + text))
     out = tmp_path / "pairs.jsonl"
