@@ -11,8 +11,8 @@ y = 1 for RLCD pairs (preferred by construction), the scorer's soft probability 
 margin m (Llama 2's margin loss) and the centering coefficient c (keeps rewards near 0) are off by default.
 With --length-head w (ODIN, Chen et al. 2024, arXiv 2402.07319), a second head r_L beside the reward head
 r_Q: the loss above is taken on r_Q + r_L, plus w * (|corr(r_Q, n)| - corr(r_L, n) + |cos(W_Q, W_L)|) over
-the micro-batch's sequences (so it depends on --micro-batch, 4 pairs at least), so the length cue goes to r_L and the reward is r_Q alone (what every scorer
-and PPO read; the length head is saved only for resuming). n is each response's token count, negated where
+each micro-batch's sequences (at least 4 pairs; the term depends on --micro-batch). The length cue goes to
+r_L, and the reward is r_Q alone (what every scorer and PPO read; the length head is saved only for resuming). n is each response's token count, negated where
 the training pairs prefer the shorter response more often than the longer: ODIN's data rewarded length,
 and on pairs that reward brevity a length head made to rise with length would work against the labels
 and leave the reward head to carry the cue.
@@ -40,7 +40,6 @@ Shapes: B pairs, N sequences (2B in training: the chosen rows, then the rejected
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time
@@ -60,7 +59,8 @@ from rlcd.judge import cluster_ci, form_split, length_split, request_key
 from rlcd.jsonl import write_json_atomic
 from rlcd.pairs import PairsError, in_own_template, length_balanced, read_pairs, resolve_pairs
 from rlcd.precision import resolve as resolve_precision
-from rlcd.reward import HEAD_FILE, LENGTH_HEAD_FILE, RewardModel, encode_input, end_marker, load_reward_model, score_ids, score_texts
+from rlcd.reward import (HEAD_FILE, LENGTH_HEAD_FILE, RewardModel, encode_input, end_marker, load_reward_model,
+                         score_ids, score_texts)
 from rlcd.tasks import FORMATS
 
 
@@ -206,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs.check_world(args)
         resume_from = runs.prepare_run(args, "pm", NORM_SETTINGS)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if args.length_head and min(args.micro_batch, args.batch_size // world) < 4:
-            raise ValueError(f"--length-head: its correlations are taken over each micro-batch's pairs, "
-                             f"{min(args.micro_batch, args.batch_size // world)} here; --micro-batch (per rank) 4 or more")
+        micro = min(args.micro_batch, args.batch_size // distributed.world_size())    # pairs per forward on a rank
+        if args.length_head and micro < 4:
+            raise ValueError(f"--length-head: its correlations are taken over each micro-batch's pairs, {micro} "
+                             f"here; --micro-batch (per rank) 4 or more")
         recs = read_pairs(args.pairs)
         # Data: a dev split by prompt id, the same for RLCD and RLAIF files over the same prompts.
         train_idx, dev_idx = runs.split_dev([r["id"] for r in recs], args.dev, args.seed)

@@ -152,6 +152,11 @@ def _resume(path: Path, args: Args) -> set[str]:
 # ---------------------------------------------------------------------------------------------
 # sampling
 
+def prefix_tokens(tokenizer: Tokenizer, prefix: str | None) -> int:
+    """How many of --max-new-tokens a design's reply prefix takes (0 for none)."""
+    return len(tokenizer.encode(prefix, add_bos=False)) if prefix else 0
+
+
 def within_budget(result: dict, budget: int, tokenizer: Tokenizer) -> dict:
     """A generate_texts result as if sampled with max_new_tokens=budget: its first `budget` tokens, ended
     only if its stop token fit too (the engine counts the stop token against the cap). Sampling is causal,
@@ -260,16 +265,14 @@ def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastiveP
         n_tokens = 0
     else:
         if args.method == "rlaif":
-            prompts = [cp.neutral for _, cp in items] * 2
+            prompts, budgets = [cp.neutral for _, cp in items] * 2, None
         else:
             prompts = [cp.plus for _, cp in items] + [cp.minus for _, cp in items]
-        # A reply prefix is part of the response (kept in o+ or o-), so it counts against the cap: both
-        # sides of a pair are at most max_new_tokens long, and o- prefilled is not longer than o+ by its
-        # prefix wherever both run to the cap.
-        prefixes = [""] * (2 * n) if args.method == "rlaif" else \
-            [cp.plus_prefix for _, cp in items] + [cp.minus_prefix for _, cp in items]
-        budgets = [args.max_new_tokens - len(tokenizer.encode(x, add_bos=False)) if x else args.max_new_tokens
-                   for x in prefixes]
+            # A reply prefix is part of the response (kept in o+ or o-), so it counts against the cap: both
+            # sides of a pair are at most max_new_tokens long, and o- prefilled is not longer than o+ by its
+            # prefix wherever both run to the cap.
+            budgets = [args.max_new_tokens - prefix_tokens(tokenizer, x)
+                       for x in [cp.plus_prefix for _, cp in items] + [cp.minus_prefix for _, cp in items]]
         texts, tries, ended, n_tokens = sample_responses(model, tokenizer, prompts, args, salt, budgets)
     keep = [j for j in range(n) if texts[j] is not None and texts[n + j] is not None]
     if args.method != "rlaif" and given is None:   # a design's reply prefixes are part of o+ and o-
@@ -420,9 +423,9 @@ def simulate(args: Args) -> dict:
     if args.method != "rlaif" and args.from_pairs is None:    # a reply prefix counts against --max-new-tokens
         for d in designs:
             for side, x in (("plus", d.plus.prefix), ("minus", d.minus.prefix)):
-                if x and len(tok.encode(x, add_bos=False)) >= args.max_new_tokens:
+                if (k := prefix_tokens(tok, x)) >= args.max_new_tokens:
                     raise ValueError(f"--max-new-tokens {args.max_new_tokens}: design {d.name}'s {side} reply prefix "
-                                     f"{x!r} takes {len(tok.encode(x, add_bos=False))} of them, leaving none to sample")
+                                     f"{x!r} takes {k} of them, leaving none to sample")
     judge = None               # (spec, model, tokenizer) of a judge spec; None: no judge, or --judge self
     if args.method in JUDGED and args.judge != "self":
         spec = _judge_spec(args)
