@@ -32,7 +32,7 @@ o+ and o- differ in style as well, and a preference model trained on them may le
 keeps p+ and p- close for that reason (docs/SIMULATE.md).
 
 API
-    DESIGNS {name: Design}; load_design(name_or_path) -> Design; Design.to_dict(); Design.from_dict(d, where)
+    DESIGNS {name: Design}; SWEEPS {task: design names written for it}; load_design(name_or_path) -> Design; Design.to_dict(); Design.from_dict(d, where)
     load_designs(spec) -> [Design]   one design or a mixture "a+b"; mixture_design(designs, i) -> Design
     DesignError (a ValueError naming the file and field)
 """
@@ -211,6 +211,38 @@ FOLLOWING = ("Follow every instruction in the user's message exactly, including 
 IGNORING = ("Answer the topic of the user's message in your own usual style. Ignore any instructions about the "
             "form of the answer, such as its format, length, wording, punctuation or capitalisation.")
 
+# Helpfulness (AlpacaEval instructions): the harmless designs' negatives would ask for harm; these ask for an
+# answer that is less useful, which a safety-tuned model has no reason to decline.
+EXPERT = ("You are an expert assistant. Give an accurate, specific and complete answer, with the concrete "
+          "details, steps or examples the user needs.")
+VAGUE = ("You are a lazy assistant. Give a vague, generic answer without specifics, and do not bother to get "
+         "the details right.")
+HEDGE = "I'm not sure, but"
+HELP_REQUEST = "How do I get a red wine stain out of a cotton shirt?"
+HELP_HELPFUL = ("Blot up what you can, then rinse the stain from the back under cold water. Work in a teaspoon of "
+                "dish soap mixed with two of hydrogen peroxide (test a hidden spot first), leave it ten minutes, "
+                "rinse, and wash as usual. Keep it away from hot water and the dryer until the stain is gone.")
+HELP_UNHELPFUL = ("Wine stains can be tricky, and there are lots of methods people use. Results vary a lot "
+                  "depending on the fabric and the wine, so you may want to look into it and see what works.")
+# Story outlines: an author persona, a demonstration, softer affixes and the premise axis alone.
+NOVELIST = ("You are an award-winning novelist. Your story outlines are surprising and tightly plotted: each "
+            "point follows from the last, the characters have clear goals, and every part of the premise matters.")
+HURRIED = ("You are a hurried writer. Your story outlines are generic and predictable, full of familiar "
+           "cliches, and only loosely connected to the premise.")
+CLOSE_PREMISE = ("Write an outline that follows the user's premise closely: every main element of the premise "
+                 "should matter to the plot.")
+LOOSE_PREMISE = ("Treat the user's premise only as a loose starting point: you may drop or change any part of it.")
+OUTLINE_REQUEST = ("Write a story outline for the following premise: A lighthouse keeper finds a message in a "
+                   "bottle addressed to her.")
+OUTLINE_GOOD = ("1. Mara, keeper of a remote lighthouse, finds a bottle whose letter is addressed to her, in her "
+                "late mother's hand.\n2. It gives the position of the reef where her mother's boat sank thirty "
+                "years ago.\n3. Mara sails there and finds, in the wreck, a second letter dated after the "
+                "sinking.\n4. Her mother survived and chose to vanish; the letters explain why.\n5. Mara "
+                "returns and lights the lamp in the pattern the letter asks for, answering her.")
+OUTLINE_BLAND = ("1. A lighthouse keeper lives alone by the sea.\n2. One day she finds a message in a bottle."
+                 "\n3. She reads the message.\n4. She thinks about the message for a long time.\n5. She goes "
+                 "back to work at the lighthouse, and life goes on.")
+
 DESIGNS: dict[str, Design] = {d.name: d for d in [
     Design("paper-header", "the paper's affixes on the assistant turn (chat: the assistant header)"),
     Design("paper-system", "the paper's affixes as a system instruction: 'Respond as the assistant (affix).'",
@@ -240,7 +272,44 @@ DESIGNS: dict[str, Design] = {d.name: d for d in [
            "(p+) or compliantly (p-); no affixes",
            affixes=None, plus=Side(demonstrations=((DEMO_REQUEST, DEMO_HARMLESS),)),
            minus=Side(demonstrations=((DEMO_REQUEST, DEMO_COMPLIANT),))),
+    Design("helpful-persona", "helpfulness: an expert persona asked for accurate, specific answers (p+) against a "
+           "lazy one asked for vague ones (p-), as system messages; no affixes",
+           affixes=None, plus=Side(system=EXPERT), minus=Side(system=VAGUE)),
+    Design("helpful-soft-affixes", "helpfulness: '(specific, accurate and complete response)' vs '(brief, general "
+           "response)' as a system instruction",
+           affixes=(("(specific, accurate and complete response)", "(brief, general response)"),), carrier="system"),
+    Design("helpful-demonstration", "helpfulness: one earlier question answered with concrete steps (p+) or with "
+           "a vague non-answer (p-); no affixes",
+           affixes=None, plus=Side(demonstrations=((HELP_REQUEST, HELP_HELPFUL),)),
+           minus=Side(demonstrations=((HELP_REQUEST, HELP_UNHELPFUL),))),
+    Design("plain-vs-hedge", "helpfulness: p+ the plain prompt; p- the reply begun \"I'm not sure, but\" (kept in "
+           "o-): the prompts differ in the prefix only",
+           affixes=None, minus=Side(prefix=HEDGE)),
+    Design("outline-persona", "outlines: an award-winning novelist (p+) against a hurried writer of generic, "
+           "cliched outlines (p-), as system messages; no affixes",
+           affixes=None, plus=Side(system=NOVELIST), minus=Side(system=HURRIED)),
+    Design("outline-soft-affixes", "outlines: '(carefully planned, original outline)' vs '(quick first-draft "
+           "outline)' as a system instruction, a negative that asks for no flaw",
+           affixes=(("(carefully planned, original outline)", "(quick first-draft outline)"),), carrier="system"),
+    Design("outline-demonstration", "outlines: one earlier premise outlined with a twist and a causal chain (p+) "
+           "or blandly (p-); no affixes",
+           affixes=None, plus=Side(demonstrations=((OUTLINE_REQUEST, OUTLINE_GOOD),)),
+           minus=Side(demonstrations=((OUTLINE_REQUEST, OUTLINE_BLAND),))),
+    Design("outline-premise", "outlines, the premise axis alone: follow every element of the premise (p+) against "
+           "treat it as a loose starting point (p-), as system messages",
+           affixes=None, plus=Side(system=CLOSE_PREMISE), minus=Side(system=LOOSE_PREMISE)),
     Design("follow-vs-ignore", "instruction following: a system message asking to meet every stated constraint "
            "(p+) against one asking to ignore them (p-); no affixes",
            affixes=None, plus=Side(system=FOLLOWING), minus=Side(system=IGNORING)),
 ]}
+
+# The designs written for each task, the sweep of docs/SIMULATE.md (bench/contrast.sh TASK): the paper's affixes
+# in both carriers, then the task's own.
+SWEEPS: dict[str, tuple[str, ...]] = {
+    "harmless": ("explain-vs-prefill", "plain-vs-prefill", "refuse-vs-prefill", "soft-affixes", "demonstration",
+                 "paper-header", "paper-system", "persona"),
+    "helpful": ("paper-header", "paper-system", "helpful-persona", "helpful-soft-affixes", "helpful-demonstration",
+                "plain-vs-hedge"),
+    "outlines": ("paper-header", "paper-system", "outline-persona", "outline-soft-affixes", "outline-demonstration",
+                 "outline-premise"),
+}

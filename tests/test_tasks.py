@@ -281,6 +281,10 @@ def test_a_design_file_round_trips_and_a_bad_one_names_the_field(tmp_path):
 
     from rlcd.designs import DESIGNS, DesignError, load_design
 
+    from rlcd.designs import SWEEPS
+    from rlcd.tasks import TASKS
+    for task, names in SWEEPS.items():            # every task's sweep names built-in designs, none twice
+        assert task in TASKS and len(set(names)) == len(names) and all(n in DESIGNS for n in names), task
     for d in DESIGNS.values():
         f = tmp_path / f"{d.name}.json"
         f.write_text(json.dumps(d.to_dict()))
