@@ -86,6 +86,8 @@ REQUIRED = ("id", "task", "method", "format", "messages", "prompt", "chosen", "r
             "affix_index", "p_plus", "p_minus", "settings", "model", "seed")
 # A record made with different values of these cannot share a file with this run's records.
 RUN_KEYS = ("task", "method", "format", "model", "seed")
+# Sampling settings recorded in each record's "settings"; resuming or relabelling a file checks them too.
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "max_prompt_tokens", "max_tries", "require_end")
 
 
 @dataclass
@@ -134,18 +136,27 @@ def read_records(path: str | Path) -> tuple[Lines, int]:
     return lines, end
 
 
-def _resume(path: Path, args: Args) -> set[str]:
-    """Ids already in `path` or in its shard files (rlcd.jsonl.done_ids); every record must come from this run."""
-    want = {k: getattr(args, k) for k in RUN_KEYS}
+def _resume(path: Path, args: Args, designs: list) -> set[str]:
+    """Ids already in `path` or in its shard files (rlcd.jsonl.done_ids); every record must come from this run:
+    its RUN_KEYS, its sampling settings and a design of this run's, a prefilled one made with the prefix counted
+    against --max-new-tokens (records made before that rule carry no "prefix_in_budget")."""
+    want = {k: getattr(args, k) for k in RUN_KEYS + SAMPLING_KEYS}
+    names = {d.name for d in designs}
 
     def check(f: Path, lines: Lines) -> None:
         for n, (_, rec) in enumerate(lines, 1):
-            diff = [k for k in RUN_KEYS if rec[k] != want[k]]
+            got = {k: rec[k] for k in RUN_KEYS} | {k: rec["settings"].get(k) for k in SAMPLING_KEYS}
+            diff = [(f"{k}={got[k]!r}", f"{k}={want[k]!r}") for k in want if got[k] != want[k]]
+            design = rec["settings"].get("design") or {}
+            if not diff and args.method != "rlaif":              # rlaif samples p alone: no design
+                if design.get("name") not in names:
+                    diff = [(f"design {design.get('name')!r}", f"--design {args.design!r}")]
+                elif (any((design.get(side) or {}).get("prefix") for side in ("plus", "minus"))
+                      and not rec["settings"].get("prefix_in_budget")):
+                    diff = [("its reply prefix on top of max_new_tokens", "the prefix counted against it")]
             if diff:
-                theirs = ", ".join(f"{k}={rec[k]!r}" for k in diff)
-                ours = ", ".join(f"{k}={want[k]!r}" for k in diff)
-                raise PairsError(f"{f}: record {n} ({rec['id']}) has {theirs}, but this run has {ours}; "
-                                 f"write to another --out")
+                raise PairsError(f"{f}: record {n} ({rec['id']}) has {', '.join(t for t, _ in diff)}, but this run "
+                                 f"has {', '.join(o for _, o in diff)}; write to another --out")
     return done_ids(path, read_records, check, "simulate", "that pair will be redone")
 
 
@@ -324,7 +335,7 @@ def make_pairs(model, tokenizer: Tokenizer, items: list[tuple[dict, ContrastiveP
                 "both_orders": args.both_orders or args.judge_format == "chat",
                 "precision": resolve_precision(args.precision, args.device).name,
                 "judge": judge[0].name if judge else None if args.method not in JUDGED else "self",
-                "judge_format": args.judge_format}
+                "judge_format": args.judge_format, "prefix_in_budget": True}
     out = []
     for k, j in enumerate(keep):
         rec, cp = items[j]
@@ -378,7 +389,6 @@ def _judge_spec(args: Args) -> judges.JudgeSpec:
 
 
 # What a --from-pairs file must share with this run: its pairs are then the ones this run would sample.
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "max_prompt_tokens", "max_tries", "require_end")
 
 
 def read_given(args: Args, design_of: dict[str, Design]) -> dict[str, dict]:
@@ -416,7 +426,7 @@ def simulate(args: Args) -> dict:
     distributed.init(args.device)
     device = distributed.device_for_rank(args.device)
     out = Path(args.out)
-    done = _resume(out, args)
+    done = _resume(out, args, designs)
     records = load_prompts(args.prompts or args.task, split=args.split)
     dtype = resolve_precision(args.precision, device).inference_dtype
     model, tok = load_model(args.model, device=device, dtype=dtype)

@@ -409,6 +409,20 @@ def test_resume_refuses_a_file_from_another_run(ckpt, tmp_path, monkeypatch, cap
     assert sim.main(argv(ckpt, prompts, out, "--seed", "3")) == 2
     err = capsys.readouterr().err
     assert f"{out}: record 1" in err and "seed=0" in err and "seed=3" in err
+    assert sim.main(argv(ckpt, prompts, out, "--max-new-tokens", "7")) == 2
+    assert "max_new_tokens=6, but this run has max_new_tokens=7" in capsys.readouterr().err
+    assert sim.main(argv(ckpt, prompts, out, "--design", "persona")) == 2
+    assert "design 'paper-header', but this run has --design 'persona'" in capsys.readouterr().err
+    # A prefilled pair made while the prefix came on top of the cap (no "prefix_in_budget") is not resumed.
+    old = tmp_path / "prefilled.jsonl"
+    assert sim.main(argv(ckpt, prompts, old, "--design", "plain-vs-prefill", "--max-new-tokens", "16")) == 0
+    recs = [json.loads(line) for line in old.read_text().splitlines()]
+    assert all(r["settings"]["prefix_in_budget"] for r in recs)
+    for r in recs:
+        del r["settings"]["prefix_in_budget"]
+    old.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert sim.main(argv(ckpt, prompts, old, "--design", "plain-vs-prefill", "--max-new-tokens", "16")) == 2
+    assert "its reply prefix on top of max_new_tokens" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
