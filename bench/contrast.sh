@@ -2,8 +2,8 @@
 # The prompt-design sweep of docs/SIMULATE.md: RLCD pairs on a task's dev prompts from three simulators under
 # the designs written for that task (rlcd.designs.SWEEPS), with the cross-model row (o+ from the 1.5B model,
 # o- from the 135M one), measured judge-free; then judged. Harmless: the 1.5B model's cells, by the question
-# validated on refusal-vs-compliance pairs (docs/JUDGES.md). Helpful and outlines: every cell, by the task's
-# default judge (the paper's pairwise prompt, unvalidated: no human pairs for these tasks).
+# validated on refusal-vs-compliance pairs (docs/JUDGES.md). Helpful and outlines: every simulator's cells (not the
+# cross rows), by the task's default judge (the paper's pairwise prompt, unvalidated: no human pairs for these tasks).
 # Rerun to resume: finished cells and judgements are kept.
 #   bash bench/contrast.sh [TASK] [N_PROMPTS] [OUT]   tables on stdout; OUT/contrast.json, OUT/contrast-judged.json
 set -euo pipefail
@@ -25,5 +25,5 @@ if [ "$TASK" = harmless ]; then
 else
   # shellcheck disable=SC2086
   $PY eval.py contrast --simulator $SIMS --design $DESIGNS --task "$TASK" --n-prompts "$N" --batch-size 32 \
-    --judge default --cross "$Q15,smollm2-135m-instruct" --out "$OUT" --out-json "$OUT/contrast-judged.json"
+    --judge default --out "$OUT" --out-json "$OUT/contrast-judged.json"
 fi
