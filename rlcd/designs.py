@@ -232,16 +232,12 @@ HURRIED = ("You are a hurried writer. Your story outlines are generic and predic
 CLOSE_PREMISE = ("Write an outline that follows the user's premise closely: every main element of the premise "
                  "should matter to the plot.")
 LOOSE_PREMISE = ("Treat the user's premise only as a loose starting point: you may drop or change any part of it.")
-OUTLINE_REQUEST = ("Write a story outline for the following premise: A lighthouse keeper finds a message in a "
-                   "bottle addressed to her.")
-OUTLINE_GOOD = ("1. Mara, keeper of a remote lighthouse, finds a bottle whose letter is addressed to her, in her "
-                "late mother's hand.\n2. It gives the position of the reef where her mother's boat sank thirty "
-                "years ago.\n3. Mara sails there and finds, in the wreck, a second letter dated after the "
-                "sinking.\n4. Her mother survived and chose to vanish; the letters explain why.\n5. Mara "
-                "returns and lights the lamp in the pattern the letter asks for, answering her.")
-OUTLINE_BLAND = ("1. A lighthouse keeper lives alone by the sea.\n2. One day she finds a message in a bottle."
-                 "\n3. She reads the message.\n4. She thinks about the message for a long time.\n5. She goes "
-                 "back to work at the lighthouse, and life goes on.")
+OUTLINE_REQUEST = "Write a story outline for the following premise: A lighthouse keeper finds a letter in a bottle."
+OUTLINE_GOOD = ("1. Mara finds a bottled letter in her late mother's hand.\n2. It names the reef where her mother's "
+                "boat sank.\n3. In the wreck Mara finds a second letter, dated after the sinking.\n4. Her mother "
+                "chose to vanish; the letters say why.")
+OUTLINE_BLAND = ("1. A lighthouse keeper lives alone.\n2. She finds a letter in a bottle.\n3. She reads the "
+                 "letter.\n4. She goes back to work.")
 
 DESIGNS: dict[str, Design] = {d.name: d for d in [
     Design("paper-header", "the paper's affixes on the assistant turn (chat: the assistant header)"),

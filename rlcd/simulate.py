@@ -138,10 +138,10 @@ def read_records(path: str | Path) -> tuple[Lines, int]:
 
 def _resume(path: Path, args: Args, designs: list) -> set[str]:
     """Ids already in `path` or in its shard files (rlcd.jsonl.done_ids); every record must come from this run:
-    its RUN_KEYS, its sampling settings and a design of this run's, a prefilled one made with the prefix counted
+    its RUN_KEYS, its sampling settings and one of this run's designs as written now, a prefilled one made with the prefix counted
     against --max-new-tokens (records made before that rule carry no "prefix_in_budget")."""
     want = {k: getattr(args, k) for k in RUN_KEYS + SAMPLING_KEYS}
-    names = {d.name for d in designs}
+    made = [d.to_dict() for d in designs]
 
     def check(f: Path, lines: Lines) -> None:
         for n, (_, rec) in enumerate(lines, 1):
@@ -149,8 +149,9 @@ def _resume(path: Path, args: Args, designs: list) -> set[str]:
             diff = [(f"{k}={got[k]!r}", f"{k}={want[k]!r}") for k in want if got[k] != want[k]]
             design = rec["settings"].get("design") or {}
             if not diff and args.method != "rlaif":              # rlaif samples p alone: no design
-                if design.get("name") not in names:
-                    diff = [(f"design {design.get('name')!r}", f"--design {args.design!r}")]
+                if design not in made:                           # another design, or this one since changed
+                    changed = " as it was written then" if design.get("name") in {d["name"] for d in made} else ""
+                    diff = [(f"design {design.get('name')!r}{changed}", f"--design {args.design!r}")]
                 elif (any((design.get(side) or {}).get("prefix") for side in ("plus", "minus"))
                       and not rec["settings"].get("prefix_in_budget")):
                     diff = [("its reply prefix on top of max_new_tokens", "the prefix counted against it")]

@@ -413,6 +413,11 @@ def test_resume_refuses_a_file_from_another_run(ckpt, tmp_path, monkeypatch, cap
     assert "max_new_tokens=6, but this run has max_new_tokens=7" in capsys.readouterr().err
     assert sim.main(argv(ckpt, prompts, out, "--design", "persona")) == 2
     assert "design 'paper-header', but this run has --design 'persona'" in capsys.readouterr().err
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    recs[0]["settings"]["design"]["about"] = "an earlier wording"
+    out.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert sim.main(argv(ckpt, prompts, out)) == 2
+    assert "design 'paper-header' as it was written then" in capsys.readouterr().err
     # A prefilled pair made while the prefix came on top of the cap (no "prefix_in_budget") is not resumed.
     old = tmp_path / "prefilled.jsonl"
     assert sim.main(argv(ckpt, prompts, old, "--design", "plain-vs-prefill", "--max-new-tokens", "16")) == 0
