@@ -79,7 +79,11 @@ BENIGN = {"harmless": "helpful"}
 # Instructions: on 50 dev prompts, o+ of Qwen2.5-Coder-1.5B under the paper-style header affixes meets every
 # checkable constraint in 0.33 of pairs and o- in 0.18 (paired difference 0.14 [0.02, 0.27]); the system
 # carrier, the follow-vs-ignore design and the 135M model give no difference (docs/SIMULATE.md).
+# Helpful: of 3 simulators x 6 designs on 64 dev prompts, the one cell the task's judge (unvalidated here) prefers
+# o+ in most, 0.66 [0.61, 0.70]: the paper's own affixes on Qwen2.5-Coder-0.5B, whose o- decline in 0.75 of pairs
+# (the 1.5B model's 0.63 [0.59, 0.68] is self-judged; the designs written for the task stay at 0.49-0.51).
 CPU_PAIRS = {"harmless": dict(simulator="qwen2.5-coder-1.5b-instruct", design="explain-vs-prefill"),
+             "helpful": dict(simulator="qwen2.5-coder-0.5b-instruct", design="paper-header"),
              "instructions": dict(simulator="qwen2.5-coder-1.5b-instruct", design="paper-header")}
 
 # Settings per budget. Each stage's flags; anything not listed is that command's default.

@@ -184,6 +184,9 @@ def test_every_policy_is_compared_and_harmless_checks_over_refusal():
 
 
 def test_cpu_budget_resolves_the_simulator_and_design_chosen_per_task():
+    for task, chosen in pipeline.CPU_PAIRS.items():
+        r = pipeline.resolve_roles(pipeline.Args(out="o", budget="cpu", task=task, policy="p"))
+        assert (r.simulator, r.design) == (chosen["simulator"], chosen["design"]), task
     table = pipeline.CPU_PAIRS["harmless"]
     r = pipeline.resolve_roles(pipeline.Args(out="o", budget="cpu"))
     assert (r.simulator, r.design, r.pm_model) == (table["simulator"], table["design"],
@@ -195,7 +198,7 @@ def test_cpu_budget_resolves_the_simulator_and_design_chosen_per_task():
     r = pipeline.resolve_roles(pipeline.Args(out="o", budget="cpu", simulator="other"))
     assert (r.simulator, r.design) == ("other", table["design"])
     # other tasks and budgets: the policy simulates, with the paper's design
-    for budget, task in (("cpu", "helpful"), ("cpu", "outlines"), ("quick", "harmless"), ("paper", "harmless")):
+    for budget, task in (("quick", "harmless"), ("quick", "helpful"), ("paper", "harmless"), ("paper", "helpful")):
         r = pipeline.resolve_roles(pipeline.Args(out="o", budget=budget, task=task, policy="p"))
         assert (r.simulator, r.design, r.pm_model) == ("p", pipeline.DEFAULT_DESIGN, "p"), (budget, task)
 
