@@ -16,7 +16,9 @@ simulate --method rlcd --split dev; resumable, one file per cell under OUT/), th
                 that meets every checkable constraint of its prompt (rlcd.constraints), judge-free; the
                 direction the task wants is o+ above o-.
     identical   the fraction of pairs whose o+ and o- are the same text.
-    lengths     mean characters of o+ and o-; overlap: the mean word-set Jaccard of o+ and o-.
+    lengths     mean characters of o+ and o-, the share of pairs whose o+ is the longer (the length split a
+                judge's preference is read against), the share of o+ and of o- that ended within the cap;
+                overlap: the mean word-set Jaccard of o+ and o-.
     surface     the token overlap of p+ and p- (the Jaccard of their token multisets under the simulator's
                 tokenizer): 1 for prompts that differ in nothing, lower the more the design changes. The
                 paper keeps it high, so that o+ and o- differ in the principle only.
@@ -100,6 +102,10 @@ def contrast_stats(records: list[dict], tokenizer, surface: bool = True,
         "identical": s["frac_identical"],
         "chars_plus": mean([len(r["chosen"].strip()) for r in records]),
         "chars_minus": mean([len(r["rejected"].strip()) for r in records]),
+        # the length split: a judge's preference for o+ is worth as much as it differs from "longer wins"
+        "plus_longer": mean([len(r["chosen"].strip()) > len(r["rejected"].strip()) for r in records]),
+        "ended_plus": mean([r["ended"]["chosen"] for r in records if isinstance(r.get("ended"), dict)]),
+        "ended_minus": mean([r["ended"]["rejected"] for r in records if isinstance(r.get("ended"), dict)]),
         "word_overlap": s["mean_word_overlap"],
         "surface_overlap": (mean([surface_overlap(tokenizer, r["p_plus"], r["p_minus"]) for r in records])
                             if surface else None),
@@ -117,7 +123,8 @@ def judged_row(judged: dict, self_judged: bool) -> dict:
 def cross_records(plus: list[dict], minus: list[dict]) -> list[dict]:
     """o+ of one simulator's pairs against o- of another's, joined by prompt id (prompts both simulated)."""
     by_id = {r["id"]: r for r in minus}
-    return [{**r, "rejected": by_id[r["id"]]["rejected"], "p_minus": by_id[r["id"]]["p_minus"]}
+    return [{**r, "rejected": by_id[r["id"]]["rejected"], "p_minus": by_id[r["id"]]["p_minus"],
+             "ended": {"chosen": r["ended"]["chosen"], "rejected": by_id[r["id"]]["ended"]["rejected"]}}
             for r in plus if r["id"] in by_id]
 
 
@@ -203,8 +210,9 @@ def format_table(result: dict) -> str:
     follows = any("follows_plus" in r for r in result["rows"])
     lines = ["| simulator | design | pairs | " + "".join(f"{n}: P(o+ better) [95% CI], prefers o+ | " for n in names)
              + ("follows o+ / o- | " if follows else "")
-             + "refusals o+ / o- | identical | chars o+ / o- | word overlap | p+/p- token overlap |",
-             "|---|---|---|" + "---|" * len(names) + ("---|" if follows else "") + "---|---|---|---|---|"]
+             + "refusals o+ / o- | identical | ended o+ / o- | chars o+ / o-, o+ longer | word overlap | "
+             "p+/p- token overlap |",
+             "|---|---|---|" + "---|" * len(names) + ("---|" if follows else "") + "---|---|---|---|---|---|"]
     for r in result["rows"]:
         by = {j["judge"]: j for j in r["judges"]}
         judged = "".join(f"{f(j['p_plus'])} [{f(j['ci'][0])}, {f(j['ci'][1])}], {f(j['prefers_plus'])}"
@@ -213,7 +221,8 @@ def format_table(result: dict) -> str:
         lines.append(f"| {r['simulator']} | {r['design']} | {r['pairs']} | {judged}"
                      + (f"{f(r.get('follows_plus'))} / {f(r.get('follows_minus'))} | " if follows else "")
                      + f"{f(r.get('refusal_plus'))} / {f(r.get('refusal_minus'))} | "
-                     f"{f(r.get('identical'))} | {r.get('chars_plus', 0):.0f} / {r.get('chars_minus', 0):.0f} | "
+                     f"{f(r.get('identical'))} | {f(r.get('ended_plus'))} / {f(r.get('ended_minus'))} | "
+                     f"{r.get('chars_plus', 0):.0f} / {r.get('chars_minus', 0):.0f}, {f(r.get('plus_longer'))} | "
                      f"{f(r.get('word_overlap'))} | {f(r.get('surface_overlap'))} |")
     lines.append(f"task {result['task']}, dev prompts"
                  + "".join(f"; judge {j['judge']}: {j['accuracy']}" for j in result["judges"]))

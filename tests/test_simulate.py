@@ -573,6 +573,10 @@ def test_contrast_command_on_a_tiny_model(ckpt, tmp_path, monkeypatch, capsys):
     assert cross["cross"] and cross["pairs"] == 6 and cross["surface_overlap"] is None
     assert cross["chars_plus"] == sum(len(r["chosen"].strip()) for r in first) / 6
     assert cross["chars_minus"] == sum(len(second[r["id"]]["rejected"].strip()) for r in first) / 6
+    assert cross["ended_minus"] == sum(second[r["id"]]["ended"]["rejected"] for r in first) / 6
+    assert cross["plus_longer"] == sum(len(r["chosen"].strip()) > len(second[r["id"]]["rejected"].strip())
+                                       for r in first) / 6
+    assert header["ended_plus"] == sum(r["ended"]["chosen"] for r in first) / 6
     # a rerun resumes every cell without simulating again, and every judgement from its cache
     monkeypatch.setattr(sim, "generate_texts", lambda *a, **k: pytest.fail("resumed cells are not resampled"))
     monkeypatch.setattr(sim, "judge_stats", lambda *a, **k: pytest.fail("cached judgements are not redone"))
