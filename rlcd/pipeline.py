@@ -82,8 +82,11 @@ BENIGN = {"harmless": "helpful"}
 # Helpful: of 3 simulators x 6 designs on 64 dev prompts, the one cell the task's judge (unvalidated here) prefers
 # o+ in most, 0.66 [0.61, 0.70]: the paper's own affixes on Qwen2.5-Coder-0.5B, whose o- decline in 0.75 of pairs
 # (the 1.5B model's 0.63 [0.59, 0.68] is self-judged; the designs written for the task stay at 0.49-0.51).
+# Outlines: no cell above 0.54; the highest, 0.54 [0.52, 0.56] (self-judged), the paper's affixes as a system
+# instruction on Qwen2.5-Coder-1.5B, whose o- decline in 0.22 of pairs.
 CPU_PAIRS = {"harmless": dict(simulator="qwen2.5-coder-1.5b-instruct", design="explain-vs-prefill"),
              "helpful": dict(simulator="qwen2.5-coder-0.5b-instruct", design="paper-header"),
+             "outlines": dict(simulator="qwen2.5-coder-1.5b-instruct", design="paper-system"),
              "instructions": dict(simulator="qwen2.5-coder-1.5b-instruct", design="paper-header")}
 
 # Settings per budget. Each stage's flags; anything not listed is that command's default.
