@@ -18,12 +18,7 @@ DESIGNS=$($PY -c "import sys; from rlcd.designs import SWEEPS; print(' '.join(SW
 # shellcheck disable=SC2086  # one word per simulator and design
 $PY eval.py contrast --simulator $SIMS --design $DESIGNS --task "$TASK" --n-prompts "$N" --batch-size 32 \
   --judge none --cross "$Q15,smollm2-135m-instruct" --out "$OUT" --out-json "$OUT/contrast.json"
-if [ "$TASK" = harmless ]; then
-  # shellcheck disable=SC2086
-  $PY eval.py contrast --simulator $Q15 --design $DESIGNS --task "$TASK" --n-prompts "$N" --batch-size 32 \
-    --judge "$Q15:pointwise:chat:q3" --out "$OUT" --out-json "$OUT/contrast-judged.json"
-else
-  # shellcheck disable=SC2086
-  $PY eval.py contrast --simulator $SIMS --design $DESIGNS --task "$TASK" --n-prompts "$N" --batch-size 32 \
-    --judge default --out "$OUT" --out-json "$OUT/contrast-judged.json"
-fi
+if [ "$TASK" = harmless ]; then JUDGED=$Q15; JUDGE="$Q15:pointwise:chat:q3"; else JUDGED=$SIMS; JUDGE=default; fi
+# shellcheck disable=SC2086
+$PY eval.py contrast --simulator $JUDGED --design $DESIGNS --task "$TASK" --n-prompts "$N" --batch-size 32 \
+  --judge "$JUDGE" --out "$OUT" --out-json "$OUT/contrast-judged.json"

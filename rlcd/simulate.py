@@ -86,7 +86,7 @@ REQUIRED = ("id", "task", "method", "format", "messages", "prompt", "chosen", "r
             "affix_index", "p_plus", "p_minus", "settings", "model", "seed")
 # A record made with different values of these cannot share a file with this run's records.
 RUN_KEYS = ("task", "method", "format", "model", "seed")
-# Sampling settings recorded in each record's "settings"; resuming or relabelling a file checks them too.
+# Sampling settings recorded in each record's "settings": a file resumed, or given to --from-pairs, must share them.
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "max_prompt_tokens", "max_tries", "require_end")
 
 
@@ -138,8 +138,8 @@ def read_records(path: str | Path) -> tuple[Lines, int]:
 
 def _resume(path: Path, args: Args, designs: list) -> set[str]:
     """Ids already in `path` or in its shard files (rlcd.jsonl.done_ids); every record must come from this run:
-    its RUN_KEYS, its sampling settings and one of this run's designs as written now, a prefilled one made with the prefix counted
-    against --max-new-tokens (records made before that rule carry no "prefix_in_budget")."""
+    its RUN_KEYS, its sampling settings and one of this run's designs as written now, a prefilled one made with
+    the prefix counted against --max-new-tokens (records made before that rule carry no "prefix_in_budget")."""
     want = {k: getattr(args, k) for k in RUN_KEYS + SAMPLING_KEYS}
     made = [d.to_dict() for d in designs]
 
@@ -387,9 +387,6 @@ def _judge_spec(args: Args) -> judges.JudgeSpec:
     except ValueError as e:
         raise ValueError(f"--judge: {e}") from None
     return spec
-
-
-# What a --from-pairs file must share with this run: its pairs are then the ones this run would sample.
 
 
 def read_given(args: Args, design_of: dict[str, Design]) -> dict[str, dict]:

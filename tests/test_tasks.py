@@ -279,10 +279,9 @@ def test_chat_with_the_real_tokenizer_wrapper(tiny_tokenizer):
 def test_a_design_file_round_trips_and_a_bad_one_names_the_field(tmp_path):
     import json
 
-    from rlcd.designs import DESIGNS, DesignError, load_design
-
-    from rlcd.designs import SWEEPS
+    from rlcd.designs import DESIGNS, SWEEPS, DesignError, load_design
     from rlcd.tasks import TASKS
+
     for task, names in SWEEPS.items():            # every task's sweep names built-in designs, none twice
         assert task in TASKS and len(set(names)) == len(names) and all(n in DESIGNS for n in names), task
     for d in DESIGNS.values():
