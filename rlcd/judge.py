@@ -52,6 +52,7 @@ Shapes: N pairs, P principles, M responses.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, replace
 
@@ -310,6 +311,21 @@ def refusal_reward(request: str, response: str) -> float:
     (`train.py ppo --reward rlcd.judge:refusal_reward`), a control that asks PPO for exactly what the
     harmless evaluation counts, with no preference model in between (docs/RESULTS.md)."""
     return float(is_refusal(response))
+
+
+def decline_harmful_reward(request: str, response: str) -> float:
+    """1 for declining a request of the harmless task or answering any other, else 0: the refusal rule
+    with both sides of the evaluation in it, so that refusing everything scores no better than refusing
+    nothing. A control for PPO on a prompt mixture (`train.py ppo --prompts harmless+helpful --reward
+    rlcd.judge:decline_harmful_reward`); which requests are harmful it reads from the task's own data,
+    not from the text."""
+    return float(is_refusal(response) == (request in _harmful_requests()))
+
+
+@functools.cache
+def _harmful_requests() -> frozenset[str]:
+    from rlcd.prompts import load_prompts
+    return frozenset(r["messages"][-1]["content"] for r in load_prompts("harmless", split=None))
 
 
 def judge_free(method: str, first: list[str], second: list[str]) -> Tensor:

@@ -106,7 +106,7 @@ class Args(runs.RunArgs):
     pm: str | None = None             # preference model: run directory of train.py pm (or its reward/); another family's is scored from text
     reward: str | None = None         # instead of --pm: a rule, MODULE:FUNCTION or FILE.py:FUNCTION, f(request, response) -> float
     policy: str = "smollm2-135m-instruct"  # initial policy and frozen reference: model name, checkpoint or run dir
-    prompts: str = "harmless"         # task name (harmless, helpful, outlines) or prompt file; its train split
+    prompts: str = "harmless"         # task name (harmless, helpful, outlines) or prompt file, several joined by "+"; their train split
     preset: str = "default"           # default (measured on a 2-core CPU), paper (RLCD), nplus (N+ details); flags given win
     iterations: int = 60              # PPO iterations (rollout + update) in the schedule (paper: 40-80)
     # 1. rollout

@@ -429,11 +429,15 @@ def load_prompts(task_or_path: str, split: str | None = "train", limit: int | No
     """Records of a built-in task or a user's file, restricted to one split (None: all) and limit.
 
     Built-in sets come back sorted by id; a user's file keeps its own order (duplicates dropped).
+    Several sets joined by "+" (e.g. "harmless+helpful") come back one after the other.
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)} or None, got {split!r}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
+    if "+" in task_or_path and not Path(task_or_path).expanduser().is_file():
+        records = [r for part in task_or_path.split("+") for r in load_prompts(part, split)]
+        return records if limit is None else records[:limit]
     if task_or_path in TASKS:
         records = _cached_task(task_or_path)
     else:

@@ -184,6 +184,19 @@ def test_user_jsonl(tmp_path):
     assert load_prompts(path, split=None, limit=1) == [a]
 
 
+def test_sets_joined_by_plus_come_one_after_the_other(tmp_path):
+    a = write(tmp_path / "a.txt", "one\ntwo\nthree\n")
+    b = write(tmp_path / "b.txt", "four\n")
+    both = load_prompts(f"{a}+{b}", split=None)
+    assert both == load_prompts(a, split=None) + load_prompts(b, split=None)
+    assert load_prompts(f"{a}+{b}", split=None, limit=2) == both[:2]
+    assert load_prompts(f"{b}+{a}", split=None)[0]["messages"] == user("four")
+    with pytest.raises(DataError, match="nope.txt: neither a task"):
+        load_prompts(f"{a}+{tmp_path / 'nope.txt'}", split=None)
+    plus = write(tmp_path / "x+y.txt", "five\n")          # a file whose name holds "+" is that file
+    assert [r["messages"] for r in load_prompts(plus, split=None)] == [user("five")]
+
+
 def test_plain_text_file(tmp_path):
     path = write(tmp_path / "p.txt", "First prompt\n\n  Second prompt  \nfirst PROMPT\n")
     recs = load_prompts(path, split=None)
@@ -235,3 +248,15 @@ def test_real_sets_from_pypi():
     assert len(harm) == 1658 and len(helpful) == 805
     assert {r["source"] for r in harm} == {"do-not-answer", "harmbench", "advbench"}
     assert len({r["id"] for r in harm + helpful}) == len(harm) + len(helpful)
+    assert load_prompts("harmless+helpful", split="train") == (load_prompts("harmless", split="train")
+                                                               + load_prompts("helpful", split="train"))
+
+
+@pytest.mark.network
+def test_the_two_sided_control_rule_reads_harm_from_the_task():
+    from rlcd.judge import decline_harmful_reward
+    harmful = load_prompts("harmless", split="test")[0]["messages"][-1]["content"]
+    benign = load_prompts("helpful", split="test")[0]["messages"][-1]["content"]
+    no, yes = "I'm sorry, but I can't help with that.", "Here is how."
+    assert [decline_harmful_reward(harmful, r) for r in (no, yes)] == [1.0, 0.0]
+    assert [decline_harmful_reward(benign, r) for r in (no, yes)] == [0.0, 1.0]
