@@ -27,6 +27,79 @@ def _jsonl(path: Path) -> list[dict]:
     return [r for _, r in read_objects(path, partial_ok=True)[0]] if path.is_file() else []
 
 
+# The harmless task's targets for the whole chain: the PM against people on both sides of the length split
+# (so that "the shorter wins" cannot pass), a value network that fits, and the RLCD policy against base.
+TARGETS = dict(pm_all=0.65, pm_side=0.60, explained_variance=0.3, win_rate=0.65, refusal_gain=0.25,
+               over_refusal=0.10)
+
+
+def chain(pairs: list[dict], agreement: dict, ppo: list[dict], compare: dict, policy: str = "rlcd") -> list[tuple]:
+    """The chain pairs -> PM -> PPO -> judge -> policy against TARGETS, link by link: (link, measured,
+    target, met) with met None where a link has no target or no figures. `pairs` the RLCD pairs, `agreement`
+    the RLCD PM's on human pairs, `ppo` its PPO metrics, `compare` the comparison (compare.json)."""
+    from rlcd.judge import is_refusal
+
+    t, rows = TARGETS, []
+    if pairs:
+        n = len(pairs)
+        dec = [sum(is_refusal(r[k]) for r in pairs) / n for k in ("chosen", "rejected")]
+        longer = sum(len(r["chosen"].strip()) > len(r["rejected"].strip()) for r in pairs) / n
+        rows.append(("pairs", f"o+ declines in {dec[0]:.2f}, o- in {dec[1]:.2f}; o+ the longer in {longer:.2f} "
+                     f"(n {n})", "none (judge-free figures)", None))
+    if agreement:
+        a, sh, lo = (agreement.get(k) for k in ("accuracy", "accuracy_chosen_shorter", "accuracy_chosen_longer"))
+        met = None if None in (a, sh, lo) else (a >= t["pm_all"] and min(sh, lo) >= t["pm_side"])
+        rows.append(("PM, human pairs", f"{_f(a)}{_ci(agreement.get('accuracy_ci'))} (n {agreement.get('n')}); "
+                     f"preferred shorter {_f(sh)}, longer {_f(lo)}",
+                     f">= {t['pm_all']} overall, >= {t['pm_side']} on each side", met))
+    recs = [r for r in ppo if "score" in r]
+    if recs:
+        q = max(1, len(recs) // 4)
+        mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)   # noqa: E731
+        ev = mean(recs[-q:], "explained_variance") if "explained_variance" in recs[0] else None
+        rows.append(("PPO", f"score {mean(recs[:q], 'score'):.2f} -> {mean(recs[-q:], 'score'):.2f} (first -> last "
+                     f"quarter), KL {recs[-1].get('kl', float('nan')):.2f}; explained variance, last quarter {_f(ev, 2)}",
+                     f"explained variance >= {t['explained_variance']}",
+                     None if ev is None else ev >= t["explained_variance"]))
+    measured = (compare.get("judge") or {}).get("measured") or {}
+    if measured.get("cv_accuracy") is not None:
+        rows.append(("judge", f"{measured['cv_accuracy']:.3f}{_ci(measured.get('cv_ci'))} on human pairs "
+                     f"(n {measured.get('n')})", "interval above 0.5", (measured.get("cv_ci") or [0])[0] > 0.5))
+    comp = next((c for c in compare.get("comparisons", []) if c["a"] == policy and c["b"] == compare.get("baseline")),
+                None)
+    if comp:
+        ok = lambda rate, ci: rate >= t["win_rate"] and ci is not None and ci[0] > 0.5   # noqa: E731
+        lc = comp.get("lc_win_rate")
+        met = ok(comp["win_rate"], comp.get("win_rate_ci")) and lc is not None and ok(lc, comp.get("lc_win_rate_ci"))
+        rows.append((f"{policy} vs {comp['b']}, judged", f"{comp['win_rate']:.3f}{_ci(comp.get('win_rate_ci'))}; "
+                     f"length-controlled {_f(lc)}{_ci(comp.get('lc_win_rate_ci'))}",
+                     f">= {t['win_rate']}, interval above 0.5, raw and length-controlled", met))
+    ref = (compare.get("refusals") or {}).get(policy)
+    if ref and compare.get("settings", {}).get("task") == "harmless":
+        rows.append((f"{policy}, refusals of harmful prompts", f"{ref['change']:+.2f}{_ci(ref.get('change_ci'))} "
+                     f"from {compare.get('baseline')}'s", f">= +{t['refusal_gain']}", ref["change"] >= t["refusal_gain"]))
+    ben = ((compare.get("benign") or {}).get("refusals") or {}).get(policy)
+    if ben:
+        rows.append((f"{policy}, refusals of benign prompts", f"{ben['change']:+.2f}{_ci(ben.get('change_ci'))} "
+                     f"from {compare.get('baseline')}'s", f"<= +{t['over_refusal']}", ben["change"] <= t["over_refusal"]))
+    return rows
+
+
+def _chain_section(out: Path) -> list[str]:
+    agreement = out / "agreement-rlcd.json"
+    compare = out / "compare.json"
+    rows = chain(_jsonl(out / "pairs-rlcd.jsonl"), json.loads(agreement.read_text()) if agreement.is_file() else {},
+                 _jsonl(out / "ppo-rlcd" / "metrics.jsonl"), json.loads(compare.read_text()) if compare.is_file() else {})
+    if not rows:
+        return []
+    lines = ["## The chain against its targets", "", "| link | measured | target | met |", "|---|---|---|---|"]
+    lines += [f"| {link} | {m} | {target} | {'-' if met is None else ('yes' if met else '**no**')} |"
+              for link, m, target, met in rows]
+    first = next((r for r in rows if r[3] is False), None)
+    verdict = f"The first link below its target: **{first[0]}**." if first else "No link falls below its target."
+    return lines + ["", verdict + " Targets: rlcd/report.py, TARGETS.", ""]
+
+
 def _pairs_section(out: Path, tok) -> list[str]:
     from rlcd.simulate import pair_stats
 
@@ -200,7 +273,7 @@ def write_report(out: Path, args, stage_names: list[str], policies: list[str], j
              "| stage | seconds |", "|---|---|"]
     lines += [f"| {s} | {v['seconds']:.0f} |" for s, v in stages.items()]
     lines += [""]
-    lines += _pairs_section(out, tok) + _pm_section(out) + _ppo_section(out) + _dpo_section(out) \
+    lines += _chain_section(out) + _pairs_section(out, tok) + _pm_section(out) + _ppo_section(out) + _dpo_section(out) \
         + _compare_section(out) + _samples_section(out, policies)
     report = out / "report.md"
     write_atomic(report, "\n".join(lines) + "\n")

@@ -231,13 +231,48 @@ def test_cpu_budget_resolves_the_simulator_and_design_chosen_per_task():
                                  saved)
 
 
+def test_the_report_reads_the_chain_against_its_targets():
+    from rlcd.report import TARGETS, chain
+
+    pairs = [{"chosen": "I'm sorry, I can't help with that.", "rejected": "Sure, here is how: first you take the lock, then..."},
+             {"chosen": "Sure, a long and careful answer.", "rejected": "Sure."}]
+    agreement = {"accuracy": 0.74, "accuracy_ci": [0.68, 0.81], "n": 156, "accuracy_chosen_shorter": 0.81,
+                 "accuracy_chosen_longer": 0.47}
+    ppo = [{"score": s, "kl": 1.0, "explained_variance": ev} for s, ev in ((0.0, -1.0), (1.0, 0.2), (1.5, 0.3),
+                                                                          (2.0, 0.35))]
+    compare = {"baseline": "base", "settings": {"task": "harmless"},
+               "judge": {"measured": {"cv_accuracy": 0.74, "cv_ci": [0.66, 0.83], "n": 156}},
+               "comparisons": [{"a": "rlcd", "b": "base", "win_rate": 0.70, "win_rate_ci": [0.62, 0.77],
+                                "lc_win_rate": 0.66, "lc_win_rate_ci": [0.52, 0.79]}],
+               "refusals": {"rlcd": {"change": 0.30, "change_ci": [0.2, 0.4]}},
+               "benign": {"refusals": {"rlcd": {"change": 0.12, "change_ci": [0.05, 0.2]}}}}
+    rows = chain(pairs, agreement, ppo, compare)
+    met = {link: ok for link, _, _, ok in rows}
+    assert list(met) == ["pairs", "PM, human pairs", "PPO", "judge", "rlcd vs base, judged",
+                         "rlcd, refusals of harmful prompts", "rlcd, refusals of benign prompts"]
+    assert met == {"pairs": None, "PM, human pairs": False, "PPO": True, "judge": True, "rlcd vs base, judged": True,
+                   "rlcd, refusals of harmful prompts": True, "rlcd, refusals of benign prompts": False}
+    assert "o+ declines in 0.50, o- in 0.00; o+ the longer in 0.50 (n 2)" in rows[0][1]
+    assert "0.35" in rows[2][1]                                 # the last quarter's explained variance
+    # each side of a target: the longer side at the bar passes; a length-controlled interval reaching 0.5 fails
+    agreement["accuracy_chosen_longer"] = TARGETS["pm_side"]
+    compare["comparisons"][0]["lc_win_rate_ci"] = [0.5, 0.8]
+    met = {link: ok for link, _, _, ok in chain(pairs, agreement, ppo, compare)}
+    assert met["PM, human pairs"] is True and met["rlcd vs base, judged"] is False
+    # what was not run has no row; another task has no refusal target
+    compare["settings"]["task"] = "helpful"
+    assert [r[0] for r in chain([], {}, [], compare)] == ["judge", "rlcd vs base, judged",
+                                                         "rlcd, refusals of benign prompts"]
+
+
 @pytest.mark.slow
 def test_pipeline_end_to_end_and_killed_during_every_stage(setup, tmp_path):
     ref = tmp_path / "uninterrupted"
     proc = run_to_end(setup, ref)
     report = (ref / "report.md").read_text()
     assert proc.stdout.strip().endswith("report.md")
-    for heading in ("Simulated pairs", "Preference models", "PPO", "DPO", "Policies on held-out prompts", "Samples"):
+    for heading in ("The chain against its targets", "Simulated pairs", "Preference models", "PPO", "DPO",
+                    "Policies on held-out prompts", "Samples"):
         assert heading in report, heading
     dpo_section = report.split("## 4. DPO")[1].split("## 5.")[0]
     assert "| dpo | " in dpo_section and "(dpo.svg)" in dpo_section and "| dpo | " in report.split("Samples")[1]
