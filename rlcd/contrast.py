@@ -5,7 +5,8 @@ simulate --method rlcd --split dev; resumable, one file per cell under OUT/), th
 
     judges      each judge's P(o+ better) over the pairs (rlcd.judge, both orders): its mean with a 95%
                 interval (normal, from the standard error over pairs), and the fraction of pairs it prefers
-                o+ in; one column per judge (--judge takes several), each cell's judgement cached beside its
+                o+ in, overall and on each side of the length split (o+ the longer / the shorter response:
+                a judge that only likes length or brevity shows it there); one column per judge (--judge takes several), each cell's judgement cached beside its
                 pairs file. A judge that is also the simulator measured favours its own style: such cells
                 are marked "self-judged". A judge validated on the human pairs is not thereby valid here:
                 simulated pairs mostly set a refusal against compliance, which the human pairs seldom do
@@ -117,7 +118,9 @@ def judged_row(judged: dict, self_judged: bool) -> dict:
     m = judged["judge_p_chosen"]
     se = judged["judge_p_chosen_se"] if judged["judge_p_chosen_se"] is not None else math.nan
     return {"judge": judged["judge"], "p_plus": m, "ci": [m - 1.96 * se, m + 1.96 * se],
-            "prefers_plus": judged["judge_agree"], "self_judged": self_judged}
+            "prefers_plus": judged["judge_agree"], "self_judged": self_judged,
+            "prefers_plus_longer": judged["judge_agree_chosen_longer"],
+            "prefers_plus_shorter": judged["judge_agree_chosen_shorter"]}
 
 
 def cross_records(plus: list[dict], minus: list[dict]) -> list[dict]:
@@ -137,7 +140,7 @@ def judge_cells(spec, records: dict, files: dict, args: Args, precision) -> dict
     for cell, recs in records.items():
         cache = Path(f"{files[cell]}.judge.{spec.name.replace('/', '_')}.json")
         hit = json.loads(cache.read_text()) if cache.is_file() else None
-        if hit and hit.get("pairs") == len(recs):
+        if hit and hit.get("pairs") == len(recs) and "judge_agree_chosen_longer" in hit["stats"]:
             out[cell] = hit["stats"]
         else:
             todo.append((cell, cache))
@@ -208,14 +211,16 @@ def format_table(result: dict) -> str:
     f = lambda v: "-" if v is None else f"{v:.2f}"                       # noqa: E731
     names = [j["judge"] for j in result["judges"]]
     follows = any("follows_plus" in r for r in result["rows"])
-    lines = ["| simulator | design | pairs | " + "".join(f"{n}: P(o+ better) [95% CI], prefers o+ | " for n in names)
+    lines = ["| simulator | design | pairs | " + "".join(f"{n}: P(o+ better) [95% CI], prefers o+ (where o+ is the "
+                                                      f"longer / the shorter) | " for n in names)
              + ("follows o+ / o- | " if follows else "")
              + "refusals o+ / o- | identical | ended o+ / o- | chars o+ / o-, o+ longer | word overlap | "
              "p+/p- token overlap |",
              "|---|---|---|" + "---|" * len(names) + ("---|" if follows else "") + "---|---|---|---|---|---|"]
     for r in result["rows"]:
         by = {j["judge"]: j for j in r["judges"]}
-        judged = "".join(f"{f(j['p_plus'])} [{f(j['ci'][0])}, {f(j['ci'][1])}], {f(j['prefers_plus'])}"
+        judged = "".join(f"{f(j['p_plus'])} [{f(j['ci'][0])}, {f(j['ci'][1])}], {f(j['prefers_plus'])} "
+                         f"({f(j['prefers_plus_longer'])} / {f(j['prefers_plus_shorter'])})"
                          + (" (self-judged)" if j["self_judged"] else "") + " | " if (j := by.get(n)) else "- | "
                          for n in names)
         lines.append(f"| {r['simulator']} | {r['design']} | {r['pairs']} | {judged}"

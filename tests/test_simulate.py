@@ -563,6 +563,16 @@ def test_contrast_command_on_a_tiny_model(ckpt, tmp_path, monkeypatch, capsys):
     refusal, shorter = header["judges"]
     assert (refusal["judge"], shorter["judge"]) == ("refusal", "shorter")
     assert refusal["p_plus"] == 1.0 and refusal["prefers_plus"] == 1.0 and not refusal["self_judged"]
+    # the judged length split: "shorter" prefers o+ exactly where it is the shorter (here o+ is the longer
+    # everywhere, so the other side has no pairs)
+    assert (shorter["prefers_plus_longer"], shorter["prefers_plus_shorter"]) == (0.0, None)
+    assert refusal["prefers_plus_longer"] == 1.0
+    from rlcd.judge import JudgeSpec
+    recs = [{"task": "helpful", "messages": [{"role": "user", "content": "q"}], "chosen": c, "rejected": r}
+            for c, r in (("ab", "abc"), ("abcd", "a"), ("xyz", "xy"), ("same", "SAME"))]
+    st = sim.judge_stats(recs, JudgeSpec.parse("shorter"), None, None)
+    assert (st["n_chosen_shorter"], st["n_chosen_longer"]) == (1, 2)           # an equal length is on neither side
+    assert (st["judge_agree_chosen_shorter"], st["judge_agree_chosen_longer"]) == (1.0, 0.0)
     # p+ and p- differ in one affix under the paper's design, in a whole persona and a prefix under the other
     assert 0.85 < header["surface_overlap"] < 1.0 and prefill["surface_overlap"] < header["surface_overlap"]
     assert "| paper-header | 6 |" in table and "judge refusal" in table and "judge shorter" in table
