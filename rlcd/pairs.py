@@ -90,6 +90,19 @@ def length_difference(rec: dict) -> int:
     return len(rec["chosen"].strip()) - len(rec["rejected"].strip())
 
 
+def length_matched(recs: list[dict], tok) -> list[dict]:
+    """The records with the longer response of each pair cut to the shorter one's length in `tok`'s tokens
+    (decoded back to text), so that within a pair the two sides are equally long and a Bradley-Terry model
+    cannot order them by length at all; what is left to separate them is what they say, and whether they
+    were cut. Labels are unchanged; responses of equal length stay as they are."""
+    out = []
+    for r in recs:
+        ids = {k: tok.encode(r[k], add_bos=False) for k in ("chosen", "rejected")}
+        n = min(map(len, ids.values()))
+        out.append({**r, **{k: tok.decode(v[:n]) for k, v in ids.items() if len(v) > n}})
+    return out
+
+
 def length_balanced(recs: list[dict], width: int, seed: int) -> list[int]:
     """Indices of a subsample of `recs` in which the preferred response is as often the longer as the
     shorter, at every size of the difference: pairs are bucketed by |len(chosen) - len(rejected)|

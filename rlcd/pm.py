@@ -57,7 +57,7 @@ from rlcd.checkpoints import CKPT_DIRS, RUN_JSON, read_run_meta
 from rlcd.cli import parse_args
 from rlcd.judge import cluster_ci, form_split, length_split, request_key
 from rlcd.jsonl import write_json_atomic
-from rlcd.pairs import PairsError, in_own_template, length_balanced, read_pairs, resolve_pairs
+from rlcd.pairs import PairsError, in_own_template, length_balanced, length_matched, read_pairs, resolve_pairs
 from rlcd.precision import resolve as resolve_precision
 from rlcd.reward import (HEAD_FILE, LENGTH_HEAD_FILE, RewardModel, encode_input, end_marker, load_reward_model,
                          score_ids, score_texts)
@@ -69,6 +69,7 @@ class Args(runs.TrainArgs):
     """Train a Bradley-Terry preference model on pairs files (train.py pm)."""
     pairs: list[str]                   # pairs JSONL file(s) from train.py simulate (prompt, chosen, rejected, label)
     balance_length: int = 0            # train on a length-balanced subsample: bucket width in characters (rlcd.pairs.length_balanced); 0 = every pair
+    match_length: bool = False         # cut the longer response of each train pair to the shorter's length in tokens (rlcd.pairs.length_matched)
     margin: float = 0.0                # subtract this margin from r_chosen - r_rejected in the loss
     center_coef: float = 0.0           # add center_coef * mean((r_chosen + r_rejected)^2) to the loss
     length_head: float = 0.0           # ODIN: a second head takes the length cue, the reward's kept uncorrelated with length over each micro-batch, at this weight (disentangle_loss; 0 = off)
@@ -226,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         train = [train[i] for i in length_balanced(train, args.balance_length, args.seed)]
         distributed.print0(f"pm: --balance-length {args.balance_length}: {len(train)} of {n_all} train pairs kept "
                            f"(the preferred response as often the longer as the shorter)", file=sys.stderr)
+    if args.match_length:
+        train = length_matched(train, tok)
+        distributed.print0("pm: --match-length: the longer response of each train pair cut to the shorter's "
+                           "length in tokens", file=sys.stderr)
     torch.manual_seed(args.seed)
     pm = RewardModel(trunk, length_head=bool(args.length_head))
     train, dev = in_own_template(train, tok), in_own_template(dev, tok)     # pairs from another simulator

@@ -347,6 +347,25 @@ def test_length_balanced_keeps_as_many_longer_as_shorter_preferred_per_bucket():
         length_balanced(recs, 0, seed=0)
 
 
+def test_length_matched_cuts_the_longer_side_to_the_shorter_in_tokens(tiny_dir, marker_pairs, tmp_path, capsys):
+    from rlcd.pairs import length_matched
+    tok = make_tiny_tokenizer()
+    recs = [{"chosen": "abc", "rejected": "abcdefgh", "label": 1.0, "id": "a"},
+            {"chosen": "a long preferred answer", "rejected": "no", "label": 1.0, "id": "b"},
+            {"chosen": "same", "rejected": "SAME", "label": 0.5, "id": "c"}]
+    out = length_matched(recs, tok)
+    for r, o in zip(recs, out):
+        n = [len(tok.encode(o[k], add_bos=False)) for k in ("chosen", "rejected")]
+        assert n[0] == n[1] == min(len(tok.encode(r[k], add_bos=False)) for k in ("chosen", "rejected"))
+        assert o["label"] == r["label"] and o["id"] == r["id"]
+    assert out[0]["chosen"] == "abc" and out[0]["rejected"] == "abc"          # the shorter side stays as it was
+    assert out[1]["rejected"] == "no" and out[1]["chosen"] == "a " and out[2] == recs[2]
+    assert recs[0]["rejected"] == "abcdefgh"                                   # the input is not changed
+    # train.py pm --match-length trains on the cut pairs and says so
+    assert pm_mod.main(pm_argv(marker_pairs, tmp_path / "run", tiny_dir, "--max-steps", "2", "--match-length")) == 0
+    assert "--match-length: the longer response of each train pair cut" in capsys.readouterr().err
+
+
 def test_train_and_agreement_report_bad_input(tiny_dir, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
