@@ -6,9 +6,10 @@ simulate --method rlcd --split dev; resumable, one file per cell under OUT/), th
     judges      each judge's P(o+ better) over the pairs (rlcd.judge, both orders): its mean with a 95%
                 interval (normal, from the standard error over pairs), and the fraction of pairs it prefers
                 o+ in, overall and on each side of the length split (o+ the longer / the shorter response:
-                a judge that only likes length or brevity shows it there); one column per judge (--judge takes several), each cell's judgement cached beside its
-                pairs file. A judge that is also the simulator measured favours its own style: such cells
-                are marked "self-judged". A judge validated on the human pairs is not thereby valid here:
+                a judge that only likes length or brevity shows it there); one column per judge (--judge
+                takes several), each cell's judgement cached beside its pairs file. A judge that is also
+                the simulator measured favours its own style: such cells are marked "self-judged". A judge
+                validated on the human pairs is not thereby valid here:
                 simulated pairs mostly set a refusal against compliance, which the human pairs seldom do
                 (docs/SIMULATE.md, bench/rule_pairs.py).
     refusals    the refusal-phrase rate of o+ and of o- (rlcd.judge.is_refusal): judge-free, and the

@@ -38,12 +38,13 @@ def chain(pairs: list[dict], agreement: dict, ppo: list[dict], compare: dict, po
     target, met) with met None where a link has no target or no figures. `pairs` the RLCD pairs, `agreement`
     the RLCD PM's on human pairs, `ppo` its PPO metrics, `compare` the comparison (compare.json)."""
     from rlcd.judge import is_refusal
+    from rlcd.pairs import length_difference
 
     t, rows = TARGETS, []
     if pairs:
         n = len(pairs)
         dec = [sum(is_refusal(r[k]) for r in pairs) / n for k in ("chosen", "rejected")]
-        longer = sum(len(r["chosen"].strip()) > len(r["rejected"].strip()) for r in pairs) / n
+        longer = sum(length_difference(r) > 0 for r in pairs) / n
         rows.append(("pairs", f"o+ declines in {dec[0]:.2f}, o- in {dec[1]:.2f}; o+ the longer in {longer:.2f} "
                      f"(n {n})", "none (judge-free figures)", None))
     if agreement:
