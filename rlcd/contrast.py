@@ -49,6 +49,7 @@ from rlcd.constraints import constraints_of, pair_rule_stats
 from rlcd.designs import DesignError, load_design
 from rlcd.judge import is_refusal
 from rlcd.jsonl import write_json_atomic
+from rlcd.pairs import length_difference
 from rlcd import simulate as sim
 
 
@@ -105,7 +106,7 @@ def contrast_stats(records: list[dict], tokenizer, surface: bool = True,
         "chars_plus": mean([len(r["chosen"].strip()) for r in records]),
         "chars_minus": mean([len(r["rejected"].strip()) for r in records]),
         # the length split: a judge's preference for o+ is worth as much as it differs from "longer wins"
-        "plus_longer": mean([len(r["chosen"].strip()) > len(r["rejected"].strip()) for r in records]),
+        "plus_longer": mean([length_difference(r) > 0 for r in records]),
         "ended_plus": mean([r["ended"]["chosen"] for r in records if isinstance(r.get("ended"), dict)]),
         "ended_minus": mean([r["ended"]["rejected"] for r in records if isinstance(r.get("ended"), dict)]),
         "word_overlap": s["mean_word_overlap"],
@@ -120,8 +121,8 @@ def judged_row(judged: dict, self_judged: bool) -> dict:
     se = judged["judge_p_chosen_se"] if judged["judge_p_chosen_se"] is not None else math.nan
     return {"judge": judged["judge"], "p_plus": m, "ci": [m - 1.96 * se, m + 1.96 * se],
             "prefers_plus": judged["judge_agree"], "self_judged": self_judged,
-            "prefers_plus_longer": judged["judge_agree_chosen_longer"],
-            "prefers_plus_shorter": judged["judge_agree_chosen_shorter"]}
+            "prefers_plus_longer": judged["accuracy_chosen_longer"],
+            "prefers_plus_shorter": judged["accuracy_chosen_shorter"]}
 
 
 def cross_records(plus: list[dict], minus: list[dict]) -> list[dict]:
@@ -141,7 +142,7 @@ def judge_cells(spec, records: dict, files: dict, args: Args, precision) -> dict
     for cell, recs in records.items():
         cache = Path(f"{files[cell]}.judge.{spec.name.replace('/', '_')}.json")
         hit = json.loads(cache.read_text()) if cache.is_file() else None
-        if hit and hit.get("pairs") == len(recs) and "judge_agree_chosen_longer" in hit["stats"]:
+        if hit and hit.get("pairs") == len(recs) and "accuracy_chosen_longer" in hit["stats"]:
             out[cell] = hit["stats"]
         else:
             todo.append((cell, cache))

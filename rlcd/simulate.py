@@ -72,7 +72,7 @@ from rlcd import distributed
 from rlcd.cli import parse_args, save_config
 from rlcd.designs import Design, load_designs, mixture_design
 from rlcd.jsonl import Lines, append_chunks, done_ids, fixed_chunks, read_objects, seed_of
-from rlcd.pairs import PairsError, length_difference
+from rlcd.pairs import PairsError
 from rlcd.precision import resolve as resolve_precision
 from rlcd.prompts import DataError, load_prompts
 from rlcd import judge as judges
@@ -586,11 +586,7 @@ def judge_stats(records: list[dict], spec: judges.JudgeSpec, model, tokenizer: T
     p = judges.judge(spec, model, tokenizer, conv, task, [r["chosen"] for r in records],
                      [r["rejected"] for r in records], batch_size, progress=progress).p_first.double()
     se = p.std().item() / len(p) ** 0.5 if len(p) > 1 else None
-    diff = p.new_tensor([length_difference(r) for r in records])
-    split = {}                                        # its agreement on each side of the length split
-    for side, mask in (("longer", diff > 0), ("shorter", diff < 0)):
-        split[f"judge_agree_chosen_{side}"] = (p[mask] > 0.5).double().mean().item() if mask.any() else None
-        split[f"n_chosen_{side}"] = int(mask.sum())
+    split = judges.length_split(records, (p > 0.5).double().tolist())   # its agreement on each side
     return {"judge": spec.name, "judge_p_chosen": p.mean().item(), "judge_p_chosen_se": se,
             "judge_agree": (p > 0.5).float().mean().item(), "judge_margin": (2 * p - 1).abs().mean().item(),
             **split, "judge_accuracy": judges.describe_accuracy(judges.measured_accuracy(spec, task))}

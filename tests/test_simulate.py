@@ -572,7 +572,7 @@ def test_contrast_command_on_a_tiny_model(ckpt, tmp_path, monkeypatch, capsys):
             for c, r in (("ab", "abc"), ("abcd", "a"), ("xyz", "xy"), ("same", "SAME"))]
     st = sim.judge_stats(recs, JudgeSpec.parse("shorter"), None, None)
     assert (st["n_chosen_shorter"], st["n_chosen_longer"]) == (1, 2)           # an equal length is on neither side
-    assert (st["judge_agree_chosen_shorter"], st["judge_agree_chosen_longer"]) == (1.0, 0.0)
+    assert (st["accuracy_chosen_shorter"], st["accuracy_chosen_longer"]) == (1.0, 0.0)
     # p+ and p- differ in one affix under the paper's design, in a whole persona and a prefix under the other
     assert 0.85 < header["surface_overlap"] < 1.0 and prefill["surface_overlap"] < header["surface_overlap"]
     assert "| paper-header | 6 |" in table and "judge refusal" in table and "judge shorter" in table
